@@ -1,0 +1,3 @@
+from joule.cli import main
+
+raise SystemExit(main())

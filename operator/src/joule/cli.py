@@ -1,0 +1,157 @@
+"""The `joule` command line. Parses arguments, calls the package, prints results; no logic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from joule import __version__
+from joule.cluster import ClusterError, ClusterSettings, down, status, up
+from joule.cluster.build import BuildError, ensure_binaries
+from joule.cluster.settings import NodeShape
+
+
+def _say(message: str) -> None:
+    print(f"joule: {message}", file=sys.stderr, flush=True)
+
+
+def _positive_or_zero(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    return number
+
+
+def _cluster_settings(args: argparse.Namespace) -> ClusterSettings:
+    shape = NodeShape(
+        gpus=getattr(args, "gpus_per_node", NodeShape.gpus),
+        cpu=getattr(args, "node_cpu", NodeShape.cpu),
+        memory=getattr(args, "node_memory", NodeShape.memory),
+        gpu_product=getattr(args, "gpu_product", NodeShape.gpu_product),
+    )
+    return ClusterSettings(name=args.name, nodes=getattr(args, "nodes", 4), shape=shape)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    settings = _cluster_settings(args)
+    info = up(settings, progress=_say)
+    if args.json:
+        print(json.dumps({**info.to_json(), "started_in_s": info.started_in_s}, indent=2))
+        return 0
+    if info.already_running:
+        _say(f"cluster {info.name!r} is already running")
+    else:
+        _say(
+            f"cluster {info.name!r} is up in {info.started_in_s:.1f}s (Kubernetes "
+            f"{info.versions['kubernetes']}, {info.nodes} nodes x {info.gpus_per_node} "
+            "nvidia.com/gpu)"
+        )
+    print(f"API server:  {info.server}")
+    print(f"kubeconfig:  {info.kubeconfig}")
+    print(f"kubectl:     {info.kubectl}")
+    print(f"\nexport KUBECONFIG={info.kubeconfig}")
+    return 0
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    info = status(_cluster_settings(args))
+    if info is None:
+        if args.json:
+            print(json.dumps({"name": args.name, "running": False}))
+        else:
+            print(f"cluster {args.name!r} is not running")
+        return 1
+    if args.json:
+        data = info.to_json()
+        data["running"] = info.running
+        data["components"] = [vars(c) for c in info.components]
+        print(json.dumps(data, indent=2))
+        return 0 if info.running else 1
+    state = "running" if info.running else "DEGRADED"
+    print(f"cluster {info.name!r}: {state}  {info.server}  kubeconfig={info.kubeconfig}")
+    total = 0
+    for comp in info.components:
+        total += comp.rss_bytes or 0
+        health = "healthy" if comp.healthy else ("alive, not healthy" if comp.alive else "DEAD")
+        print(f"  {comp.name:<24} pid {comp.pid:<8} {health:<18} rss {_fmt_bytes(comp.rss_bytes)}")
+    print(f"  {'total':<24} {'':<12} {'':<18} rss {_fmt_bytes(total)}")
+    return 0 if info.running else 1
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    stopped = down(_cluster_settings(args))
+    if stopped:
+        _say(f"cluster {args.name!r} stopped ({', '.join(stopped)})")
+    else:
+        _say(f"cluster {args.name!r} was not running; nothing left behind")
+    return 0
+
+
+def cmd_cluster_build(args: argparse.Namespace) -> int:
+    bins = ensure_binaries(ClusterSettings(), progress=_say)
+    for path in bins.all():
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="joule",
+        description="Joule: elastic, energy-aware multi-GPU PyTorch training on Kubernetes.",
+    )
+    parser.add_argument("--version", action="version", version=f"joule {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cluster = sub.add_parser("cluster", help="a local Kubernetes control plane with GPU nodes")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True)
+
+    def with_name(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--name", default="joule", help="cluster name (default: joule)")
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        return p
+
+    up_p = with_name(csub.add_parser("up", help="build (once) and start the control plane"))
+    up_p.add_argument("--nodes", type=_positive_or_zero, default=4, help="GPU nodes (default 4)")
+    up_p.add_argument(
+        "--gpus-per-node",
+        type=_positive_or_zero,
+        default=8,
+        help="nvidia.com/gpu per node (default 8)",
+    )
+    up_p.add_argument(
+        "--gpu-product",
+        default="NVIDIA-H100-80GB-HBM3",
+        help="value of the nvidia.com/gpu.product node label",
+    )
+    up_p.add_argument("--node-cpu", default="96", help="cpu capacity per node (default 96)")
+    up_p.add_argument("--node-memory", default="1024Gi", help="memory per node (default 1024Gi)")
+    up_p.set_defaults(func=cmd_cluster_up)
+    build_p = csub.add_parser(
+        "build", help="build the control-plane binaries into the cache (up does this too)"
+    )
+    build_p.set_defaults(func=cmd_cluster_build)
+    with_name(csub.add_parser("status", help="processes, health and memory")).set_defaults(
+        func=cmd_cluster_status
+    )
+    with_name(csub.add_parser("down", help="stop every process and remove state")).set_defaults(
+        func=cmd_cluster_down
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ClusterError, BuildError, ValueError) as exc:
+        _say(f"error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130

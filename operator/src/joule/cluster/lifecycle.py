@@ -1,0 +1,353 @@
+"""`joule cluster up | status | down`: the local control plane as one unit.
+
+State lives in ``<state root>/<name>/``: ``cluster.json`` (ports, pids), ``kubeconfig``
+(cluster-admin), the PKI, component logs and etcd's data. ``up`` records each process as soon
+as it starts, so a failed or interrupted ``up`` can always be cleaned by ``down``; ``down``
+removes the whole folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from joule.cluster import pki, process
+from joule.cluster.build import Binaries, ensure_binaries
+from joule.cluster.components import (
+    SERVICE_IP,
+    Component,
+    Ports,
+    api_url,
+    components,
+    kubeconfig,
+)
+from joule.cluster.nodes import gpu_nodes
+from joule.cluster.process import ProcessRecord
+from joule.cluster.settings import ClusterSettings
+
+Progress = Callable[[str], None]
+
+STATE_FILE = "cluster.json"
+COMPONENT_CLIENTS = {
+    "controller-manager": pki.CONTROLLER_MANAGER,
+    "scheduler": pki.SCHEDULER,
+    "kwok": pki.KWOK,
+    "admin": pki.ADMIN,
+}
+STARTUP_TIMEOUT_S = 90.0
+NODE_READY_JSONPATH = (
+    "jsonpath={range .items[*]}{.status.conditions[?(@.type=='Ready')].status}{'\\n'}{end}"
+)
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be brought up or inspected; the message says what and why."""
+
+
+@dataclass
+class ComponentStatus:
+    name: str
+    pid: int
+    alive: bool
+    healthy: bool
+    rss_bytes: int | None
+    log: str
+
+
+@dataclass
+class ClusterInfo:
+    name: str
+    kubeconfig: Path
+    server: str
+    kubectl: Path
+    ports: dict[str, int]
+    processes: list[ProcessRecord]
+    versions: dict[str, str]
+    nodes: int
+    gpus_per_node: int
+    started_in_s: float | None = None
+    already_running: bool = False
+    components: list[ComponentStatus] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return bool(self.components) and all(c.alive and c.healthy for c in self.components)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kubeconfig": str(self.kubeconfig),
+            "server": self.server,
+            "kubectl": str(self.kubectl),
+            "ports": self.ports,
+            "processes": [p.to_json() for p in self.processes],
+            "versions": self.versions,
+            "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClusterInfo:
+        return cls(
+            name=data["name"],
+            kubeconfig=Path(data["kubeconfig"]),
+            server=data["server"],
+            kubectl=Path(data["kubectl"]),
+            ports=dict(data["ports"]),
+            processes=[ProcessRecord.from_json(p) for p in data["processes"]],
+            versions=dict(data["versions"]),
+            nodes=int(data["nodes"]),
+            gpus_per_node=int(data["gpus_per_node"]),
+        )
+
+
+def up(settings: ClusterSettings, progress: Progress | None = None) -> ClusterInfo:
+    """Start the cluster (building the binaries first if they are not cached).
+
+    Idempotent: a healthy cluster of this name is returned as it is; a dead or half-started
+    one is cleaned away and started afresh.
+    """
+    say = progress or (lambda _m: None)
+    existing = _load(settings)
+    if existing is not None:
+        current = status(settings)
+        if current is not None and current.running:
+            current.already_running = True
+            return current
+        say(f"cluster {settings.name!r} left state behind but is not healthy; cleaning it up")
+        down(settings)
+
+    bins = ensure_binaries(settings, say)
+    started = time.monotonic()
+    state = settings.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    ports = Ports(*_free_ports(6))
+    keys = pki.generate(state / "pki", SERVICE_IP, COMPONENT_CLIENTS)
+    server = api_url(ports)
+    _write_kubeconfigs(state, server, keys)
+    info = ClusterInfo(
+        name=settings.name,
+        kubeconfig=settings.kubeconfig,
+        server=server,
+        kubectl=bins.kubectl,
+        ports=ports.all(),
+        processes=[],
+        versions={
+            "kubernetes": settings.kubernetes_version,
+            "etcd": settings.etcd_version,
+            "kwok": settings.kwok_version,
+        },
+        nodes=settings.nodes,
+        gpus_per_node=settings.shape.gpus,
+    )
+    try:
+        _start_components(components(bins, keys, ports, state), info, state, keys, say)
+        say(f"registering {settings.nodes} GPU nodes x {settings.shape.gpus} nvidia.com/gpu")
+        _register_nodes(settings, bins)
+        _wait_ready(settings, bins, info, say)
+    except BaseException:
+        # Leave nothing half-started behind, whatever went wrong (Ctrl-C included).
+        _save(state, info)
+        down(settings)
+        raise
+    info.started_in_s = time.monotonic() - started
+    result = status(settings)
+    assert result is not None
+    result.started_in_s = info.started_in_s
+    return result
+
+
+def status(settings: ClusterSettings) -> ClusterInfo | None:
+    """The recorded cluster with each process's liveness, health and memory; None if none."""
+    info = _load(settings)
+    if info is None:
+        return None
+    ca = settings.state_dir / "pki" / "ca.crt"
+    for record in info.processes:
+        alive = process.alive(record)
+        url = record.health_url
+        use_ca = ca if record.name == "kube-apiserver" else None
+        healthy = alive and (url is None or process.healthy(url, ca=use_ca))
+        rss = process.rss_bytes(record.pid) if alive else None
+        info.components.append(
+            ComponentStatus(record.name, record.pid, alive, healthy, rss, record.log)
+        )
+    return info
+
+
+def down(settings: ClusterSettings) -> list[str]:
+    """Stop every process this cluster started and remove its state. Safe to repeat."""
+    info = _load(settings)
+    stopped: list[str] = []
+    if info is not None:
+        live = [r for r in info.processes if process.alive(r)]
+        # Reverse start order: clients first, etcd last, so nothing logs storage errors.
+        process.stop(list(reversed(live)))
+        stopped = [r.name for r in live]
+        still = [r.name for r in live if process.alive(r)]
+        if still:
+            raise ClusterError(
+                f"could not stop {', '.join(still)}; state kept in {settings.state_dir}"
+            )
+    shutil.rmtree(settings.state_dir, ignore_errors=True)
+    return stopped
+
+
+def _start_components(
+    comps: list[Component], info: ClusterInfo, state: Path, keys: pki.Pki, say: Progress
+) -> None:
+    etcd, apiserver, *rest = comps
+    for group in ([etcd], [apiserver], rest):
+        for comp in group:
+            log = state / "logs" / f"{comp.name}.log"
+            record = process.start(comp.name, comp.argv, log, comp.health_url)
+            info.processes.append(record)
+            _save(state, info)
+        names = ", ".join(c.name for c in group)
+        say(f"starting {names}")
+        for comp in group:
+            record = next(r for r in info.processes if r.name == comp.name)
+            ca = keys.ca.cert if comp.name == "kube-apiserver" else None
+            _wait_healthy(comp, record, ca)
+
+
+def _wait_healthy(comp: Component, record: ProcessRecord, ca: Path | None) -> None:
+    if comp.health_url is None:
+        return
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not process.alive(record):
+            raise ClusterError(
+                f"{comp.name} exited during start-up. Last lines of {record.log}:\n"
+                f"{process.log_tail(record.log)}"
+            )
+        if process.healthy(comp.health_url, ca=ca, timeout=1.0):
+            return
+        time.sleep(0.2)
+    raise ClusterError(
+        f"{comp.name} did not become healthy at {comp.health_url} within "
+        f"{STARTUP_TIMEOUT_S:.0f}s. Last lines of {record.log}:\n{process.log_tail(record.log)}"
+    )
+
+
+def _register_nodes(settings: ClusterSettings, bins: Binaries) -> None:
+    manifests = gpu_nodes(settings.nodes, settings.shape)
+    if not manifests:
+        return
+    _kubectl(bins, settings, ["apply", "-f", "-"], stdin=yaml.safe_dump_all(manifests))
+
+
+def _wait_ready(
+    settings: ClusterSettings, bins: Binaries, info: ClusterInfo, say: Progress
+) -> None:
+    """Ready means: every node Ready (kwok runs) and the default ServiceAccount exists
+    (kube-controller-manager runs), so the first pod a test creates is admitted."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    want_nodes = settings.nodes
+    while time.monotonic() < deadline:
+        out = _kubectl(
+            bins,
+            settings,
+            [
+                "get",
+                "nodes",
+                "-o",
+                NODE_READY_JSONPATH,
+            ],
+        )
+        ready = sum(1 for line in out.splitlines() if line.strip() == "True")
+        has_sa = (
+            _kubectl(
+                bins,
+                settings,
+                [
+                    "get",
+                    "serviceaccount",
+                    "default",
+                    "-n",
+                    "default",
+                    "--ignore-not-found",
+                    "-o",
+                    "name",
+                ],
+            ).strip()
+            != ""
+        )
+        if ready >= want_nodes and has_sa:
+            return
+        for record in info.processes:
+            if not process.alive(record):
+                raise ClusterError(
+                    f"{record.name} exited. Last lines of {record.log}:\n"
+                    f"{process.log_tail(record.log)}"
+                )
+        time.sleep(0.3)
+    raise ClusterError(
+        f"the cluster did not become ready within {STARTUP_TIMEOUT_S:.0f}s "
+        f"(nodes Ready: {ready}/{want_nodes}, default ServiceAccount: {has_sa})"
+    )
+
+
+def _kubectl(
+    bins: Binaries, settings: ClusterSettings, args: list[str], stdin: str | None = None
+) -> str:
+    proc = subprocess.run(
+        [str(bins.kubectl), f"--kubeconfig={settings.kubeconfig}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if proc.returncode != 0:
+        raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _write_kubeconfigs(state: Path, server: str, keys: pki.Pki) -> None:
+    folder = state / "kubeconfigs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for file_name, who in COMPONENT_CLIENTS.items():
+        pair = keys.clients[file_name]
+        doc = kubeconfig(server, keys.ca.cert, pair.cert, pair.key, who.user, "joule")
+        path = state / "kubeconfig" if file_name == "admin" else folder / f"{file_name}.yaml"
+        path.touch(mode=0o600, exist_ok=True)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports the kernel says are free now; all held open together so none repeats."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _save(state: Path, info: ClusterInfo) -> None:
+    tmp = state / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(info.to_json(), indent=2))
+    tmp.replace(state / STATE_FILE)
+
+
+def _load(settings: ClusterSettings) -> ClusterInfo | None:
+    path = settings.state_dir / STATE_FILE
+    try:
+        return ClusterInfo.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ClusterError(f"{path} is unreadable ({exc}); remove {settings.state_dir}") from exc
