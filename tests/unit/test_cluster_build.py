@@ -66,3 +66,12 @@ def test_tools_file_imports_the_commands_under_a_build_tag():
     text = render_tools_go(["k8s.io/kubernetes/cmd/kube-apiserver"])
     assert text.startswith("//go:build tools\n")
     assert '_ "k8s.io/kubernetes/cmd/kube-apiserver"' in text
+
+
+def test_binaries_report_the_release_they_were_built_from():
+    from joule.cluster.build import version_ldflags
+
+    flags = version_ldflags("v1.36.3")
+    assert "-X k8s.io/component-base/version.gitVersion=v1.36.3" in flags
+    assert "-X k8s.io/component-base/version.gitMinor=36" in flags
+    assert "-X k8s.io/client-go/pkg/version.gitVersion=v1.36.3" in flags

@@ -32,3 +32,18 @@ def test_shape_and_settings_reject_nonsense():
         ClusterSettings(nodes=-2)
     with pytest.raises(ValueError, match="cluster name"):
         ClusterSettings(name="Bad_Name")
+
+
+def test_a_node_counts_as_schedulable_only_when_ready_and_untainted():
+    from joule.cluster.lifecycle import schedulable_nodes
+
+    ready = {"type": "Ready", "status": "True"}
+    not_ready = {"type": "Ready", "status": "False"}
+    taint = {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}
+    nodes = [
+        {"status": {"conditions": [ready]}, "spec": {}},
+        {"status": {"conditions": [ready]}, "spec": {"taints": [taint]}},
+        {"status": {"conditions": [not_ready]}, "spec": {}},
+        {"status": {}, "spec": {}},
+    ]
+    assert schedulable_nodes(nodes) == 1

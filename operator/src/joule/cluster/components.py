@@ -114,7 +114,9 @@ def components(bins: Binaries, pki: Pki, ports: Ports, state: Path) -> list[Comp
             f"--cluster-signing-cert-file={pki.ca.cert}",
             f"--cluster-signing-key-file={pki.ca.key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--use-service-account-credentials=false",
+            # Each controller acts as its own ServiceAccount with the bootstrap RBAC roles; the
+            # system:kube-controller-manager user alone may not, for example, untaint nodes.
+            "--use-service-account-credentials=true",
             "--profiling=false",
             "--v=0",
         ],
@@ -146,6 +148,8 @@ def components(bins: Binaries, pki: Pki, ports: Ports, state: Path) -> list[Comp
             f"--manage-nodes-with-annotation-selector={key}={value}",
             f"--cidr={POD_CIDR}",
             "--node-ip=127.0.0.1",
+            # Node Leases: the node-lifecycle controller's heartbeat, matching the stage we load.
+            "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{ports.kwok}",
             # kwok's default stages; also keeps a user's ~/.kwok config out of our cluster.
             f"--config={bins.kwok_stages}",

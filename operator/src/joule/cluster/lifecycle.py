@@ -44,9 +44,7 @@ COMPONENT_CLIENTS = {
     "admin": pki.ADMIN,
 }
 STARTUP_TIMEOUT_S = 90.0
-NODE_READY_JSONPATH = (
-    "jsonpath={range .items[*]}{.status.conditions[?(@.type=='Ready')].status}{'\\n'}{end}"
-)
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 
 
 class ClusterError(RuntimeError):
@@ -254,17 +252,8 @@ def _wait_ready(
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     want_nodes = settings.nodes
     while time.monotonic() < deadline:
-        out = _kubectl(
-            bins,
-            settings,
-            [
-                "get",
-                "nodes",
-                "-o",
-                NODE_READY_JSONPATH,
-            ],
-        )
-        ready = sum(1 for line in out.splitlines() if line.strip() == "True")
+        nodes = json.loads(_kubectl(bins, settings, ["get", "nodes", "-o", "json"]))["items"]
+        ready = schedulable_nodes(nodes)
         has_sa = (
             _kubectl(
                 bins,
@@ -293,8 +282,21 @@ def _wait_ready(
         time.sleep(0.3)
     raise ClusterError(
         f"the cluster did not become ready within {STARTUP_TIMEOUT_S:.0f}s "
-        f"(nodes Ready: {ready}/{want_nodes}, default ServiceAccount: {has_sa})"
+        f"(schedulable nodes: {ready}/{want_nodes}, default ServiceAccount: {has_sa})"
     )
+
+
+def schedulable_nodes(nodes: list[dict[str, Any]]) -> int:
+    """Nodes that are Ready and no longer carry the not-ready taint (which the node-lifecycle
+    controller removes a moment after Ready): only then will the scheduler use them."""
+    count = 0
+    for node in nodes:
+        conditions = node.get("status", {}).get("conditions", [])
+        is_ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+        taints = node.get("spec", {}).get("taints") or []
+        if is_ready and not any(t["key"] == NOT_READY_TAINT for t in taints):
+            count += 1
+    return count
 
 
 def _kubectl(

@@ -1,0 +1,97 @@
+"""Shared fixtures. The control plane comes up once per test run, on first use, and goes down
+at the end; each test that needs it gets its own namespace."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubernetes import client, config
+
+from joule.cluster import ClusterInfo, ClusterSettings, down, up
+
+TEST_CLUSTER = "pytest"
+
+
+@dataclass
+class Kubectl:
+    binary: Path
+    kubeconfig: Path
+
+    def __call__(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(self.binary), f"--kubeconfig={self.kubeconfig}", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[ClusterInfo]:
+    settings = ClusterSettings(name=TEST_CLUSTER)
+    info = up(settings, progress=lambda m: print(f"joule: {m}", flush=True))
+    print(f"\nlocal control plane up in {info.started_in_s or 0:.1f}s at {info.server}")
+    yield info
+    down(settings)
+
+
+@pytest.fixture(scope="session")
+def api(cluster: ClusterInfo) -> client.ApiClient:
+    return config.new_client_from_config(config_file=str(cluster.kubeconfig))
+
+
+@pytest.fixture(scope="session")
+def core(api: client.ApiClient) -> client.CoreV1Api:
+    return client.CoreV1Api(api)
+
+
+@pytest.fixture(scope="session")
+def kubectl(cluster: ClusterInfo) -> Kubectl:
+    return Kubectl(cluster.kubectl, cluster.kubeconfig)
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2, what: str = "condition"):
+    """Poll until ``predicate()`` returns something truthy; return it, or fail saying what."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def make_namespace(core: client.CoreV1Api, labels: dict[str, str] | None = None) -> str:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core.create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels))
+    )
+
+    def has_default_sa() -> bool:
+        return any(
+            sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items
+        )
+
+    # Pods are refused until kube-controller-manager has created the default ServiceAccount.
+    wait_for(has_default_sa, what=f"the default ServiceAccount in {name}")
+    return name
+
+
+@pytest.fixture
+def namespace(core: client.CoreV1Api) -> Iterator[str]:
+    name = make_namespace(core)
+    yield name
+    core.delete_namespace(name)
