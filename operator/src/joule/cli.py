@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from joule import __version__
 from joule.cluster import ClusterError, ClusterSettings, down, status, up
@@ -100,6 +101,19 @@ def cmd_cluster_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from joule.config import OperatorConfig
+    from joule.runner import run_operator
+
+    config = OperatorConfig.from_env()
+    if args.namespace is not None:
+        config = replace(config, namespace=args.namespace)
+    if args.metrics_port is not None:
+        config = replace(config, metrics_port=args.metrics_port)
+    run_operator(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="joule",
@@ -107,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"joule {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    op = sub.add_parser(
+        "operator",
+        help="run the operator (in-cluster credentials, else KUBECONFIG); settings: JOULE_*",
+    )
+    op.add_argument("--namespace", help="watch only this namespace (default: all)")
+    op.add_argument(
+        "--metrics-port", type=_positive_or_zero, help="port of /metrics, 0 for none (default 8080)"
+    )
+    op.set_defaults(func=cmd_operator)
 
     cluster = sub.add_parser("cluster", help="a local Kubernetes control plane with GPU nodes")
     csub = cluster.add_subparsers(dest="cluster_command", required=True)

@@ -1,0 +1,147 @@
+"""The TrainingJob spec as a typed value, and its phases.
+
+The CRD schema and its CEL rules reject bad input at `kubectl apply`; ``TrainingJobSpec.parse``
+checks the same things again (and applies the same defaults) so that the operator never acts
+on a spec the API server would not have accepted, for example one stored before a CRD upgrade.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Phase(enum.StrEnum):
+    """Where a job is. Transitions:
+
+    Pending -> Starting -> Running <-> Resizing; any of these -> Suspended -> Pending;
+    any non-terminal -> Succeeded | Failed. Succeeded and Failed are final. A startup timeout
+    takes Starting back to Pending (pods released) until backoffLimit is spent.
+    """
+
+    PENDING = "Pending"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    RESIZING = "Resizing"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class CleanPodPolicy(enum.StrEnum):
+    ALL = "All"
+    RUNNING = "Running"
+    NONE = "None"
+
+
+class SpecError(ValueError):
+    """The spec is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TrainingJobSpec:
+    image: str
+    replicas: int = 1
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    gpus_per_replica: int = 1
+    backoff_limit: int = 3
+    active_deadline_seconds: int | None = None
+    ttl_seconds_after_finished: int | None = None
+    clean_pod_policy: CleanPodPolicy = CleanPodPolicy.RUNNING
+    suspend: bool = False
+    startup_timeout_seconds: int = 300
+    # Parts copied into the pod as they are (the API server validated their shape).
+    pod: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_replicas is not None
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """The (min, max) worker count; a non-elastic job is fixed at its replicas."""
+        if self.min_replicas is None or self.max_replicas is None:
+            return self.replicas, self.replicas
+        return self.min_replicas, self.max_replicas
+
+    @property
+    def nproc_per_node(self) -> int:
+        return max(self.gpus_per_replica, 1)
+
+    @classmethod
+    def parse(cls, spec: dict[str, Any]) -> TrainingJobSpec:
+        image = spec.get("image")
+        if not isinstance(image, str) or not image:
+            raise SpecError("spec.image is required")
+        replicas = _int(spec, "replicas", 1, minimum=1)
+        elastic = spec.get("elastic")
+        min_r = max_r = None
+        if elastic is not None:
+            min_r = _int(elastic, "minReplicas", None, minimum=1, path="spec.elastic.")
+            max_r = _int(elastic, "maxReplicas", None, minimum=1, path="spec.elastic.")
+            if min_r is None or max_r is None:
+                raise SpecError("spec.elastic needs minReplicas and maxReplicas")
+            if min_r > max_r:
+                raise SpecError("elastic.minReplicas must be less than or equal to maxReplicas")
+            if not min_r <= replicas <= max_r:
+                raise SpecError("replicas must lie within [elastic.minReplicas, maxReplicas]")
+        policy = spec.get("cleanPodPolicy", CleanPodPolicy.RUNNING.value)
+        try:
+            clean = CleanPodPolicy(policy)
+        except ValueError:
+            raise SpecError(
+                f"spec.cleanPodPolicy must be All, Running or None, not {policy!r}"
+            ) from None
+        pod_keys = (
+            "command", "args", "env", "envFrom", "workingDir", "imagePullPolicy",
+            "imagePullSecrets", "resources", "sharedMemory", "volumes", "volumeMounts",
+            "checkpoint", "nodeSelector", "tolerations", "affinity", "priorityClassName",
+            "schedulerName", "serviceAccountName", "podLabels", "podAnnotations",
+        )  # fmt: skip
+        return cls(
+            image=image,
+            replicas=replicas,
+            min_replicas=min_r,
+            max_replicas=max_r,
+            gpus_per_replica=_int(spec, "gpusPerReplica", 1, minimum=0),
+            backoff_limit=_int(spec, "backoffLimit", 3, minimum=0),
+            active_deadline_seconds=_int(spec, "activeDeadlineSeconds", None, minimum=1),
+            ttl_seconds_after_finished=_int(spec, "ttlSecondsAfterFinished", None, minimum=0),
+            clean_pod_policy=clean,
+            suspend=bool(spec.get("suspend", False)),
+            startup_timeout_seconds=_int(spec, "startupTimeoutSeconds", 300, minimum=1),
+            pod={k: spec[k] for k in pod_keys if k in spec},
+        )
+
+
+def _int(
+    data: dict[str, Any], key: str, default: int | None, minimum: int, path: str = "spec."
+) -> Any:
+    value = data.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{path}{key} must be an integer, got {value!r}")
+    if value < minimum:
+        raise SpecError(f"{path}{key} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """Identity of a TrainingJob: enough to name, label and own its children."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> JobRef:
+        meta = body["metadata"]
+        return cls(meta["name"], meta["namespace"], meta["uid"])

@@ -1,0 +1,145 @@
+"""A worker pod: the user's container, GPUs, /dev/shm, and the torchrun elastic contract.
+
+The environment follows the Kubeflow Training Operator's PyTorchJob (PET_* variables that
+torchrun reads as its own flags, plus MASTER_ADDR/MASTER_PORT), so an unchanged torchrun
+script runs under Joule. Joule's variables win over the user's on name clashes, because a
+wrong rendezvous endpoint would silently split the group.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from joule.api.types import JobRef, TrainingJobSpec
+from joule.builders.labels import common_labels, owner_reference
+from joule.builders.service import service_name
+from joule.constants import (
+    CHECKPOINT_ENV,
+    LABEL_INDEX,
+    MASTER_PORT,
+    METRICS_PORT,
+    RDZV_PORT,
+    SHM_VOLUME,
+    TERMINATION_GRACE_SECONDS,
+    WORKER_CONTAINER,
+)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def pod_name(job: JobRef, index: int) -> str:
+    """Deterministic, so that creating a pod twice fails with AlreadyExists instead of
+    starting a duplicate: the operator can restart at any moment."""
+    return f"{job.name}-worker-{index}"
+
+
+def worker_address(job: JobRef, index: int) -> str:
+    """DNS name of a worker through the headless service (resolves within the namespace)."""
+    return f"{pod_name(job, index)}.{service_name(job)}"
+
+
+def torchrun_env(job: JobRef, spec: TrainingJobSpec, index: int) -> list[dict[str, Any]]:
+    low, high = spec.bounds
+    master = worker_address(job, 0)
+    env: list[dict[str, Any]] = [
+        {"name": "PET_NNODES", "value": f"{low}:{high}"},
+        {"name": "PET_NPROC_PER_NODE", "value": str(spec.nproc_per_node)},
+        {"name": "PET_RDZV_BACKEND", "value": "c10d"},
+        {"name": "PET_RDZV_ENDPOINT", "value": f"{master}:{RDZV_PORT}"},
+        {"name": "PET_RDZV_ID", "value": job.uid},
+        {"name": "PET_MAX_RESTARTS", "value": str(spec.backoff_limit)},
+        {"name": "MASTER_ADDR", "value": master},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "JOULE_JOB_NAME", "value": job.name},
+        {"name": "JOULE_JOB_NAMESPACE", "value": job.namespace},
+        {"name": "JOULE_REPLICA_INDEX", "value": str(index)},
+        {"name": "JOULE_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+    if not spec.elastic:
+        # A fixed-size group: node ranks and the world size mean something and never change.
+        env += [
+            {"name": "PET_NODE_RANK", "value": str(index)},
+            {"name": "WORLD_SIZE", "value": str(spec.replicas * spec.nproc_per_node)},
+            {"name": "NODE_RANK", "value": str(index)},
+        ]
+    checkpoint = spec.pod.get("checkpoint")
+    if checkpoint:
+        env.append({"name": CHECKPOINT_ENV, "value": checkpoint["path"]})
+    return env
+
+
+def worker_pod(job: JobRef, spec: TrainingJobSpec, index: int) -> dict[str, Any]:
+    p = copy.deepcopy(spec.pod)
+    ours = torchrun_env(job, spec, index)
+    taken = {e["name"] for e in ours}
+    env = [e for e in p.get("env", []) if e["name"] not in taken] + ours
+
+    # Quantities as strings: the schema allows 8 or "8", Kubernetes clients want "8".
+    resources = {
+        kind: {name: str(q) for name, q in values.items()}
+        for kind, values in p.get("resources", {}).items()
+    }
+    if spec.gpus_per_replica > 0:
+        resources.setdefault("limits", {})[GPU_RESOURCE] = str(spec.gpus_per_replica)
+
+    volumes = list(p.get("volumes", []))
+    mounts = list(p.get("volumeMounts", []))
+    volumes.append(
+        {
+            "name": SHM_VOLUME,
+            "emptyDir": {"medium": "Memory", "sizeLimit": str(p.get("sharedMemory", "2Gi"))},
+        }
+    )
+    mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+    checkpoint = p.get("checkpoint")
+    if (
+        checkpoint
+        and checkpoint.get("volume")
+        and not any(m["mountPath"] == checkpoint["path"] for m in mounts)
+    ):
+        mounts.append({"name": checkpoint["volume"], "mountPath": checkpoint["path"]})
+
+    container: dict[str, Any] = {
+        "name": WORKER_CONTAINER,
+        "image": spec.image,
+        "env": env,
+        "resources": resources,
+        "volumeMounts": mounts,
+        "ports": [
+            {"name": "rdzv", "containerPort": RDZV_PORT},
+            {"name": "metrics", "containerPort": METRICS_PORT},
+        ],
+    }
+    for key in ("command", "args", "envFrom", "workingDir", "imagePullPolicy"):
+        if key in p:
+            container[key] = p[key]
+
+    name = pod_name(job, index)
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        # The operator replaces failed workers itself and counts them against backoffLimit.
+        "restartPolicy": "Never",
+        "hostname": name,
+        "subdomain": service_name(job),
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+    }
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName",
+                "schedulerName", "serviceAccountName", "imagePullSecrets"):  # fmt: skip
+        if key in p:
+            pod_spec[key] = p[key]
+
+    labels = {**p.get("podLabels", {}), **common_labels(job), LABEL_INDEX: str(index)}
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": labels,
+        "ownerReferences": [owner_reference(job)],
+    }
+    if p.get("podAnnotations"):
+        metadata["annotations"] = dict(p["podAnnotations"])
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

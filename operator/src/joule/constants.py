@@ -1,0 +1,22 @@
+"""Names shared by the CRD, the builders and the handlers: one place to change them."""
+
+GROUP = "joule.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TrainingJob"
+PLURAL = "trainingjobs"
+
+LABEL_JOB = "joule.dev/job-name"
+LABEL_INDEX = "joule.dev/replica-index"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "joule"
+COMPONENT = "joule-operator"  # reportingComponent of our Events
+
+WORKER_CONTAINER = "trainer"
+RDZV_PORT = 29400  # torchrun's default c10d rendezvous port
+MASTER_PORT = 29500
+METRICS_PORT = 9090
+SHM_VOLUME = "joule-dshm"
+CHECKPOINT_ENV = "JOULE_CHECKPOINT_DIR"
+# Time a worker gets between SIGTERM and SIGKILL to write its final checkpoint.
+TERMINATION_GRACE_SECONDS = 60

@@ -1,0 +1,125 @@
+"""kopf glue: which events lead to a reconcile. No decisions here (see ``reconcile``).
+
+Three triggers feed the same level-triggered ``Reconciler.reconcile``: watch events of a job
+(including the initial listing when the operator starts), events of its pods, and a resync
+thread that reconciles jobs whose startup timeout, deadline or TTL is due, or that have not
+been looked at for ``resync_seconds``.
+
+kopf's change handlers and timers are deliberately not used: change handlers retry a failed
+handler with backoff and hold every later change of the job behind it, and both they and
+timers keep state (annotations, a finalizer) on the user's object. A finalizer would make
+jobs undeletable whenever the operator is not running, and annotations look like drift to
+GitOps tools. The object stays exactly as the user wrote it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kopf
+
+from joule.config import OperatorConfig
+from joule.constants import GROUP, LABEL_JOB, PLURAL, VERSION
+from joule.kube import Reconciler
+
+log = logging.getLogger("joule.handlers")
+Key = tuple[str, str]
+
+
+class Scheduler:
+    """Remembers the jobs the operator knows, when each is next due, and runs reconciles."""
+
+    def __init__(self, reconciler: Reconciler, config: OperatorConfig) -> None:
+        self.reconciler = reconciler
+        self.config = config
+        self.due: dict[Key, float] = {}
+        self.seen: dict[Key, float] = {}
+        self.known: set[Key] = set()
+        self.inflight: set[Key] = set()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="resync")
+        self.thread = threading.Thread(target=self._loop, name="joule-resync", daemon=True)
+
+    def run(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        with self.lock:
+            self.known.add(key)
+        try:
+            outcome = self.reconciler.reconcile(namespace, name)
+        finally:
+            now = time.monotonic()
+            with self.lock:
+                self.seen[key] = now
+        after = outcome.plan.requeue_after if outcome.plan else None
+        with self.lock:
+            if after is None:
+                self.due.pop(key, None)
+            else:
+                self.due[key] = now + max(after, 0.0)
+
+    def forget(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        with self.lock:
+            for table in (self.due, self.seen):
+                table.pop(key, None)
+            self.known.discard(key)
+        self.reconciler.forget(namespace, name)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.config.tick_seconds):
+            now = time.monotonic()
+            with self.lock:
+                ready = [
+                    k for k in self.known
+                    if k not in self.inflight and (
+                        now >= self.due.get(k, float("inf"))
+                        or now - self.seen.get(k, 0.0) >= self.config.resync_seconds
+                    )
+                ]  # fmt: skip
+                self.inflight.update(ready)
+            for key in ready:
+                self.pool.submit(self._resync, key)
+
+    def _resync(self, key: Key) -> None:
+        try:
+            self.run(*key)
+        except Exception:  # a failed resync is retried on the next tick
+            log.exception("reconciling %s/%s failed", *key)
+        finally:
+            with self.lock:
+                self.inflight.discard(key)
+
+
+def register(reconciler: Reconciler, config: OperatorConfig) -> Scheduler:
+    scheduler = Scheduler(reconciler, config)
+
+    @kopf.on.startup()
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.level = logging.WARNING  # our Events say what was decided
+        settings.execution.max_workers = config.workers
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        scheduler.thread.start()
+
+    @kopf.on.cleanup()
+    def shutdown(**_: Any) -> None:
+        scheduler.stop.set()
+        scheduler.pool.shutdown(wait=False, cancel_futures=True)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL)
+    def job_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            scheduler.forget(namespace, name)  # the garbage collector takes the children
+            return
+        scheduler.run(namespace, name)
+
+    @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+    def pod_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+        scheduler.run(namespace, labels[LABEL_JOB])
+
+    return scheduler

@@ -1,0 +1,95 @@
+"""What the operator sees of a worker pod, reduced to what its decisions need. Pure.
+
+The interesting part is ``failure``: the reason a pod is failing or cannot start, in the words
+`kubectl describe` would use (ImagePullBackOff, OOMKilled, Unschedulable, ...), so that the
+job's status can say it without the user having to look at every pod.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from joule.constants import LABEL_INDEX
+
+# Waiting reasons after which a container will not start on its own.
+BLOCKING_WAITING = {
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+    "RunContainerError",
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    message: str
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    uid: str
+    index: int
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown
+    ready: bool
+    scheduled: bool
+    terminating: bool
+    failure: Failure | None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+    @property
+    def active(self) -> bool:
+        """Holds (or is about to hold) resources and is not on its way out."""
+        return not self.finished and not self.terminating
+
+
+def view(pod: dict[str, Any]) -> PodView | None:
+    """A PodView, or None for a pod without a valid replica index (not one of ours)."""
+    meta = pod.get("metadata", {})
+    try:
+        index = int(meta.get("labels", {}).get(LABEL_INDEX, ""))
+    except ValueError:
+        return None
+    status = pod.get("status") or {}
+    phase = status.get("phase", "Pending")
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    ready = phase == "Running" and conditions.get("Ready", {}).get("status") == "True"
+    scheduled = bool((pod.get("spec") or {}).get("nodeName"))
+    return PodView(
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        index=index,
+        phase=phase,
+        ready=ready,
+        scheduled=scheduled,
+        terminating=meta.get("deletionTimestamp") is not None,
+        failure=failure(status, conditions),
+    )
+
+
+def failure(status: dict[str, Any], conditions: dict[str, dict[str, Any]]) -> Failure | None:
+    for cs in status.get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        term = state.get("terminated")
+        if term and term.get("exitCode", 0) != 0:
+            reason = term.get("reason") or "Error"
+            code = term.get("exitCode")
+            return Failure(reason, term.get("message") or f"exited with code {code}", code)
+        waiting = state.get("waiting")
+        if waiting and waiting.get("reason") in BLOCKING_WAITING:
+            return Failure(waiting["reason"], waiting.get("message") or waiting["reason"])
+    sched = conditions.get("PodScheduled")
+    if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
+        return Failure("Unschedulable", sched.get("message") or "no node fits the pod")
+    if status.get("phase") == "Failed":
+        return Failure(status.get("reason") or "Failed", status.get("message") or "pod failed")
+    return None

@@ -1,0 +1,399 @@
+"""The heart of the operator: from the job and its observed pods to what to do. Pure.
+
+``decide`` is level-triggered: it looks only at the current spec, the last written status and
+the pods that exist now, never at what happened in between. Running it twice in a row, or
+after an operator restart, plans nothing new: pods have deterministic names (a second create
+is refused by the API server) and failures are counted by pod UID (a failure already counted
+is not counted again).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from joule.api.types import CleanPodPolicy, JobRef, Phase, TrainingJobSpec
+from joule.builders.labels import selector_string
+from joule.observe import Failure, PodView
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    create: list[int] = field(default_factory=list)  # replica indices
+    delete: list[str] = field(default_factory=list)  # pod names
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    delete_job: bool = False
+    # Seconds until a timer (startup timeout, deadline, TTL) fires; None: nothing pending.
+    requeue_after: float | None = None
+
+
+def fmt_time(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: str | None) -> dt.datetime | None:
+    if not s:
+        return None
+    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+def decide(
+    job: JobRef,
+    spec: TrainingJobSpec,
+    status: dict[str, Any],
+    generation: int,
+    pods: list[PodView],
+    now: dt.datetime,
+) -> Plan:
+    st = dict(status)
+    plan = Plan()
+    previous = Phase(st["phase"]) if st.get("phase") in Phase._value2member_map_ else None
+
+    if previous is not None and previous.finished:
+        _finished(spec, st, pods, now, plan)
+        return _close(plan, st, job, spec, generation, pods, now)
+
+    deadline = spec.active_deadline_seconds
+    started = parse_time(st.get("startTime"))
+    if deadline and started:
+        left = (started + dt.timedelta(seconds=deadline) - now).total_seconds()
+        if left <= 0:
+            _finish(
+                st,
+                Phase.FAILED,
+                "DeadlineExceeded",
+                f"the job ran longer than activeDeadlineSeconds={deadline}",
+                now,
+                plan,
+            )
+            _finished(spec, st, pods, now, plan, also_running=True)
+            return _close(plan, st, job, spec, generation, pods, now)
+        plan.requeue_after = left
+
+    if spec.suspend:
+        plan.delete = [p.name for p in pods if not p.terminating]
+        st.pop("attemptStartTime", None)
+        _set_phase(st, Phase.SUSPENDED, "Suspended", "spec.suspend is true; workers deleted")
+        if previous != Phase.SUSPENDED:
+            plan.events.append(
+                Event("Normal", "Suspended", f"suspended: deleting {len(plan.delete)} worker pods")
+            )
+        return _close(plan, st, job, spec, generation, pods, now)
+    if previous == Phase.SUSPENDED:
+        plan.events.append(Event("Normal", "Resumed", "spec.suspend is false: recreating workers"))
+
+    succeeded = [p for p in pods if p.phase == "Succeeded"]
+    if succeeded:
+        # Training is over once a worker has exited 0; wait for the rest to exit too.
+        if not any(p.active for p in pods):
+            _finish(
+                st, Phase.SUCCEEDED, "Succeeded", f"{len(succeeded)} workers exited 0", now, plan
+            )
+            _finished(spec, st, pods, now, plan)
+        else:
+            _set_phase(
+                st,
+                Phase.RUNNING,
+                "Completing",
+                f"{len(succeeded)} workers finished; waiting for the others to exit",
+            )
+        return _close(plan, st, job, spec, generation, pods, now)
+
+    if _count_failures(spec, st, pods, now, plan):
+        return _close(plan, st, job, spec, generation, pods, now)
+
+    desired = spec.replicas
+    present = {p.index for p in pods}
+    plan.create = [i for i in range(desired) if i not in present]
+    # Shrink from the highest index down, so worker 0 (the rendezvous host) stays.
+    surplus = sorted(
+        (p for p in pods if p.index >= desired and not p.terminating), key=lambda p: -p.index
+    )
+    plan.delete += [p.name for p in surplus]
+    if plan.create and not st.get("attemptStartTime"):
+        st["attemptStartTime"] = fmt_time(now)
+    if plan.create and not st.get("startTime"):
+        st["startTime"] = fmt_time(now)
+        if deadline:
+            plan.requeue_after = float(deadline)
+    if plan.create:
+        names = ", ".join(str(i) for i in plan.create)
+        plan.events.append(Event("Normal", "CreatedWorkers", f"creating workers {names}"))
+    if surplus:
+        names = ", ".join(str(p.index) for p in surplus)
+        plan.events.append(
+            Event(
+                "Normal", "RemovedWorkers", f"scaling down to {desired}: removing workers {names}"
+            )
+        )
+
+    wanted = [p for p in pods if p.index < desired and p.active]
+    all_running = len(wanted) == desired and all(p.ready for p in wanted) and not surplus
+    blocking = next((p for p in wanted if p.failure), None)
+    if blocking and blocking.failure:
+        st["podFailure"] = _failure_dict(blocking.name, blocking.failure)
+
+    if all_running:
+        st.pop("attemptStartTime", None)
+        st.pop("podFailure", None)
+        if previous != Phase.RUNNING:
+            plan.events.append(Event("Normal", "Running", f"all {desired} workers are running"))
+        _set_phase(st, Phase.RUNNING, "AllWorkersRunning", f"{desired} workers running")
+    elif previous in (Phase.RUNNING, Phase.RESIZING) and (
+        surplus or plan.create or len(wanted) != desired or not all(p.ready for p in wanted)
+    ):
+        msg = f"resizing to {desired} workers ({sum(p.ready for p in wanted)} running)"
+        if previous != Phase.RESIZING:
+            plan.events.append(Event("Normal", "Resizing", msg))
+        _set_phase(
+            st,
+            Phase.RESIZING,
+            blocking.failure.reason if blocking and blocking.failure else "Resizing",
+            msg,
+        )
+    else:
+        _starting(spec, st, wanted, desired, blocking, now, plan)
+    return _close(plan, st, job, spec, generation, pods, now)
+
+
+def _starting(
+    spec: TrainingJobSpec,
+    st: dict[str, Any],
+    wanted: list[PodView],
+    desired: int,
+    blocking: PodView | None,
+    now: dt.datetime,
+    plan: Plan,
+) -> None:
+    """All or nothing: a group that is not fully running by the startup timeout lets go of
+    its pods, so that a partial gang never holds GPUs that another job could use."""
+    running = sum(p.ready for p in wanted)
+    attempt = parse_time(st.get("attemptStartTime"))
+    timeout = spec.startup_timeout_seconds
+    reason = blocking.failure.reason if blocking and blocking.failure else None
+    if attempt is not None:
+        left = (attempt + dt.timedelta(seconds=timeout) - now).total_seconds()
+        if left <= 0:
+            st["restarts"] = int(st.get("restarts", 0)) + 1
+            why = f"{running}/{desired} workers running after startupTimeoutSeconds={timeout}"
+            if reason:
+                why += f" ({blocking.name if blocking else ''}: {reason})"
+            if st["restarts"] > spec.backoff_limit:
+                _finish(
+                    st,
+                    Phase.FAILED,
+                    reason or "StartupTimeout",
+                    f"{why}; backoffLimit={spec.backoff_limit} reached",
+                    now,
+                    plan,
+                )
+                plan.create = []
+                plan.delete = [p.name for p in wanted]
+                return
+            plan.create = []
+            plan.delete = [p.name for p in wanted]
+            st.pop("attemptStartTime", None)
+            plan.events.append(
+                Event(
+                    "Warning",
+                    "StartupTimeout",
+                    f"{why}; releasing all pods and retrying "
+                    f"(restart {st['restarts']} of {spec.backoff_limit})",
+                )
+            )
+            _set_phase(st, Phase.PENDING, "StartupTimeout", f"{why}; retrying")
+            return
+        plan.requeue_after = _min(plan.requeue_after, left)
+    scheduled = sum(p.scheduled for p in wanted)
+    if scheduled == 0:
+        _set_phase(
+            st, Phase.PENDING, reason or "WaitingForScheduling", f"0/{desired} workers scheduled"
+        )
+    else:
+        _set_phase(
+            st,
+            Phase.STARTING,
+            reason or "WaitingForWorkers",
+            f"{running}/{desired} workers running, {scheduled} scheduled",
+        )
+
+
+def _count_failures(
+    spec: TrainingJobSpec, st: dict[str, Any], pods: list[PodView], now: dt.datetime, plan: Plan
+) -> bool:
+    """Replace failed workers and count them; True when the job has failed for good."""
+    failed = [p for p in pods if p.phase == "Failed"]
+    handled = set(st.get("handledFailures", []))
+    new = [p for p in failed if p.uid not in handled]
+    # Only failures whose pod still exists need remembering: keeps the list short.
+    st["handledFailures"] = sorted(({p.uid for p in failed} & handled) | {p.uid for p in new})
+    if not st["handledFailures"]:
+        st.pop("handledFailures")
+    plan.delete += [p.name for p in failed if not p.terminating]
+    if not new:
+        return False
+    st["restarts"] = int(st.get("restarts", 0)) + len(new)
+    first = new[0]
+    fail = first.failure or Failure("Failed", "pod failed")
+    st["podFailure"] = _failure_dict(first.name, fail)
+    code = f", exit code {fail.exit_code}" if fail.exit_code is not None else ""
+    if st["restarts"] > spec.backoff_limit:
+        _finish(
+            st,
+            Phase.FAILED,
+            "BackoffLimitExceeded",
+            f"{first.name} failed ({fail.reason}{code}): {fail.message}; "
+            f"{st['restarts']} restarts > backoffLimit={spec.backoff_limit}",
+            now,
+            plan,
+        )
+        plan.delete = sorted({*plan.delete, *(p.name for p in pods if p.active)})
+        return True
+    for pod in new:
+        f = pod.failure or Failure("Failed", "pod failed")
+        plan.events.append(
+            Event(
+                "Warning",
+                "WorkerFailed",
+                f"{pod.name} failed ({f.reason}{code if pod is first else ''}); replacing it "
+                f"(restart {st['restarts']} of {spec.backoff_limit})",
+            )
+        )
+    return False
+
+
+def _finished(
+    spec: TrainingJobSpec,
+    st: dict[str, Any],
+    pods: list[PodView],
+    now: dt.datetime,
+    plan: Plan,
+    also_running: bool = False,
+) -> None:
+    """A finished job: clean its pods as cleanPodPolicy says, delete it when its TTL is up."""
+    policy = spec.clean_pod_policy
+    doomed = [
+        p
+        for p in pods
+        if not p.terminating
+        and (
+            policy == CleanPodPolicy.ALL
+            or (policy == CleanPodPolicy.RUNNING and not p.finished)
+            or (also_running and not p.finished)
+        )
+    ]
+    plan.delete = sorted({*plan.delete, *(p.name for p in doomed)})
+    ttl = spec.ttl_seconds_after_finished
+    done = parse_time(st.get("completionTime"))
+    if ttl is not None and done is not None:
+        left = (done + dt.timedelta(seconds=ttl) - now).total_seconds()
+        if left <= 0:
+            plan.delete_job = True
+        else:
+            plan.requeue_after = _min(plan.requeue_after, left)
+
+
+def _finish(
+    st: dict[str, Any], phase: Phase, reason: str, message: str, now: dt.datetime, plan: Plan
+) -> None:
+    st["completionTime"] = fmt_time(now)
+    st.pop("attemptStartTime", None)
+    _set_phase(st, phase, reason, message)
+    plan.create = []
+    plan.events.append(Event("Normal" if phase == Phase.SUCCEEDED else "Warning", reason, message))
+
+
+def _set_phase(st: dict[str, Any], phase: Phase, reason: str, message: str) -> None:
+    st["phase"] = phase.value
+    st["reason"] = reason
+    st["message"] = message
+
+
+def _failure_dict(pod: str, failure: Failure) -> dict[str, Any]:
+    out: dict[str, Any] = {"pod": pod, "reason": failure.reason, "message": failure.message}
+    if failure.exit_code is not None:
+        out["exitCode"] = failure.exit_code
+    return out
+
+
+def _min(a: float | None, b: float) -> float:
+    return b if a is None else min(a, b)
+
+
+def _close(
+    plan: Plan,
+    st: dict[str, Any],
+    job: JobRef,
+    spec: TrainingJobSpec,
+    generation: int,
+    pods: list[PodView],
+    now: dt.datetime,
+) -> Plan:
+    """Fill in the counts and conditions every status carries, from the same observation."""
+    deleting = set(plan.delete)
+    alive = [p for p in pods if p.active and p.name not in deleting]
+    st["observedGeneration"] = generation
+    st["replicas"] = len(alive) + len(plan.create)
+    st["readyReplicas"] = sum(p.ready for p in alive)
+    st["gpus"] = sum(spec.gpus_per_replica for p in alive if p.scheduled)
+    st["selector"] = selector_string(job)
+    st.setdefault("restarts", 0)
+    st["conditions"] = conditions(st, generation, st.get("conditions", []), now)
+    plan.status = st
+    return plan
+
+
+def conditions(
+    st: dict[str, Any], generation: int, old: list[dict[str, Any]], now: dt.datetime
+) -> list[dict[str, Any]]:
+    """kstatus conditions (Ready, Reconciling, Stalled) plus Succeeded and Suspended.
+
+    lastTransitionTime only moves when a condition's status changes, as the API conventions
+    ask, so that an unchanged status compares equal and is not written again.
+    """
+    phase = Phase(st["phase"])
+    reason, message = st.get("reason", ""), st.get("message", "")
+    stalled_reasons = {
+        "BackoffLimitExceeded",
+        "DeadlineExceeded",
+        "Unschedulable",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "StartupTimeout",
+    }
+    want = {
+        "Ready": (phase == Phase.RUNNING and reason != "Completing", reason, message),
+        "Reconciling": (phase in (Phase.PENDING, Phase.STARTING, Phase.RESIZING), reason, message),
+        "Stalled": (phase == Phase.FAILED or reason in stalled_reasons, reason, message),
+        "Succeeded": (phase == Phase.SUCCEEDED, reason, message),
+        "Suspended": (phase == Phase.SUSPENDED, reason, message),
+    }
+    before = {c["type"]: c for c in old}
+    out = []
+    for ctype, (flag, why, text) in want.items():
+        status = "True" if flag else "False"
+        prev = before.get(ctype)
+        changed = prev is None or prev.get("status") != status
+        when = fmt_time(now) if changed or prev is None else prev.get("lastTransitionTime")
+        out.append(
+            {
+                "type": ctype,
+                "status": status,
+                "reason": why or ctype,
+                "message": text,
+                "observedGeneration": generation,
+                "lastTransitionTime": when,
+            }
+        )
+    return out
