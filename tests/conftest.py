@@ -95,3 +95,64 @@ def namespace(core: client.CoreV1Api) -> Iterator[str]:
     name = make_namespace(core)
     yield name
     core.delete_namespace(name)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class OperatorProcess:
+    """`joule operator` as a user runs it: a separate process, killable and restartable."""
+
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import os
+        import sys
+
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "JOULE_TICK_SECONDS": "0.5",
+            "JOULE_RESYNC_SECONDS": "10",
+            "JOULE_METRICS_PORT": "0",
+            "JOULE_LOG_FORMAT": "plain",
+        }
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "joule", "operator"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="session")
+def crd(kubectl: Kubectl) -> None:
+    kubectl("apply", "-f", str(ROOT / "crds"))
+    kubectl("wait", "--for=condition=Established", "crd/trainingjobs.joule.dev", "--timeout=60s")
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: ClusterInfo, crd: None, tmp_path_factory) -> Iterator[OperatorProcess]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    op = OperatorProcess(cluster.kubeconfig, log)
+    op.start()
+    yield op
+    op.stop()
+    print(f"\noperator log: {log}")

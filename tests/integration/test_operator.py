@@ -1,0 +1,295 @@
+"""The operator against the real control plane: kubectl in, pods, status and events out.
+
+kwok marks scheduled pods Running; where a test needs a worker to exit, it writes the pod's
+status the way a kubelet would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.conftest import ROOT, wait_for
+
+GROUP, VERSION, PLURAL = "joule.dev", "v1alpha1", "trainingjobs"
+
+
+def manifest(name: str, **spec) -> str:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainingJob",
+        "metadata": {"name": name},
+        "spec": {"image": "trainer:test", **spec},
+    }
+    return yaml.safe_dump(body)
+
+
+@pytest.fixture
+def jobs(api, operator):
+    return client.CustomObjectsApi(api)
+
+
+def job(jobs, namespace, name) -> dict:
+    return jobs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def wait_phase(jobs, namespace, name, phase, timeout=30.0) -> dict:
+    def check():
+        body = job(jobs, namespace, name)
+        return body if body.get("status", {}).get("phase") == phase else None
+
+    try:
+        return wait_for(check, timeout=timeout, what=f"{name} to be {phase}")
+    except AssertionError:
+        status = job(jobs, namespace, name).get("status")
+        raise AssertionError(f"{name} never reached {phase}; status: {status}") from None
+
+
+def pods_of(core, namespace, name) -> list[client.V1Pod]:
+    items = core.list_namespaced_pod(namespace, label_selector=f"joule.dev/job-name={name}").items
+    return sorted(items, key=lambda p: p.metadata.name)
+
+
+def events_of(core, namespace, name) -> list[str]:
+    events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+    return [e.reason for e in events.items]
+
+
+def finish_pod(core, namespace, pod_name, exit_code: int, reason: str = "Completed") -> None:
+    """Write a terminated container status, as a kubelet does when the process exits."""
+    pod = core.read_namespaced_pod(pod_name, namespace)
+    phase = "Succeeded" if exit_code == 0 else "Failed"
+    status = {
+        "phase": phase,
+        "containerStatuses": [
+            {
+                "name": "trainer",
+                "image": pod.spec.containers[0].image,
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": exit_code, "reason": reason}},
+            }
+        ],
+    }
+    core.patch_namespaced_pod_status(pod_name, namespace, {"status": status})
+
+
+def test_examples_apply_and_kubectl_shows_them(kubectl, jobs, namespace):
+    kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples"))
+    for name in ("llm-fixed", "elastic"):
+        wait_phase(jobs, namespace, name, "Running")
+    table = kubectl("get", "tj", "-n", namespace).stdout
+    assert "PHASE" in table and "GPUS" in table
+    row = next(line for line in table.splitlines() if line.startswith("llm-fixed"))
+    assert row.split()[1:5] == ["Running", "2", "2", "16"]
+    explain = kubectl("explain", "trainingjob.spec.elastic").stdout
+    assert "Bounds within which the job may be resized" in explain
+    assert "minReplicas" in explain
+
+
+def test_two_workers_of_eight_gpus_land_on_two_nodes_with_the_torchrun_env(
+    kubectl, jobs, core, namespace
+):
+    kubectl(
+        "apply", "-n", namespace, "-f", "-", stdin=manifest("ddp", replicas=2, gpusPerReplica=8)
+    )
+    body = wait_phase(jobs, namespace, "ddp", "Running")
+    assert body["status"]["readyReplicas"] == 2 and body["status"]["gpus"] == 16
+    pods = pods_of(core, namespace, "ddp")
+    assert [p.status.phase for p in pods] == ["Running", "Running"]
+    assert len({p.spec.node_name for p in pods}) == 2
+    env = {e.name: e.value for e in pods[1].spec.containers[0].env}
+    assert env["PET_NNODES"] == "2:2"
+    assert env["PET_NPROC_PER_NODE"] == "8"
+    assert env["PET_RDZV_ENDPOINT"] == "ddp-worker-0.ddp:29400"
+    assert env["PET_NODE_RANK"] == "1"
+    svc = core.read_namespaced_service("ddp", namespace)
+    assert svc.spec.cluster_ip == "None"
+    assert {"CreatedWorkers", "Running"} <= set(events_of(core, namespace, "ddp"))
+
+
+def test_a_gang_larger_than_the_cluster_never_holds_gpus_past_its_timeout(
+    kubectl, jobs, core, namespace
+):
+    # 5 x 8 GPUs on a cluster of 4 x 8: four pods could run, the fifth never fits.
+    kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        stdin=manifest(
+            "huge", replicas=5, gpusPerReplica=8, startupTimeoutSeconds=3, backoffLimit=1
+        ),
+    )
+    body = wait_phase(jobs, namespace, "huge", "Failed", timeout=60)
+    assert body["status"]["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in json.dumps(body["status"]["podFailure"])
+    assert body["status"]["restarts"] == 2
+    wait_for(
+        lambda: (
+            not [
+                p for p in pods_of(core, namespace, "huge") if p.metadata.deletion_timestamp is None
+            ]
+        ),
+        what="the partial gang to be released",
+    )
+    assert "StartupTimeout" in events_of(core, namespace, "huge")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"replicas": 5, "elastic": {"minReplicas": 1, "maxReplicas": 4}},
+            "replicas must lie within",
+        ),
+        (
+            {"replicas": 2, "elastic": {"minReplicas": 3, "maxReplicas": 2}},
+            "elastic.minReplicas must be less than or equal to elastic.maxReplicas",
+        ),
+        ({"gpusPerReplica": -1}, "spec.gpusPerReplica"),
+        ({"replicaz": 2}, 'unknown field "spec.replicaz"'),
+        ({"cleanPodPolicy": "Sometimes"}, "spec.cleanPodPolicy"),
+        ({"resources": {"limits": {"nvidia.com/gpu": 1}}}, "set GPUs with spec.gpusPerReplica"),
+    ],
+)
+def test_invalid_manifests_are_rejected_with_the_schema_message(kubectl, namespace, spec, message):
+    proc = kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest("bad", **spec), check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+def test_a_failed_worker_is_replaced_until_the_backoff_limit(kubectl, jobs, core, namespace):
+    kubectl(
+        "apply", "-n", namespace, "-f", "-", stdin=manifest("flaky", replicas=2, backoffLimit=1)
+    )
+    wait_phase(jobs, namespace, "flaky", "Running")
+    first = core.read_namespaced_pod("flaky-worker-1", namespace).metadata.uid
+    finish_pod(core, namespace, "flaky-worker-1", 137, "OOMKilled")
+
+    def replaced():
+        pods = {p.metadata.name: p for p in pods_of(core, namespace, "flaky")}
+        new = pods.get("flaky-worker-1")
+        return new is not None and new.metadata.uid != first and new.status.phase == "Running"
+
+    wait_for(replaced, what="a replacement for flaky-worker-1")
+    body = wait_phase(jobs, namespace, "flaky", "Running")
+    assert body["status"]["restarts"] == 1
+    assert "podFailure" not in body["status"]  # recovered: nothing is failing now
+
+    finish_pod(core, namespace, "flaky-worker-0", 1, "Error")
+    body = wait_phase(jobs, namespace, "flaky", "Failed")
+    assert body["status"]["reason"] == "BackoffLimitExceeded"
+    assert "flaky-worker-0 failed (Error, exit code 1)" in body["status"]["message"]
+    assert body["status"]["completionTime"]
+    assert "WorkerFailed" in events_of(core, namespace, "flaky")
+
+
+def test_workers_exiting_zero_make_the_job_succeed(kubectl, jobs, core, namespace):
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest("done", replicas=2))
+    wait_phase(jobs, namespace, "done", "Running")
+    for i in range(2):
+        finish_pod(core, namespace, f"done-worker-{i}", 0)
+    body = wait_phase(jobs, namespace, "done", "Succeeded")
+    assert body["status"]["completionTime"]
+    succeeded = next(c for c in body["status"]["conditions"] if c["type"] == "Succeeded")
+    assert succeeded["status"] == "True"
+    # cleanPodPolicy Running (the default) keeps finished pods, for their logs.
+    assert len(pods_of(core, namespace, "done")) == 2
+
+
+def test_deleting_a_job_removes_its_pods_and_service(kubectl, jobs, core, namespace):
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest("gone", replicas=2))
+    wait_phase(jobs, namespace, "gone", "Running")
+    kubectl("delete", "tj", "gone", "-n", namespace, "--wait=true", "--timeout=30s")
+    wait_for(lambda: not pods_of(core, namespace, "gone"), what="pods to be collected")
+    wait_for(
+        lambda: (
+            not core.list_namespaced_service(namespace, field_selector="metadata.name=gone").items
+        ),
+        what="service to be collected",
+    )
+
+
+def test_scale_down_up_suspend_and_resume(kubectl, jobs, core, namespace):
+    kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        stdin=manifest("el", replicas=2, elastic={"minReplicas": 1, "maxReplicas": 4}),
+    )
+    wait_phase(jobs, namespace, "el", "Running")
+    worker0 = core.read_namespaced_pod("el-worker-0", namespace).metadata.uid
+
+    kubectl("scale", "tj/el", "-n", namespace, "--replicas=4")
+    wait_for(
+        lambda: job(jobs, namespace, "el")["status"].get("readyReplicas") == 4,
+        what="4 ready workers",
+    )
+    kubectl("scale", "tj/el", "-n", namespace, "--replicas=1")
+
+    def only_worker_0():
+        live = [
+            p.metadata.name
+            for p in pods_of(core, namespace, "el")
+            if p.metadata.deletion_timestamp is None
+        ]
+        return live == ["el-worker-0"]
+
+    wait_for(only_worker_0, what="scale down to worker 0")
+    assert core.read_namespaced_pod("el-worker-0", namespace).metadata.uid == worker0
+    wait_phase(jobs, namespace, "el", "Running")
+    over = kubectl("scale", "tj/el", "-n", namespace, "--replicas=5", check=False)
+    assert over.returncode != 0 and "replicas must lie within" in over.stderr
+
+    kubectl("patch", "tj", "el", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    body = wait_phase(jobs, namespace, "el", "Suspended")
+    wait_for(lambda: not pods_of(core, namespace, "el"), what="suspended pods to go")
+    assert body["status"]["replicas"] == 0
+    kubectl(
+        "patch", "tj", "el", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    wait_phase(jobs, namespace, "el", "Running")
+    assert {"Suspended", "Resumed", "RemovedWorkers"} <= set(events_of(core, namespace, "el"))
+
+
+def test_killing_the_operator_mid_creation_leaves_exactly_the_desired_pods(
+    kubectl, jobs, core, namespace, operator
+):
+    for attempt in range(3):
+        name = f"restart-{attempt}"
+        kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest(name, replicas=4))
+        # Kill as soon as the first pod exists: the others are being created right now.
+        wait_for(lambda n=name: pods_of(core, namespace, n), interval=0.01, what="a first pod")
+        operator.kill()
+        operator.start()
+        body = wait_phase(jobs, namespace, name, "Running")
+        names = [p.metadata.name for p in pods_of(core, namespace, name)]
+        assert names == [f"{name}-worker-{i}" for i in range(4)]
+        assert body["status"]["replicas"] == 4
+
+
+def test_status_and_spec_stay_apart_for_gitops(kubectl, jobs, namespace):
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest("git", replicas=1))
+    body = wait_phase(jobs, namespace, "git", "Running")
+    # No finalizer (the job stays deletable without the operator) and no annotations of ours.
+    assert not body["metadata"].get("finalizers")
+    annotations = body["metadata"].get("annotations") or {}
+    assert not [k for k in annotations if "joule" in k or "kopf" in k]
+    assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
+    # Re-applying the same manifest is a no-op: nothing drifts.
+    out = kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest("git", replicas=1)).stdout
+    assert "unchanged" in out
+
+
+def test_examples_folder_is_valid_yaml():
+    for path in Path(ROOT / "examples").glob("*.yaml"):
+        assert yaml.safe_load(path.read_text())["kind"] == "TrainingJob"

@@ -1,0 +1,105 @@
+"""Worker pods and the service, as the scheduler and torchrun will see them."""
+
+from joule.api import JobRef, TrainingJobSpec
+from joule.builders import worker_pod, worker_service
+from joule.constants import LABEL_INDEX, LABEL_JOB
+
+JOB = JobRef("llm", "team-a", "uid-123")
+
+
+def env_of(pod):
+    return {
+        e["name"]: e.get("value", e.get("valueFrom")) for e in pod["spec"]["containers"][0]["env"]
+    }
+
+
+def spec(**kw):
+    return TrainingJobSpec.parse({"image": "trainer:1", **kw})
+
+
+def test_pod_carries_gpus_labels_owner_and_a_stable_dns_name():
+    pod = worker_pod(JOB, spec(replicas=2, gpusPerReplica=8), 1)
+    assert pod["metadata"]["name"] == "llm-worker-1"
+    assert pod["metadata"]["labels"][LABEL_JOB] == "llm"
+    assert pod["metadata"]["labels"][LABEL_INDEX] == "1"
+    owner = pod["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("TrainingJob", "uid-123", True)
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert pod["spec"]["hostname"] == "llm-worker-1"
+    assert pod["spec"]["subdomain"] == "llm"
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_torchrun_contract_for_a_fixed_size_job():
+    env = env_of(worker_pod(JOB, spec(replicas=2, gpusPerReplica=8), 1))
+    assert env["PET_NNODES"] == "2:2"
+    assert env["PET_NPROC_PER_NODE"] == "8"
+    assert env["PET_RDZV_BACKEND"] == "c10d"
+    assert env["PET_RDZV_ENDPOINT"] == "llm-worker-0.llm:29400"
+    assert env["PET_RDZV_ID"] == "uid-123"
+    assert env["MASTER_ADDR"] == "llm-worker-0.llm"
+    assert env["PET_NODE_RANK"] == "1"
+    assert env["WORLD_SIZE"] == "16"
+
+
+def test_elastic_job_leaves_ranks_to_the_rendezvous():
+    env = env_of(worker_pod(JOB, spec(replicas=2, elastic={"minReplicas": 1, "maxReplicas": 4}), 0))
+    assert env["PET_NNODES"] == "1:4"
+    assert "PET_NODE_RANK" not in env and "WORLD_SIZE" not in env
+
+
+def test_user_env_is_kept_but_cannot_override_the_rendezvous():
+    s = spec(
+        env=[{"name": "PET_RDZV_ENDPOINT", "value": "evil:1"}, {"name": "LR", "value": "3e-4"}]
+    )
+    env = env_of(worker_pod(JOB, s, 0))
+    assert env["PET_RDZV_ENDPOINT"] == "llm-worker-0.llm:29400"
+    assert env["LR"] == "3e-4"
+
+
+def test_shared_memory_checkpoint_volume_and_quantities():
+    s = spec(
+        sharedMemory="16Gi",
+        resources={"requests": {"cpu": 8, "memory": "64Gi"}},
+        volumes=[{"name": "ckpt", "persistentVolumeClaim": {"claimName": "c"}}],
+        checkpoint={"path": "/ckpt", "volume": "ckpt"},
+        gpusPerReplica=0,
+    )
+    pod = worker_pod(JOB, s, 0)
+    container = pod["spec"]["containers"][0]
+    shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "joule-dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert {"name": "joule-dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert {"name": "ckpt", "mountPath": "/ckpt"} in container["volumeMounts"]
+    assert container["resources"] == {"requests": {"cpu": "8", "memory": "64Gi"}}
+    assert env_of(pod)["JOULE_CHECKPOINT_DIR"] == "/ckpt"
+    assert env_of(pod)["PET_NPROC_PER_NODE"] == "1"
+
+
+def test_placement_and_extra_metadata_pass_through():
+    s = spec(
+        nodeSelector={"nvidia.com/gpu.product": "H100"},
+        tolerations=[{"key": "gpu", "operator": "Exists"}],
+        priorityClassName="high",
+        schedulerName="volcano",
+        podLabels={"team": "a", LABEL_JOB: "spoofed"},
+        podAnnotations={"note": "x"},
+        command=["torchrun"],
+        args=["train.py"],
+    )
+    pod = worker_pod(JOB, s, 0)
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
+    assert pod["spec"]["schedulerName"] == "volcano"
+    assert pod["spec"]["priorityClassName"] == "high"
+    assert pod["metadata"]["labels"]["team"] == "a"
+    assert pod["metadata"]["labels"][LABEL_JOB] == "llm"  # ours wins: the selector must hold
+    assert pod["metadata"]["annotations"] == {"note": "x"}
+    assert pod["spec"]["containers"][0]["command"] == ["torchrun"]
+
+
+def test_headless_service_publishes_not_ready_workers():
+    svc = worker_service(JOB)
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {LABEL_JOB: "llm"}

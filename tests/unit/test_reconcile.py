@@ -1,0 +1,193 @@
+"""decide(): from a job and its pods to a plan, rule by rule, with no cluster."""
+
+import datetime as dt
+
+from joule.api import JobRef, TrainingJobSpec
+from joule.observe import Failure, PodView
+from joule.reconcile import decide, fmt_time
+
+JOB = JobRef("j", "ns", "uid")
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def spec(**kw):
+    return TrainingJobSpec.parse({"image": "x", "replicas": 2, **kw})
+
+
+def pod(
+    index, phase="Running", ready=None, scheduled=True, uid=None, failure=None, terminating=False
+):
+    return PodView(
+        name=f"j-worker-{index}",
+        uid=uid or f"uid-{index}",
+        index=index,
+        phase=phase,
+        ready=(phase == "Running") if ready is None else ready,
+        scheduled=scheduled,
+        terminating=terminating,
+        failure=failure,
+    )
+
+
+def run(s, pods, status=None, now=T0):
+    return decide(JOB, s, status or {}, 1, pods, now)
+
+
+def reasons(plan):
+    return [e.reason for e in plan.events]
+
+
+def test_a_new_job_creates_every_worker_and_starts_its_clock():
+    plan = run(spec(), [])
+    assert plan.create == [0, 1]
+    assert plan.status["phase"] == "Pending"
+    assert plan.status["startTime"] == plan.status["attemptStartTime"] == fmt_time(T0)
+    assert plan.requeue_after == 300
+    assert "CreatedWorkers" in reasons(plan)
+
+
+def test_all_workers_running_makes_the_job_ready():
+    plan = run(spec(gpusPerReplica=8), [pod(0), pod(1)], {"phase": "Starting"})
+    assert plan.create == [] and plan.delete == []
+    st = plan.status
+    assert (st["phase"], st["replicas"], st["readyReplicas"], st["gpus"]) == ("Running", 2, 2, 16)
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    assert st["selector"] == "joule.dev/job-name=j"
+
+
+def test_deciding_again_on_the_same_world_changes_nothing():
+    first = run(spec(), [pod(0), pod(1)], {"phase": "Starting"})
+    again = run(spec(), [pod(0), pod(1)], first.status, now=T0 + dt.timedelta(seconds=30))
+    assert again.status == first.status
+    assert again.create == [] and again.delete == [] and again.events == []
+
+
+def test_a_failed_worker_is_replaced_and_counted_once():
+    oom = Failure("OOMKilled", "killed", 137)
+    pods = [pod(0), pod(1, phase="Failed", failure=oom)]
+    plan = run(spec(backoffLimit=3), pods, {"phase": "Running"})
+    assert plan.delete == ["j-worker-1"]
+    assert plan.status["restarts"] == 1
+    assert plan.status["podFailure"]["reason"] == "OOMKilled"
+    assert "WorkerFailed" in reasons(plan)
+    # The operator restarts before the pod is gone: the same failure is not counted again.
+    again = run(spec(backoffLimit=3), pods, plan.status)
+    assert again.status["restarts"] == 1
+    # Once the failed pod is gone, its replacement is created.
+    replaced = run(spec(backoffLimit=3), [pod(0)], again.status)
+    assert replaced.create == [1]
+    assert "handledFailures" not in replaced.status
+
+
+def test_past_the_backoff_limit_the_job_fails_with_the_pod_reason():
+    pods = [pod(0), pod(1, phase="Failed", uid="second", failure=Failure("Error", "boom", 1))]
+    plan = run(spec(backoffLimit=1), pods, {"phase": "Running", "restarts": 1})
+    st = plan.status
+    assert (st["phase"], st["reason"]) == ("Failed", "BackoffLimitExceeded")
+    assert "exit code 1" in st["message"]
+    assert st["completionTime"] == fmt_time(T0)
+    assert "j-worker-0" in plan.delete  # the running rest is cleaned (cleanPodPolicy Running)
+    stalled = next(c for c in st["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True"
+
+
+def test_an_incomplete_gang_is_released_at_the_startup_timeout():
+    status = {"phase": "Starting", "attemptStartTime": fmt_time(T0), "startTime": fmt_time(T0)}
+    unsched = Failure("Unschedulable", "0/4 nodes: Insufficient nvidia.com/gpu")
+    pods = [pod(0), pod(1, phase="Pending", scheduled=False, failure=unsched)]
+    early = run(spec(startupTimeoutSeconds=60), pods, status, now=T0 + dt.timedelta(seconds=30))
+    assert early.delete == [] and early.requeue_after == 30
+    assert early.status["reason"] == "Unschedulable"
+    late = run(spec(startupTimeoutSeconds=60), pods, status, now=T0 + dt.timedelta(seconds=61))
+    assert sorted(late.delete) == ["j-worker-0", "j-worker-1"]
+    assert late.create == []
+    assert late.status["phase"] == "Pending" and late.status["restarts"] == 1
+    assert "attemptStartTime" not in late.status
+    assert "StartupTimeout" in reasons(late)
+
+
+def test_a_gang_that_never_fits_fails_once_the_backoff_limit_is_spent():
+    status = {"phase": "Starting", "attemptStartTime": fmt_time(T0), "restarts": 1}
+    pods = [
+        pod(
+            0,
+            phase="Pending",
+            scheduled=False,
+            failure=Failure("Unschedulable", "Insufficient nvidia.com/gpu"),
+        )
+    ]
+    plan = run(
+        spec(replicas=1, backoffLimit=1, startupTimeoutSeconds=5),
+        pods,
+        status,
+        now=T0 + dt.timedelta(seconds=6),
+    )
+    assert (plan.status["phase"], plan.status["reason"]) == ("Failed", "Unschedulable")
+    assert plan.delete == ["j-worker-0"]
+
+
+def test_scaling_down_removes_the_highest_indices_and_up_adds_the_missing():
+    elastic = {"elastic": {"minReplicas": 1, "maxReplicas": 4}}
+    pods = [pod(0), pod(1), pod(2), pod(3)]
+    down = run(spec(replicas=2, **elastic), pods, {"phase": "Running"})
+    assert down.delete == ["j-worker-3", "j-worker-2"]
+    assert down.status["phase"] == "Resizing"
+    assert down.status["replicas"] == 2
+    up = run(spec(replicas=4, **elastic), [pod(0), pod(1)], {"phase": "Running"})
+    assert up.create == [2, 3]
+    assert up.status["phase"] == "Resizing"
+
+
+def test_suspend_deletes_every_worker_and_resume_recreates_them():
+    plan = run(spec(suspend=True), [pod(0), pod(1)], {"phase": "Running"})
+    assert sorted(plan.delete) == ["j-worker-0", "j-worker-1"] and plan.create == []
+    assert plan.status["phase"] == "Suspended"
+    resumed = run(spec(suspend=False), [], plan.status)
+    assert resumed.create == [0, 1]
+    assert "Resumed" in reasons(resumed)
+
+
+def test_success_when_workers_exit_zero_and_the_ttl_then_deletes_the_job():
+    s = spec(ttlSecondsAfterFinished=60)
+    waiting = run(s, [pod(0, phase="Succeeded"), pod(1)], {"phase": "Running"})
+    assert waiting.status["phase"] == "Running" and waiting.status["reason"] == "Completing"
+    done = run(s, [pod(0, phase="Succeeded"), pod(1, phase="Succeeded")], waiting.status)
+    assert done.status["phase"] == "Succeeded"
+    assert done.status["completionTime"] == fmt_time(T0)
+    assert done.delete == []  # cleanPodPolicy Running keeps finished pods for their logs
+    assert done.requeue_after == 60 and not done.delete_job
+    later = run(s, [], done.status, now=T0 + dt.timedelta(seconds=61))
+    assert later.delete_job
+
+
+def test_clean_pod_policy_all_deletes_finished_pods_too():
+    s = spec(cleanPodPolicy="All")
+    plan = run(s, [pod(0, phase="Succeeded"), pod(1, phase="Succeeded")], {"phase": "Running"})
+    assert sorted(plan.delete) == ["j-worker-0", "j-worker-1"]
+
+
+def test_the_deadline_fails_a_running_job():
+    status = {"phase": "Running", "startTime": fmt_time(T0)}
+    plan = run(
+        spec(activeDeadlineSeconds=100),
+        [pod(0), pod(1)],
+        status,
+        now=T0 + dt.timedelta(seconds=100),
+    )
+    assert (plan.status["phase"], plan.status["reason"]) == ("Failed", "DeadlineExceeded")
+    assert sorted(plan.delete) == ["j-worker-0", "j-worker-1"]
+
+
+def test_a_finished_job_is_never_restarted():
+    status = {"phase": "Failed", "completionTime": fmt_time(T0)}
+    plan = run(spec(), [], status)
+    assert plan.create == [] and plan.status["phase"] == "Failed"
+
+
+def test_condition_times_move_only_when_a_condition_changes():
+    first = run(spec(), [pod(0), pod(1)], {"phase": "Starting"})
+    later = run(spec(), [pod(0), pod(1)], first.status, now=T0 + dt.timedelta(hours=1))
+    assert [c["lastTransitionTime"] for c in later.status["conditions"]] == [
+        c["lastTransitionTime"] for c in first.status["conditions"]
+    ]

@@ -1,0 +1,36 @@
+"""The operator's own check of a spec matches the CRD's rules and defaults."""
+
+import pytest
+
+from joule.api import CleanPodPolicy, SpecError, TrainingJobSpec
+
+
+def test_defaults_match_the_crd():
+    s = TrainingJobSpec.parse({"image": "x"})
+    assert (s.replicas, s.gpus_per_replica, s.backoff_limit) == (1, 1, 3)
+    assert s.clean_pod_policy == CleanPodPolicy.RUNNING
+    assert s.startup_timeout_seconds == 300
+    assert s.bounds == (1, 1) and not s.elastic
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({}, "spec.image is required"),
+        ({"image": "x", "replicas": 0}, "spec.replicas must be >= 1"),
+        ({"image": "x", "gpusPerReplica": -1}, "gpusPerReplica must be >= 0"),
+        (
+            {"image": "x", "elastic": {"minReplicas": 3, "maxReplicas": 2}, "replicas": 2},
+            "minReplicas must be less than or equal",
+        ),
+        (
+            {"image": "x", "elastic": {"minReplicas": 1, "maxReplicas": 2}, "replicas": 3},
+            "replicas must lie within",
+        ),
+        ({"image": "x", "cleanPodPolicy": "Some"}, "cleanPodPolicy must be"),
+        ({"image": "x", "replicas": "2"}, "must be an integer"),
+    ],
+)
+def test_bad_specs_name_the_field(spec, message):
+    with pytest.raises(SpecError, match=message):
+        TrainingJobSpec.parse(spec)
