@@ -204,6 +204,47 @@ def test_workers_exiting_zero_make_the_job_succeed(kubectl, jobs, core, namespac
     assert len(pods_of(core, namespace, "done")) == 2
 
 
+def test_the_ttl_deletes_a_finished_job_and_the_deadline_fails_a_long_one(
+    kubectl, jobs, core, namespace
+):
+    kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        stdin=manifest("short", replicas=1, ttlSecondsAfterFinished=1, cleanPodPolicy="All"),
+    )
+    kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        stdin=manifest("slow", replicas=1, activeDeadlineSeconds=3),
+    )
+    wait_phase(jobs, namespace, "short", "Running")
+    finish_pod(core, namespace, "short-worker-0", 0)
+
+    def deleted():
+        names = [
+            j["metadata"]["name"]
+            for j in jobs.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        ]
+        return "short" not in names
+
+    wait_for(deleted, timeout=30, what="ttlSecondsAfterFinished to delete the job")
+    body = wait_phase(jobs, namespace, "slow", "Failed", timeout=30)
+    assert body["status"]["reason"] == "DeadlineExceeded"
+    wait_for(
+        lambda: all(
+            p.metadata.deletion_timestamp or p.status.phase != "Running"
+            for p in pods_of(core, namespace, "slow")
+        ),
+        what="the deadline to stop the running worker",
+    )
+
+
 def test_deleting_a_job_removes_its_pods_and_service(kubectl, jobs, core, namespace):
     kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest("gone", replicas=2))
     wait_phase(jobs, namespace, "gone", "Running")

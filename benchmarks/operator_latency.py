@@ -1,0 +1,197 @@
+"""Operator latency and throughput against the local control plane. Prints figures.
+
+    .venv/bin/python benchmarks/operator_latency.py [--jobs 50] [--burst 200]
+
+1. Sequential: create one TrainingJob (2 workers) at a time; time from the create call to
+   the moment the last of its pods is seen by a watch. p50 / p99 over ``--jobs`` jobs.
+2. Burst: create ``--burst`` jobs at once; time until every pod exists, and until every
+   job's status says Running (created, scheduled, marked Running by kwok, status written).
+3. The operator's memory (RSS now, and its peak) after the burst.
+
+It brings up its own cluster (``bench``: 16 nodes x 32 GPUs, so capacity never limits) and
+takes it down at the end. Not a test: nothing is asserted, the numbers are for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kubernetes import client, config, watch
+
+from joule.cluster import ClusterSettings, down, up
+from joule.cluster.process import rss_bytes
+from joule.cluster.settings import NodeShape
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUP, VERSION, PLURAL = "joule.dev", "v1alpha1", "trainingjobs"
+
+
+def job_body(name: str) -> dict:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainingJob",
+        "metadata": {"name": name},
+        "spec": {"image": "trainer:bench", "replicas": 2, "gpusPerReplica": 1},
+    }
+
+
+class PodClock:
+    """Watches pods in a namespace and remembers when each was first seen."""
+
+    def __init__(self, core: client.CoreV1Api, namespace: str) -> None:
+        self.first_seen: dict[str, float] = {}
+        self.cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, args=(core, namespace), daemon=True)
+        self._thread.start()
+
+    def _run(self, core: client.CoreV1Api, namespace: str) -> None:
+        while not self._stop:
+            w = watch.Watch()
+            for event in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=30):
+                name = event["object"].metadata.name
+                with self.cond:
+                    self.first_seen.setdefault(name, time.monotonic())
+                    self.cond.notify_all()
+                if self._stop:
+                    w.stop()
+                    break
+
+    def wait_for(self, names: list[str], timeout: float = 120) -> float:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not all(n in self.first_seen for n in names):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"pods {names} not all created within {timeout}s")
+                self.cond.wait(left)
+            return max(self.first_seen[n] for n in names)
+
+    def stop(self) -> None:
+        self._stop = True
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=50, help="sequential jobs (default 50)")
+    parser.add_argument("--burst", type=int, default=200, help="jobs at once (default 200)")
+    args = parser.parse_args()
+
+    settings = ClusterSettings(name="bench", nodes=16, shape=NodeShape(gpus=32))
+    print("bringing up the bench cluster (16 nodes x 32 GPUs)...", flush=True)
+    info = up(settings)
+    print(f"cluster up in {info.started_in_s or 0:.1f}s", flush=True)
+    kubectl = [str(info.kubectl), f"--kubeconfig={info.kubeconfig}"]
+    subprocess.run([*kubectl, "apply", "-f", str(ROOT / "crds")], check=True, capture_output=True)
+    subprocess.run(
+        [*kubectl, "wait", "--for=condition=Established", "crd/trainingjobs.joule.dev"],
+        check=True,
+        capture_output=True,
+    )
+    api = config.new_client_from_config(config_file=str(info.kubeconfig))
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(info.kubeconfig),
+        "JOULE_METRICS_PORT": "0",
+        "JOULE_LOG_FORMAT": "json",
+    }
+    log = open(Path(info.kubeconfig).parent / "operator.log", "wb")  # noqa: SIM115
+    operator = subprocess.Popen(
+        [sys.executable, "-m", "joule", "operator"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        time.sleep(3)  # let it connect and list
+        ns = f"bench-{uuid.uuid4().hex[:6]}"
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+        time.sleep(1)  # default ServiceAccount
+        clock = PodClock(core, ns)
+
+        latencies = []
+        for i in range(args.jobs):
+            name = f"seq-{i}"
+            start = time.monotonic()
+            custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job_body(name))
+            done = clock.wait_for([f"{name}-worker-0", f"{name}-worker-1"])
+            latencies.append(done - start)
+        print(f"\nsequential: {args.jobs} jobs x 2 workers, create call -> all pods exist")
+        print(
+            f"  p50 {pct(latencies, 0.5) * 1000:.0f} ms   p99 {pct(latencies, 0.99) * 1000:.0f} ms"
+            f"   mean {statistics.mean(latencies) * 1000:.0f} ms",
+            flush=True,
+        )
+
+        names = [f"burst-{i}" for i in range(args.burst)]
+        start = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(
+                pool.map(
+                    lambda n: custom.create_namespaced_custom_object(
+                        GROUP, VERSION, ns, PLURAL, job_body(n)
+                    ),
+                    names,
+                )
+            )
+        applied = time.monotonic() - start
+        all_pods = (
+            clock.wait_for([f"{n}-worker-{i}" for n in names for i in range(2)], timeout=600)
+            - start
+        )
+        while True:
+            items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+            running = sum(
+                1
+                for j in items
+                if j["metadata"]["name"].startswith("burst-")
+                and j.get("status", {}).get("phase") == "Running"
+            )
+            if running == args.burst:
+                break
+            if time.monotonic() - start > 600:
+                print(f"  gave up: {running}/{args.burst} Running after 600 s")
+                break
+            time.sleep(0.2)
+        reconciled = time.monotonic() - start
+        print(
+            f"\nburst: {args.burst} jobs x 2 workers created at once "
+            f"(create calls took {applied:.1f} s)"
+        )
+        print(
+            f"  all {2 * args.burst} pods exist after {all_pods:.1f} s; "
+            f"all jobs Running (status written) after {reconciled:.1f} s",
+            flush=True,
+        )
+
+        status = Path(f"/proc/{operator.pid}/status").read_text()
+        peak = next(
+            int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")
+        )
+        print(
+            f"\noperator memory with {args.jobs + args.burst} jobs: "
+            f"RSS {(rss_bytes(operator.pid) or 0) / 2**20:.0f} MiB, peak {peak / 1024:.0f} MiB"
+        )
+        clock.stop()
+    finally:
+        operator.terminate()
+        operator.wait(20)
+        down(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
