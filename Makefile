@@ -8,11 +8,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install binaries test unit lint format cluster-up cluster-down clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml trainer_image/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; Python >= 3.11 is needed" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' -e trainer_image  # torch: a large download, once
 	@touch $@
 
 install: $(STAMP)

@@ -1,0 +1,131 @@
+"""Energy meters: NVML against a test double of the pynvml calls, and the labelled estimate."""
+
+import time
+
+import pytest
+from joule_trainer.energy import MeterError
+from joule_trainer.energy.api import counter_delta
+from joule_trainer.energy.estimate import EstimatedMeter
+from joule_trainer.energy.nvml import NvmlMeter
+from joule_trainer.energy.probe import probe
+
+
+class FakeNVMLError(Exception):
+    pass
+
+
+class FakeNvml:
+    """The pynvml functions NvmlMeter calls, with values the test controls."""
+
+    NVMLError = FakeNVMLError
+
+    def __init__(self, energy_mj=None, power_mw=300_000, limit_mw=700_000, init_fails=False):
+        self.energy_mj = energy_mj  # None: the GPU has no energy counter
+        self.power_mw = power_mw
+        self.limit_mw = limit_mw
+        self.init_fails = init_fails
+        self.fail_reads = False
+        self.shutdown_called = False
+
+    def nvmlInit(self):
+        if self.init_fails:
+            raise FakeNVMLError("Driver Not Loaded")
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return f"gpu{i}"
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        if self.energy_mj is None:
+            raise FakeNVMLError("Not Supported")
+        if self.fail_reads:
+            raise FakeNVMLError("GPU is lost")
+        return self.energy_mj
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        if self.fail_reads:
+            raise FakeNVMLError("GPU is lost")
+        return self.power_mw
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        return self.limit_mw
+
+    def nvmlShutdown(self):
+        self.shutdown_called = True
+
+
+def test_energy_counter_is_used_where_the_gpu_has_one():
+    nvml = FakeNvml(energy_mj=1_000_000)
+    meter = NvmlMeter(0, nvml=nvml)
+    assert meter.source == "nvml" and meter.measured
+    nvml.energy_mj += 250_000  # 250 J
+    reading = meter.read()
+    assert reading.energy_joules == pytest.approx(250.0)
+    assert reading.power_watts == pytest.approx(300.0)
+    assert reading.power_limit_watts == pytest.approx(700.0)
+    meter.close()
+    assert nvml.shutdown_called
+
+
+def test_counter_wrap_around_is_not_a_negative_energy():
+    nvml = FakeNvml(energy_mj=2**64 - 1000)
+    meter = NvmlMeter(0, nvml=nvml)
+    nvml.energy_mj = 4000  # wrapped: 1000 + 4000 mJ later
+    assert meter.read().energy_joules == pytest.approx(5.0)
+    assert counter_delta(10, 4, 16) == 10
+
+
+def test_without_a_counter_power_is_sampled_and_integrated():
+    nvml = FakeNvml(energy_mj=None, power_mw=200_000)
+    meter = NvmlMeter(0, nvml=nvml, sample_interval_s=0.01)
+    assert meter.source == "nvml-sampled"
+    time.sleep(0.3)
+    reading = meter.read()
+    meter.close()
+    # 200 W for ~0.3 s: about 60 J (the sampler thread's timing is not exact).
+    assert 30 < reading.energy_joules < 90
+    assert reading.power_watts == pytest.approx(200.0)
+
+
+def test_nvml_errors_become_meter_errors():
+    with pytest.raises(MeterError, match="Driver Not Loaded"):
+        NvmlMeter(0, nvml=FakeNvml(init_fails=True))
+    nvml = FakeNvml(energy_mj=0)
+    meter = NvmlMeter(0, nvml=nvml)
+    nvml.fail_reads = True
+    with pytest.raises(MeterError, match="GPU is lost"):
+        meter.read()
+
+
+def test_the_estimate_says_it_is_an_estimate_and_grows_with_cpu_time():
+    meter = EstimatedMeter(watts_per_core=10)
+    assert meter.source == "estimated" and not meter.measured
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    time.sleep(0.5)
+    reading = meter.read()
+    assert reading.energy_joules >= 2.0  # >= 0.3 s of CPU x 10 W, minus tick rounding
+    assert reading.power_watts is not None and reading.power_watts > 0
+    with pytest.raises(ValueError):
+        EstimatedMeter(0)
+
+
+def test_probe_falls_back_to_the_estimate_without_gpu_or_rapl(tmp_path, monkeypatch):
+    monkeypatch.delenv("JOULE_ENERGY_SOURCE", raising=False)
+    monkeypatch.setattr("joule_trainer.energy.rapl.POWERCAP", tmp_path)
+    monkeypatch.setattr("joule_trainer.energy.rapl.RaplMeter.__init__.__defaults__", (tmp_path,))
+    assert probe(None).source == "estimated"
+
+
+def test_rapl_reads_package_counters_and_handles_their_wrap(tmp_path):
+    from joule_trainer.energy.rapl import RaplMeter
+
+    zone = tmp_path / "intel-rapl:0"
+    (zone / "intel-rapl:0:0").mkdir(parents=True)  # a sub-zone: counted inside the package
+    (zone / "max_energy_range_uj").write_text("1000000\n")
+    (zone / "energy_uj").write_text("999000\n")
+    meter = RaplMeter(tmp_path)
+    (zone / "energy_uj").write_text("2000\n")  # wrapped: 1000 + 2000 uJ
+    assert meter.read().energy_joules == pytest.approx(0.003)
+    with pytest.raises(MeterError):
+        RaplMeter(tmp_path / "none")

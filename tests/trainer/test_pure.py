@@ -1,0 +1,89 @@
+"""The trainer's pure parts: the launch command, the batch split, checkpoints on disk."""
+
+import sys
+
+import pytest
+import torch
+from joule_trainer import batching, checkpoint
+from joule_trainer.launch import backend, torchrun_argv
+
+
+def test_launch_reads_the_operators_pet_contract():
+    env = {
+        "PET_NNODES": "1:4",
+        "PET_NPROC_PER_NODE": "8",
+        "PET_RDZV_BACKEND": "c10d",
+        "PET_RDZV_ENDPOINT": "j-worker-0.j:29400",
+        "PET_RDZV_ID": "uid",
+        "PET_MAX_RESTARTS": "3",
+    }
+    argv = torchrun_argv(env, ["-m", "joule_trainer.train", "--steps", "5"])
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    for flag in (
+        "--nnodes=1:4",
+        "--nproc-per-node=8",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=j-worker-0.j:29400",
+        "--rdzv-id=uid",
+        "--max-restarts=3",
+    ):
+        assert flag in argv
+    assert "--standalone" not in argv
+    assert argv[-4:] == ["-m", "joule_trainer.train", "--steps", "5"]
+
+
+def test_launch_without_a_rendezvous_runs_standalone_and_backend_follows_hardware():
+    argv = torchrun_argv({}, ["train.py"])
+    assert "--standalone" in argv and "--nproc-per-node=1" in argv
+    assert backend(True) == "nccl" and backend(False) == "gloo"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_every_sample_of_the_global_batch_is_taken_exactly_once(world):
+    seen = []
+    for rank in range(world):
+        s = batching.share(32, world, rank, max_micro=4)
+        assert all(n <= 4 for _, n in s.micro_batches)
+        for offset, n in s.micro_batches:
+            seen += range(offset, offset + n)
+    assert sorted(seen) == list(range(32))
+
+
+def test_gradient_is_the_global_mean_whatever_the_world_size():
+    # Simulate DDP: each rank's gradient of (sum of its losses) * scale, averaged over ranks.
+    values = torch.arange(12.0)
+    for world in (1, 2, 3, 4):
+        grads = []
+        for rank in range(world):
+            s = batching.share(12, world, rank, max_micro=2)
+            w = torch.zeros((), requires_grad=True)
+            for offset, n in s.micro_batches:
+                (
+                    (w * values[offset : offset + n]).sum() * batching.loss_scale(12, world)
+                ).backward()
+            grads.append(w.grad.item())
+        assert sum(grads) / world == pytest.approx(values.mean().item())
+
+
+def test_batch_split_rejects_impossible_requests():
+    with pytest.raises(ValueError, match="smaller than"):
+        batching.share(2, 4, 0, 1)
+
+
+def test_a_torn_checkpoint_is_never_loaded(tmp_path):
+    checkpoint.save(tmp_path, 10, {"step": 10, "w": torch.ones(3)})
+    checkpoint.save(tmp_path, 20, {"step": 20, "w": torch.ones(3) * 2})
+    # A process died while writing step 30 to its final name (what rename prevents), or
+    # a temporary file was left behind: neither is loaded.
+    good = checkpoint.path_for(tmp_path, 20).read_bytes()
+    checkpoint.path_for(tmp_path, 30).write_bytes(good[: len(good) // 2])
+    (tmp_path / ".tmp-step-000000040.pt.123").write_bytes(b"partial")
+    step, state = checkpoint.load_latest(tmp_path)
+    assert step == 20 and torch.equal(state["w"], torch.ones(3) * 2)
+
+
+def test_only_the_last_checkpoints_are_kept(tmp_path):
+    for step in range(1, 6):
+        checkpoint.save(tmp_path, step, {"step": step}, keep=2)
+    assert checkpoint.list_steps(tmp_path) == [4, 5]
+    assert checkpoint.load_latest(tmp_path / "missing") is None

@@ -1,0 +1,4 @@
+"""joule_trainer: what a Joule worker runs. ``launch`` turns the operator's PET_* environment
+into a torchrun command; ``train`` is the elastic DDP loop torchrun starts on every process."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,350 @@
+"""The built-in trainer: what torchrun starts on every process of every worker.
+
+    torchrun ... -m joule_trainer.train --model gpt --steps 500 --global-batch 32
+
+Elastic by construction: the global batch is fixed and split across whatever world size the
+rendezvous produced (``batching``); samples are a pure function of their index (``data``);
+every state that matters (model, optimizer, schedule, step, RNG) is checkpointed atomically
+(``checkpoint``). A restart or a resize resumes from the latest good checkpoint and continues
+the same optimisation. SIGTERM writes a final checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from joule_trainer import batching, checkpoint
+from joule_trainer.data import Shapes, TextWindows
+from joule_trainer.energy import MeterError, probe
+from joule_trainer.metrics import TrainerMetrics
+from joule_trainer.models import SmallCNN, TinyGPT
+
+log = logging.getLogger("joule_trainer")
+EXIT_SIGTERM = 143  # 128 + SIGTERM: interrupted, not finished, so never read as success
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ
+    p = argparse.ArgumentParser(prog="joule_trainer.train", description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["gpt", "cnn"], default="gpt")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps in total")
+    p.add_argument(
+        "--global-batch",
+        type=int,
+        default=32,
+        help="samples per optimizer step, whatever the number of workers",
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=16,
+        help="most samples per forward pass; more are gradient-accumulated",
+    )
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="text file for the language model (default: the bundled corpus)",
+    )
+    p.add_argument("--block", type=int, default=64, help="context length (gpt)")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument(
+        "--checkpoint-dir", type=Path, default=Path(env.get("JOULE_CHECKPOINT_DIR", "checkpoints"))
+    )
+    p.add_argument("--checkpoint-every-steps", type=int, default=50)
+    p.add_argument("--checkpoint-every-seconds", type=float, default=300.0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env.get("JOULE_METRICS_PORT", "9090")),
+        help="base port of /metrics (plus the local rank); 0 turns it off",
+    )
+    p.add_argument("--metrics-addr", default=env.get("JOULE_METRICS_ADDR", "0.0.0.0"))
+    p.add_argument("--tensorboard-dir", type=Path, default=None)
+    args = p.parse_args(argv)
+    for name in ("steps", "global_batch", "micro_batch", "checkpoint_every_steps", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def init_process_group(backend: str) -> None:
+    """Join the group torchrun formed, in a store namespace of this restart's own.
+
+    After a worker dies and torchrun restarts the group, the new processes must not find the
+    addresses the old ones published; seen with gloo, a restarted rank dialled its dead
+    predecessor's port. Prefixing the store with the restart count keeps each attempt apart.
+    """
+    env = os.environ
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent_store,
+        wait_for_workers=False,
+    )
+    prefixed = dist.PrefixStore(
+        f"joule/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
+    )
+    dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world)
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        backend = os.environ.get("JOULE_DIST_BACKEND") or (
+            "nccl" if torch.cuda.is_available() else "gloo"
+        )
+        init_process_group(backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.stop_requested = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+        torch.manual_seed(args.seed)
+        if args.model == "gpt":
+            self.data: TextWindows | Shapes = TextWindows(args.corpus, args.block, args.seed)
+            model: nn.Module = TinyGPT(
+                self.data.vocab, args.block, args.dim, args.layers, args.heads
+            )
+        else:
+            self.data = Shapes(args.seed)
+            model = SmallCNN(Shapes.classes)
+            model(torch.zeros(1, 1, 16, 16))  # materialise the lazy layer before DDP
+        self.model = model.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+        self._resume()
+        self.ddp = DDP(
+            self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None
+        )
+
+        gpu = str(self.local_rank) if self.device.type == "cuda" else "none"
+        self.meter = probe(self.local_rank if self.device.type == "cuda" else None)
+        self.metrics = TrainerMetrics.create(
+            os.environ.get("JOULE_JOB_NAME", "local"),
+            os.environ.get("JOULE_REPLICA_INDEX", "0"),
+            self.rank,
+            gpu,
+            self.meter.source,
+        )
+        self.metrics.world_size.set(self.world)
+        if args.metrics_port:
+            self.metrics.serve(args.metrics_port + self.local_rank, args.metrics_addr)
+        self._energy_seen = 0.0
+        self.tb = None
+        if args.tensorboard_dir and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(args.tensorboard_dir))
+
+    def _lr_factor(self, step: int) -> float:
+        warm = max(self.args.warmup_steps, 1)
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(self.args.steps - warm, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    def _resume(self) -> None:
+        found = checkpoint.load_latest(self.args.checkpoint_dir)
+        if found is None:
+            self._log(event="start", step=0, world=self.world)
+            return
+        step, state = found
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.step = step
+        self._log(
+            event="resumed",
+            step=step,
+            world=self.world,
+            previous_world=state.get("world"),
+            checkpoint=str(checkpoint.path_for(self.args.checkpoint_dir, step)),
+        )
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        state = {
+            "step": self.step,
+            "world": self.world,
+            "global_batch": self.args.global_batch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        path = checkpoint.save(self.args.checkpoint_dir, self.step, state)
+        self._log(event="checkpoint", step=self.step, path=str(path))
+
+    def train_step(self) -> float:
+        args = self.args
+        share = batching.share(args.global_batch, self.world, self.rank, args.micro_batch)
+        scale = batching.loss_scale(args.global_batch, self.world)
+        base = self.step * args.global_batch
+        total = torch.zeros((), device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        last = len(share.micro_batches) - 1
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        for k, (offset, n) in enumerate(share.micro_batches):
+            x, y = self.data.batch(range(base + offset, base + offset + n))
+            x, y = x.to(self.device), y.to(self.device)
+            sync = contextlib.nullcontext() if k == last else self.ddp.no_sync()
+            with sync, autocast:
+                out = self.ddp(x)
+                loss_sum = self._loss(out, y)
+            (loss_sum * scale).backward()
+            total += loss_sum.detach()
+        self.optimizer.step()
+        self.schedule.step()
+        dist.all_reduce(total)
+        self.metrics.samples.inc(share.size)
+        return float(total) / args.global_batch
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.args.model == "gpt":
+            per_seq = nn.functional.cross_entropy(
+                out.float().transpose(1, 2), y, reduction="none"
+            ).mean(dim=1)
+            return per_seq.sum()
+        return nn.functional.cross_entropy(out.float(), y, reduction="sum")
+
+    def run(self) -> int:
+        args = self.args
+        last_ckpt = time.monotonic()
+        window_start, window_samples = time.monotonic(), 0
+        while self.step < args.steps:
+            started = time.monotonic()
+            loss = self.train_step()
+            self.step += 1
+            elapsed = time.monotonic() - started
+            self._observe(loss, elapsed)
+            window_samples += args.global_batch
+            if self.step % args.log_every == 0 or self.step == args.steps:
+                now = time.monotonic()
+                reading = self._read_meter()
+                self._log(
+                    event="step",
+                    step=self.step,
+                    loss=round(loss, 4),
+                    samples_per_s=round(window_samples / max(now - window_start, 1e-9), 1),
+                    world=self.world,
+                    watts=_round(reading.power_watts if reading else None),
+                    joules=_round(self._energy_seen),
+                    energy_source=self.meter.source,
+                )
+                window_start, window_samples = now, 0
+                if self.tb:
+                    self.tb.add_scalar("loss", loss, self.step)
+            due = (
+                self.step % args.checkpoint_every_steps == 0
+                or time.monotonic() - last_ckpt >= args.checkpoint_every_seconds
+            )
+            if due and self.step < args.steps:
+                self.save()
+                last_ckpt = time.monotonic()
+            if self._stop_agreed():
+                self.save()
+                self._log(event="sigterm", step=self.step)
+                return EXIT_SIGTERM
+        self.save()
+        self._log(event="done", step=self.step, loss=round(loss, 4))
+        return 0
+
+    def _stop_agreed(self) -> bool:
+        """All ranks stop at the same step if any of them was asked to (SIGTERM)."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _observe(self, loss: float, elapsed: float) -> None:
+        m = self.metrics
+        m.steps.inc()
+        m.loss.set(loss)
+        m.step_seconds.observe(elapsed)
+        share = batching.share(self.args.global_batch, self.world, self.rank, 1).size
+        m.throughput.set(share / max(elapsed, 1e-9))
+        self._read_meter()
+
+    def _read_meter(self) -> Any:
+        try:
+            reading = self.meter.read()
+        except MeterError as exc:
+            log.warning("energy meter %s failed: %s", self.meter.source, exc)
+            return None
+        delta = reading.energy_joules - self._energy_seen
+        if delta > 0:
+            self.metrics.energy.inc(delta)
+            self._energy_seen = reading.energy_joules
+        if reading.power_watts is not None:
+            self.metrics.power.set(reading.power_watts)
+        if reading.power_limit_watts is not None:
+            self.metrics.power_limit.set(reading.power_limit_watts)
+        return reading
+
+    def _log(self, **fields: Any) -> None:
+        if getattr(self, "rank", 0) == 0:
+            print(json.dumps({"ts": round(time.time(), 3), **fields}), flush=True)
+
+    def close(self) -> None:
+        self.meter.close()
+        if self.tb:
+            self.tb.close()
+        dist.destroy_process_group()
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    trainer = Trainer(parse_args(argv))
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
