@@ -87,3 +87,13 @@ def test_only_the_last_checkpoints_are_kept(tmp_path):
         checkpoint.save(tmp_path, step, {"step": step}, keep=2)
     assert checkpoint.list_steps(tmp_path) == [4, 5]
     assert checkpoint.load_latest(tmp_path / "missing") is None
+
+
+def test_trainer_flags_are_checked_before_anything_starts(capsys):
+    from joule_trainer.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "bert"])
