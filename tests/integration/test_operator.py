@@ -33,6 +33,10 @@ def jobs(api, operator):
     return client.CustomObjectsApi(api)
 
 
+def apply_job(kubectl, namespace: str, name: str, **spec):
+    return kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest(name, **spec))
+
+
 def job(jobs, namespace, name) -> dict:
     return jobs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
@@ -95,9 +99,7 @@ def test_examples_apply_and_kubectl_shows_them(kubectl, jobs, namespace):
 def test_two_workers_of_eight_gpus_land_on_two_nodes_with_the_torchrun_env(
     kubectl, jobs, core, namespace
 ):
-    kubectl(
-        "apply", "-n", namespace, "-f", "-", stdin=manifest("ddp", replicas=2, gpusPerReplica=8)
-    )
+    apply_job(kubectl, namespace, "ddp", replicas=2, gpusPerReplica=8)
     body = wait_phase(jobs, namespace, "ddp", "Running")
     assert body["status"]["readyReplicas"] == 2 and body["status"]["gpus"] == 16
     pods = pods_of(core, namespace, "ddp")
@@ -117,15 +119,14 @@ def test_a_gang_larger_than_the_cluster_never_holds_gpus_past_its_timeout(
     kubectl, jobs, core, namespace
 ):
     # 5 x 8 GPUs on a cluster of 4 x 8: four pods could run, the fifth never fits.
-    kubectl(
-        "apply",
-        "-n",
+    apply_job(
+        kubectl,
         namespace,
-        "-f",
-        "-",
-        stdin=manifest(
-            "huge", replicas=5, gpusPerReplica=8, startupTimeoutSeconds=3, backoffLimit=1
-        ),
+        "huge",
+        replicas=5,
+        gpusPerReplica=8,
+        startupTimeoutSeconds=3,
+        backoffLimit=1,
     )
     body = wait_phase(jobs, namespace, "huge", "Failed", timeout=60)
     assert body["status"]["reason"] == "Unschedulable"
@@ -166,9 +167,7 @@ def test_invalid_manifests_are_rejected_with_the_schema_message(kubectl, namespa
 
 
 def test_a_failed_worker_is_replaced_until_the_backoff_limit(kubectl, jobs, core, namespace):
-    kubectl(
-        "apply", "-n", namespace, "-f", "-", stdin=manifest("flaky", replicas=2, backoffLimit=1)
-    )
+    apply_job(kubectl, namespace, "flaky", replicas=2, backoffLimit=1)
     wait_phase(jobs, namespace, "flaky", "Running")
     first = core.read_namespaced_pod("flaky-worker-1", namespace).metadata.uid
     finish_pod(core, namespace, "flaky-worker-1", 137, "OOMKilled")
@@ -192,7 +191,7 @@ def test_a_failed_worker_is_replaced_until_the_backoff_limit(kubectl, jobs, core
 
 
 def test_workers_exiting_zero_make_the_job_succeed(kubectl, jobs, core, namespace):
-    kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest("done", replicas=2))
+    apply_job(kubectl, namespace, "done", replicas=2)
     wait_phase(jobs, namespace, "done", "Running")
     for i in range(2):
         finish_pod(core, namespace, f"done-worker-{i}", 0)
@@ -207,22 +206,10 @@ def test_workers_exiting_zero_make_the_job_succeed(kubectl, jobs, core, namespac
 def test_the_ttl_deletes_a_finished_job_and_the_deadline_fails_a_long_one(
     kubectl, jobs, core, namespace
 ):
-    kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        stdin=manifest("short", replicas=1, ttlSecondsAfterFinished=1, cleanPodPolicy="All"),
+    apply_job(
+        kubectl, namespace, "short", replicas=1, ttlSecondsAfterFinished=1, cleanPodPolicy="All"
     )
-    kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        stdin=manifest("slow", replicas=1, activeDeadlineSeconds=3),
-    )
+    apply_job(kubectl, namespace, "slow", replicas=1, activeDeadlineSeconds=3)
     wait_phase(jobs, namespace, "short", "Running")
     finish_pod(core, namespace, "short-worker-0", 0)
 
@@ -246,7 +233,7 @@ def test_the_ttl_deletes_a_finished_job_and_the_deadline_fails_a_long_one(
 
 
 def test_deleting_a_job_removes_its_pods_and_service(kubectl, jobs, core, namespace):
-    kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest("gone", replicas=2))
+    apply_job(kubectl, namespace, "gone", replicas=2)
     wait_phase(jobs, namespace, "gone", "Running")
     kubectl("delete", "tj", "gone", "-n", namespace, "--wait=true", "--timeout=30s")
     wait_for(lambda: not pods_of(core, namespace, "gone"), what="pods to be collected")
@@ -259,14 +246,7 @@ def test_deleting_a_job_removes_its_pods_and_service(kubectl, jobs, core, namesp
 
 
 def test_scale_down_up_suspend_and_resume(kubectl, jobs, core, namespace):
-    kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        stdin=manifest("el", replicas=2, elastic={"minReplicas": 1, "maxReplicas": 4}),
-    )
+    apply_job(kubectl, namespace, "el", replicas=2, elastic={"minReplicas": 1, "maxReplicas": 4})
     wait_phase(jobs, namespace, "el", "Running")
     worker0 = core.read_namespaced_pod("el-worker-0", namespace).metadata.uid
 
@@ -307,7 +287,7 @@ def test_killing_the_operator_mid_creation_leaves_exactly_the_desired_pods(
 ):
     for attempt in range(3):
         name = f"restart-{attempt}"
-        kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest(name, replicas=4))
+        apply_job(kubectl, namespace, name, replicas=4)
         # Kill as soon as the first pod exists: the others are being created right now.
         wait_for(lambda n=name: pods_of(core, namespace, n), interval=0.01, what="a first pod")
         operator.kill()
@@ -319,7 +299,7 @@ def test_killing_the_operator_mid_creation_leaves_exactly_the_desired_pods(
 
 
 def test_status_and_spec_stay_apart_for_gitops(kubectl, jobs, namespace):
-    kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest("git", replicas=1))
+    apply_job(kubectl, namespace, "git", replicas=1)
     body = wait_phase(jobs, namespace, "git", "Running")
     # No finalizer (the job stays deletable without the operator) and no annotations of ours.
     assert not body["metadata"].get("finalizers")
@@ -327,7 +307,7 @@ def test_status_and_spec_stay_apart_for_gitops(kubectl, jobs, namespace):
     assert not [k for k in annotations if "joule" in k or "kopf" in k]
     assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
     # Re-applying the same manifest is a no-op: nothing drifts.
-    out = kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest("git", replicas=1)).stdout
+    out = apply_job(kubectl, namespace, "git", replicas=1).stdout
     assert "unchanged" in out
 
 

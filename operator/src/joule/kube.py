@@ -8,6 +8,7 @@ version (409, answered by reconciling again from a fresh read).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import threading
 import time
@@ -90,10 +91,13 @@ class Reconciler:
             return self._invalid(body, job, status, str(exc))
 
         pods = self._pods(job)
-        self._ensure_service(job)
         plan = decide(job, spec, status, body["metadata"].get("generation", 1), pods, self.clock())
         for pod in plan.delete:
             self._delete_pod(namespace, pod)
+        if plan.create:
+            # Only when workers are being created: the service is needed from then on, and
+            # every other reconcile (pod events, resyncs) is spared a POST answered by 409.
+            self._ensure_service(job)
         for index in plan.create:
             self._create_pod(job, spec, index)
         metrics.JOBS.set(namespace, name, plan.status.get("phase"))
@@ -253,8 +257,6 @@ class _Conflict(Exception):
 
 
 def _api_message(exc: ApiException) -> str:
-    import json
-
     try:
         return str(json.loads(exc.body or "{}").get("message") or exc.reason)
     except ValueError:

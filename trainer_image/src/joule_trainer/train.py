@@ -216,6 +216,7 @@ class Trainer:
     def train_step(self) -> float:
         args = self.args
         share = batching.share(args.global_batch, self.world, self.rank, args.micro_batch)
+        self.share_size = share.size
         scale = batching.loss_scale(args.global_batch, self.world)
         base = self.step * args.global_batch
         total = torch.zeros((), device=self.device)
@@ -302,8 +303,7 @@ class Trainer:
         m.steps.inc()
         m.loss.set(loss)
         m.step_seconds.observe(elapsed)
-        share = batching.share(self.args.global_batch, self.world, self.rank, 1).size
-        m.throughput.set(share / max(elapsed, 1e-9))
+        m.throughput.set(self.share_size / max(elapsed, 1e-9))
         self._read_meter()
 
     def _read_meter(self) -> Any:
