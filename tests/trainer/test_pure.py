@@ -29,12 +29,16 @@ def test_launch_reads_the_operators_pet_contract():
     ):
         assert flag in argv
     assert "--standalone" not in argv
+    assert "--rdzv-conf=last_call_timeout=5,keep_alive_interval=2,keep_alive_max_attempt=3" in argv
+    custom = torchrun_argv({**env, "PET_RDZV_CONF": "join_timeout=60"}, ["train.py"])
+    assert "--rdzv-conf=join_timeout=60" in custom and "last_call_timeout=5" not in str(custom)
     assert argv[-4:] == ["-m", "joule_trainer.train", "--steps", "5"]
 
 
 def test_launch_without_a_rendezvous_runs_standalone_and_backend_follows_hardware():
     argv = torchrun_argv({}, ["train.py"])
     assert "--standalone" in argv and "--nproc-per-node=1" in argv
+    assert not any(a.startswith("--rdzv-conf") for a in argv)
     assert backend(True) == "nccl" and backend(False) == "gloo"
 
 

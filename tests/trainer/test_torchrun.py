@@ -8,14 +8,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from joule_trainer.launch import TORCHRUN_ENV, torchrun_argv
 
-ENV = {**os.environ, "JOULE_ENERGY_SOURCE": "estimated", "OMP_NUM_THREADS": "1"}
+# The environment joule-launch gives torchrun in a pod, plus an honest CPU meter.
+ENV = {**os.environ, **TORCHRUN_ENV, "JOULE_ENERGY_SOURCE": "estimated", "OMP_NUM_THREADS": "1"}
 
 
 def free_port() -> int:
@@ -32,27 +33,15 @@ def torchrun(
     log: Path,
     env: dict | None = None,
 ) -> subprocess.Popen:
-    rdzv = (
-        ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=test"]
-        if endpoint
-        else ["--standalone"]
-    )
-    argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nnodes={nnodes}",
-        f"--nproc-per-node={nproc}",
-        *rdzv,
-        "--max-restarts=3",
-        "--monitor-interval=0.5",
-        "-m",
-        "joule_trainer.train",
-        *args,
-    ]
+    """torchrun as joule-launch starts it in a pod, from the operator's PET_* contract."""
+    pet = {"PET_NNODES": nnodes, "PET_NPROC_PER_NODE": str(nproc), "PET_MAX_RESTARTS": "3"}
+    if endpoint:
+        pet |= {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": endpoint, "PET_RDZV_ID": "test"}
+    full_env = {**(env or ENV), **pet, "JOULE_MONITOR_INTERVAL": "0.5"}
+    argv = torchrun_argv(full_env, ["-m", "joule_trainer.train", *args])
     out = open(log, "ab")  # noqa: SIM115 - handed to the child
     return subprocess.Popen(
-        argv, env=env or ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        argv, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
     )
 
 
@@ -192,36 +181,49 @@ def test_metrics_endpoint_exposes_training_and_estimated_energy(tmp_path):
     assert 'source="estimated"' in value("joule_trainer_power_watts")[0]
 
 
-@pytest.mark.timeout(300)
-def test_resize_two_to_one_resumes_with_the_same_global_batch(tmp_path):
-    """Two single-process "nodes" rendezvous elastically (1:2); one disappears and the other
-    carries on alone from the checkpoint. (Growing back to 2 is not covered yet: see the
-    README's known gaps.)"""
+@pytest.mark.timeout(400)
+def test_resize_two_to_one_to_two_resumes_with_the_same_global_batch(tmp_path):
+    """Single-process "nodes" rendezvous elastically (1:2), as the operator's pods do: one
+    disappears and the other carries on alone from the checkpoint; a new one joins and the
+    pair resumes together. The global batch is the same at every size."""
     endpoint = f"127.0.0.1:{free_port()}"
     args = common(tmp_path, 100000, every=5)
-    log_a, log_b = tmp_path / "a", tmp_path / "b"
+    log_a, log_b, log_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     # As in a pod group, the first agent ("worker 0") hosts the rendezvous store and stays.
     a = torchrun(*args, nnodes="1:2", nproc=1, endpoint=endpoint, log=log_a)
     time.sleep(3)
     b = torchrun(*args, nnodes="1:2", nproc=1, endpoint=endpoint, log=log_b)
+    c = None
     try:
         two = wait_event(
             log_a, lambda e: e["event"] == "step" and e["world"] == 2 and e["step"] >= 10, proc=a
         )
         kill_tree(b.pid)  # a node disappears: its agent and its worker processes
-        resumed = wait_event(log_a, lambda e: e["event"] == "resumed" and e["world"] == 1, proc=a)
-        assert resumed["previous_world"] == 2
-        assert resumed["step"] >= two["step"] - 5  # from the checkpoint, not from 0
+        alone = wait_event(log_a, lambda e: e["event"] == "resumed" and e["world"] == 1, proc=a)
+        assert alone["previous_world"] == 2
+        assert alone["step"] >= two["step"] - 5  # from the checkpoint, not from 0
         wait_event(
             log_a,
-            lambda e: e["event"] == "step" and e["world"] == 1 and e["step"] > resumed["step"],
+            lambda e: e["event"] == "step" and e["world"] == 1 and e["step"] > alone["step"],
+            proc=a,
+        )
+        c = torchrun(*args, nnodes="1:2", nproc=1, endpoint=endpoint, log=log_c)
+        pair = wait_event(log_a, lambda e: e["event"] == "resumed" and e["world"] == 2, proc=a)
+        assert pair["previous_world"] == 1 and pair["step"] > alone["step"]
+        wait_event(
+            log_a,
+            lambda e: e["event"] == "step" and e["world"] == 2 and e["step"] > pair["step"],
             proc=a,
         )
     finally:
-        for p in (a, b):
-            if p.poll() is None:
+        for p in (a, b, c):
+            if p is not None and p.poll() is None:
                 kill_tree(p.pid)
     import torch
 
-    state = torch.load(sorted((tmp_path / "ckpt").glob("step-*.pt"))[-1], weights_only=False)
-    assert state["global_batch"] == 16 and state["world"] == 1
+    states = [
+        torch.load(path, weights_only=False)
+        for path in sorted((tmp_path / "ckpt").glob("step-*.pt"))[-3:]
+    ]
+    assert {s["global_batch"] for s in states} == {16}
+    assert states[-1]["world"] == 2

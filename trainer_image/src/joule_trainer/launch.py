@@ -20,7 +20,20 @@ PET_FLAGS = (
     ("PET_RDZV_ID", "--rdzv-id"),
     ("PET_MAX_RESTARTS", "--max-restarts"),
     ("PET_NODE_RANK", "--node-rank"),
+    ("PET_RDZV_CONF", "--rdzv-conf"),
 )
+
+# torchrun's defaults notice a vanished node after 3 missed 5 s heartbeats and then wait a
+# 30 s "last call" for latecomers: 45 s of a stalled group on every scale-down. A pod that is
+# scaled away is gone for good, so notice it in 6 s and close the round 5 s after the
+# minimum is met. Overridable per job with PET_RDZV_CONF.
+DEFAULT_RDZV_CONF = "last_call_timeout=5,keep_alive_interval=2,keep_alive_max_attempt=3"
+
+# Set for every torchrun we start. With torch's default (the rendezvous TCP store shared
+# with the workers), an agent that was rank 0 in an earlier round does not republish the
+# bootstrap address in the next one, so a node joining a shrunk group waits for it forever
+# (seen with torch 2.15 growing 1 -> 2). Unshared, every round gets a fresh worker store.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def torchrun_argv(env: Mapping[str, str], program: Sequence[str]) -> list[str]:
@@ -34,7 +47,9 @@ def torchrun_argv(env: Mapping[str, str], program: Sequence[str]) -> list[str]:
             argv.append(f"{flag}={value}")
     if not env.get("PET_NPROC_PER_NODE"):
         argv.append("--nproc-per-node=1")
-    # A departed node must not stall the group for torchrun's default 30 s+ heartbeat.
+    if env.get("PET_RDZV_ENDPOINT") and not env.get("PET_RDZV_CONF"):
+        argv.append(f"--rdzv-conf={DEFAULT_RDZV_CONF}")
+    # How often the agent checks its workers and the rendezvous for newcomers.
     argv.append(f"--monitor-interval={env.get('JOULE_MONITOR_INTERVAL', '1')}")
     return [*argv, *program]
 
@@ -52,6 +67,8 @@ def main(args: Sequence[str] | None = None) -> None:
         program = ["-m", "joule_trainer.train", *program]
     env = dict(os.environ)
     env.setdefault("JOULE_DIST_BACKEND", backend(torch.cuda.is_available()))
+    for key, value in TORCHRUN_ENV.items():
+        env.setdefault(key, value)
     argv = torchrun_argv(env, program)
     print(f"joule-launch: {shlex.join(argv)}", file=sys.stderr, flush=True)
     os.execvpe(argv[0], argv, env)

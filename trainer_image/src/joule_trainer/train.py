@@ -91,11 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def init_process_group(backend: str) -> None:
-    """Join the group torchrun formed, in a store namespace of this restart's own.
+    """Join the group torchrun formed.
 
-    After a worker dies and torchrun restarts the group, the new processes must not find the
-    addresses the old ones published; seen with gloo, a restarted rank dialled its dead
-    predecessor's port. Prefixing the store with the restart count keeps each attempt apart.
+    Under joule-launch every rendezvous round publishes a fresh MASTER_PORT and rank 0 hosts
+    a fresh store there, so no key of an earlier round can be seen. When torchrun shares its
+    agent store instead (its default; a user's own launcher), keys outlive a round: seen with
+    gloo, a restarted rank dialled its dead predecessor's port. Prefixing with the restart
+    count keeps restarts apart there (a membership change can still stall; see launch.py).
     """
     env = os.environ
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -107,10 +109,11 @@ def init_process_group(backend: str) -> None:
         is_master=rank == 0 and not agent_store,
         wait_for_workers=False,
     )
-    prefixed = dist.PrefixStore(
-        f"joule/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
-    )
-    dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world)
+    if agent_store:
+        store = dist.PrefixStore(
+            f"joule/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
+        )
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
 
 
 class Trainer:
