@@ -61,7 +61,6 @@ def trainer_args(model: str, steps: int, ckpt: Path, log_every: int) -> list[str
 
 def overhead(model: str, steps: int) -> None:
     import torch
-
     from joule_trainer.train import Trainer, parse_args
 
     os.environ.update(
