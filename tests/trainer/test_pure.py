@@ -30,8 +30,14 @@ def test_launch_reads_the_operators_pet_contract():
         assert flag in argv
     assert "--standalone" not in argv
     assert "--rdzv-conf=last_call_timeout=5,keep_alive_interval=2,keep_alive_max_attempt=3" in argv
-    custom = torchrun_argv({**env, "PET_RDZV_CONF": "join_timeout=60"}, ["train.py"])
-    assert "--rdzv-conf=join_timeout=60" in custom and "last_call_timeout=5" not in str(custom)
+    custom = torchrun_argv(
+        {**env, "PET_RDZV_CONF": "is_host=false,last_call_timeout=9"}, ["train.py"]
+    )
+    conf = next(a for a in custom if a.startswith("--rdzv-conf="))
+    assert "is_host=false" in conf and "last_call_timeout=9" in conf
+    assert "keep_alive_interval=2" in conf and "last_call_timeout=5" not in conf
+    with pytest.raises(SystemExit, match="not key=value"):
+        torchrun_argv({**env, "PET_RDZV_CONF": "oops"}, ["train.py"])
     assert argv[-4:] == ["-m", "joule_trainer.train", "--steps", "5"]
 
 

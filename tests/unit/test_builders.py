@@ -41,6 +41,9 @@ def test_torchrun_contract_for_a_fixed_size_job():
     assert env["MASTER_ADDR"] == "llm-worker-0.llm"
     assert env["PET_NODE_RANK"] == "1"
     assert env["WORLD_SIZE"] == "16"
+    # Only worker 0 hosts the rendezvous store, wherever the pods run.
+    assert env["PET_RDZV_CONF"] == "is_host=false"
+    assert env_of(worker_pod(JOB, spec(replicas=2), 0))["PET_RDZV_CONF"] == "is_host=true"
 
 
 def test_elastic_job_leaves_ranks_to_the_rendezvous():
@@ -56,6 +59,12 @@ def test_user_env_is_kept_but_cannot_override_the_rendezvous():
     env = env_of(worker_pod(JOB, s, 0))
     assert env["PET_RDZV_ENDPOINT"] == "llm-worker-0.llm:29400"
     assert env["LR"] == "3e-4"
+
+
+def test_user_rendezvous_tuning_is_kept_but_worker_0_stays_the_host():
+    s = spec(env=[{"name": "PET_RDZV_CONF", "value": "join_timeout=60,is_host=true"}])
+    env = env_of(worker_pod(JOB, s, 1))
+    assert env["PET_RDZV_CONF"] == "join_timeout=60,is_host=true,is_host=false"
 
 
 def test_shared_memory_checkpoint_volume_and_quantities():

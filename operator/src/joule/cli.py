@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from joule import __version__
 from joule.cluster import ClusterError, ClusterSettings, down, status, up
 from joule.cluster.build import BuildError, ensure_binaries
-from joule.cluster.settings import NodeShape
+from joule.cluster.settings import NodeShape, state_root
 
 
 def _say(message: str) -> None:
@@ -114,6 +116,44 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_agent(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from kubernetes import client, config
+
+    from joule.nodeagent.agent import AgentConfig, NodeAgent
+    from joule.nodeagent.node import NodeSpec
+    from joule.nodeagent.podproc import TRAINER_IMAGE, LocalImages
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(message)s")
+    config.load_kube_config(config_file=args.kubeconfig)
+    images: dict[str, list[str]] = {TRAINER_IMAGE: ["joule-launch"]}
+    for item in args.local_image:
+        image, _, entry = item.partition("=")
+        images[image] = entry.split() if entry else []
+    spec = NodeSpec(
+        name=args.name,
+        cpu=args.cpu,
+        memory=args.memory,
+        gpus=args.gpus,
+        gpu_product=args.gpu_product,
+    )
+    agent = NodeAgent(
+        client.ApiClient(),
+        AgentConfig(node=spec, state_dir=args.state_dir, images=LocalImages(images)),
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop.set())
+    _say(f"node {spec.name!r}: {spec.cpu} cpu, {spec.memory}, {spec.gpus} virtual nvidia.com/gpu")
+    agent.run()
+    return 0
+
+
+def _machine_memory() -> str:
+    return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**20}Mi"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="joule",
@@ -131,6 +171,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=_positive_or_zero, help="port of /metrics, 0 for none (default 8080)"
     )
     op.set_defaults(func=cmd_operator)
+
+    agent = sub.add_parser(
+        "node-agent",
+        help="join this machine as a node whose pods run as local processes (KUBECONFIG)",
+    )
+    agent.add_argument("--name", default="local", help="node name (default: local)")
+    agent.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG")
+    agent.add_argument("--cpu", default=str(os.cpu_count() or 1), help="cpu capacity")
+    agent.add_argument("--memory", default=_machine_memory(), help="memory capacity")
+    agent.add_argument(
+        "--gpus", type=_positive_or_zero, default=4, help="virtual nvidia.com/gpu slots (4)"
+    )
+    agent.add_argument("--gpu-product", default="virtual", help="nvidia.com/gpu.product label")
+    agent.add_argument(
+        "--state-dir",
+        type=Path,
+        default=state_root().parent / "node-agent",
+        help="pod logs, emptyDirs and claims",
+    )
+    agent.add_argument(
+        "--local-image",
+        action="append",
+        default=[],
+        metavar="IMAGE[=ENTRYPOINT]",
+        help="also run this image's command as a local process (repeatable)",
+    )
+    agent.set_defaults(func=cmd_node_agent)
 
     cluster = sub.add_parser("cluster", help="a local Kubernetes control plane with GPU nodes")
     csub = cluster.add_subparsers(dest="cluster_command", required=True)

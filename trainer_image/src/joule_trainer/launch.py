@@ -26,7 +26,7 @@ PET_FLAGS = (
 # torchrun's defaults notice a vanished node after 3 missed 5 s heartbeats and then wait a
 # 30 s "last call" for latecomers: 45 s of a stalled group on every scale-down. A pod that is
 # scaled away is gone for good, so notice it in 6 s and close the round 5 s after the
-# minimum is met. Overridable per job with PET_RDZV_CONF.
+# minimum is met. PET_RDZV_CONF overrides these key by key.
 DEFAULT_RDZV_CONF = "last_call_timeout=5,keep_alive_interval=2,keep_alive_max_attempt=3"
 
 # Set for every torchrun we start. With torch's default (the rendezvous TCP store shared
@@ -36,19 +36,30 @@ DEFAULT_RDZV_CONF = "last_call_timeout=5,keep_alive_interval=2,keep_alive_max_at
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
+def rdzv_conf(given: str) -> str:
+    """Our defaults, overridden key by key by ``given`` (``key=value,...``)."""
+    conf = dict(item.split("=", 1) for item in DEFAULT_RDZV_CONF.split(","))
+    for item in filter(None, given.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"joule-launch: PET_RDZV_CONF item {item!r} is not key=value")
+        conf[key.strip()] = value.strip()
+    return ",".join(f"{k}={v}" for k, v in conf.items())
+
+
 def torchrun_argv(env: Mapping[str, str], program: Sequence[str]) -> list[str]:
     """The torchrun command for ``program`` (``-m module args`` or ``script.py args``)."""
     argv = [sys.executable, "-m", "torch.distributed.run"]
     if not env.get("PET_RDZV_ENDPOINT"):
         argv.append("--standalone")
     for var, flag in PET_FLAGS:
-        value = env.get(var)
+        value = None if var == "PET_RDZV_CONF" else env.get(var)
         if value and not (flag == "--rdzv-endpoint" and "--standalone" in argv):
             argv.append(f"{flag}={value}")
     if not env.get("PET_NPROC_PER_NODE"):
         argv.append("--nproc-per-node=1")
-    if env.get("PET_RDZV_ENDPOINT") and not env.get("PET_RDZV_CONF"):
-        argv.append(f"--rdzv-conf={DEFAULT_RDZV_CONF}")
+    if env.get("PET_RDZV_ENDPOINT"):
+        argv.append(f"--rdzv-conf={rdzv_conf(env.get('PET_RDZV_CONF', ''))}")
     # How often the agent checks its workers and the rendezvous for newcomers.
     argv.append(f"--monitor-interval={env.get('JOULE_MONITOR_INTERVAL', '1')}")
     return [*argv, *program]

@@ -48,6 +48,10 @@ def torchrun_env(job: JobRef, spec: TrainingJobSpec, index: int) -> list[dict[st
         {"name": "PET_RDZV_BACKEND", "value": "c10d"},
         {"name": "PET_RDZV_ENDPOINT", "value": f"{master}:{RDZV_PORT}"},
         {"name": "PET_RDZV_ID", "value": job.uid},
+        # Only worker 0 hosts the rendezvous store. torchrun otherwise guesses from the
+        # endpoint's address, and on a machine where every pod is on loopback (the local
+        # node) each would claim it; the group would then die with whichever won.
+        {"name": "PET_RDZV_CONF", "value": f"is_host={'true' if index == 0 else 'false'}"},
         {"name": "PET_MAX_RESTARTS", "value": str(spec.backoff_limit)},
         {"name": "MASTER_ADDR", "value": master},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
@@ -74,6 +78,13 @@ def torchrun_env(job: JobRef, spec: TrainingJobSpec, index: int) -> list[dict[st
 def worker_pod(job: JobRef, spec: TrainingJobSpec, index: int) -> dict[str, Any]:
     p = copy.deepcopy(spec.pod)
     ours = torchrun_env(job, spec, index)
+    user_conf = next(
+        (e.get("value", "") for e in p.get("env", []) if e["name"] == "PET_RDZV_CONF"), ""
+    )
+    if user_conf:  # the user tunes the rendezvous; who hosts it stays ours (last key wins)
+        for e in ours:
+            if e["name"] == "PET_RDZV_CONF":
+                e["value"] = f"{user_conf},{e['value']}"
     taken = {e["name"] for e in ours}
     env = [e for e in p.get("env", []) if e["name"] not in taken] + ours
 
