@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install binaries test unit lint format cluster-up cluster-down clean
+.PHONY: install binaries demo test unit lint format cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml trainer_image/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; Python >= 3.11 is needed" >&2; exit 1; }
@@ -21,6 +21,11 @@ install: $(STAMP)
 binaries: install
 	@command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { echo "make: Go is needed to build the control plane once (https://go.dev/dl or your package manager)" >&2; exit 1; }
 	$(VENV)/bin/joule cluster build
+
+# The whole loop on this machine: control plane, operator, a local node running the example
+# jobs' workers as processes, and a live view. Ctrl-C stops everything.
+demo: binaries
+	PATH="/usr/local/go/bin:$$PATH" $(VENV)/bin/joule demo $(DEMO_ARGS)
 
 test: binaries
 	$(PY) -m pytest

@@ -100,6 +100,14 @@ def namespace(core: client.CoreV1Api) -> Iterator[str]:
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class OperatorProcess:
     """`joule operator` as a user runs it: a separate process, killable and restartable."""
 
@@ -107,6 +115,7 @@ class OperatorProcess:
         self.kubeconfig = kubeconfig
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = free_port()
 
     def start(self) -> None:
         import os
@@ -117,7 +126,7 @@ class OperatorProcess:
             "KUBECONFIG": str(self.kubeconfig),
             "JOULE_TICK_SECONDS": "0.5",
             "JOULE_RESYNC_SECONDS": "10",
-            "JOULE_METRICS_PORT": "0",
+            "JOULE_METRICS_PORT": str(self.metrics_port),
             "JOULE_LOG_FORMAT": "plain",
         }
         with open(self.log, "ab") as out:
@@ -156,3 +165,61 @@ def operator(cluster: ClusterInfo, crd: None, tmp_path_factory) -> Iterator[Oper
     yield op
     op.stop()
     print(f"\noperator log: {log}")
+
+
+class LocalNode:
+    """`joule node-agent` joined to the test cluster: pods that select it run as processes."""
+
+    name = "local"
+    # Tainted, so that the other tests' pods stay on the kwok nodes.
+    taint = "joule.dev/local-node=true:NoSchedule"
+
+    def __init__(self, kubeconfig: Path, state: Path) -> None:
+        import os
+        import sys
+
+        self.state = state
+        self.log = state / "node-agent.log"
+        state.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "JOULE_ENERGY_SOURCE": "estimated"}
+        argv = [sys.executable, "-m", "joule", "node-agent", "--name", self.name]
+        argv += ["--gpus", "4", "--state-dir", str(state), "--taint", self.taint]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    @staticmethod
+    def placement() -> dict:
+        """TrainingJob spec fields that put its workers on this node."""
+        return {
+            "nodeSelector": {"joule.dev/local-node": "true"},
+            "tolerations": [{"key": "joule.dev/local-node", "operator": "Exists"}],
+        }
+
+    def pod_log(self, namespace: str, pod: str, uid: str) -> Path:
+        return self.state / "pods" / f"{namespace}_{pod}_{uid}" / "trainer.log"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def local_node(
+    cluster: ClusterInfo, core: client.CoreV1Api, tmp_path_factory
+) -> Iterator[LocalNode]:
+    node = LocalNode(cluster.kubeconfig, tmp_path_factory.mktemp("node-agent"))
+
+    def ready() -> bool:
+        try:
+            conditions = core.read_node(node.name).status.conditions or []
+        except client.ApiException:
+            return False
+        return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+    wait_for(ready, timeout=60, what="the local node to be Ready")
+    yield node
+    node.stop()
+    print(f"\nnode agent log: {node.log}")

@@ -123,7 +123,7 @@ def cmd_node_agent(args: argparse.Namespace) -> int:
     from kubernetes import client, config
 
     from joule.nodeagent.agent import AgentConfig, NodeAgent
-    from joule.nodeagent.node import NodeSpec
+    from joule.nodeagent.node import NodeSpec, parse_taint
     from joule.nodeagent.podproc import TRAINER_IMAGE, LocalImages
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(message)s")
@@ -138,6 +138,7 @@ def cmd_node_agent(args: argparse.Namespace) -> int:
         memory=args.memory,
         gpus=args.gpus,
         gpu_product=args.gpu_product,
+        taints=tuple(parse_taint(t) for t in args.taint),
     )
     agent = NodeAgent(
         client.ApiClient(),
@@ -148,6 +149,20 @@ def cmd_node_agent(args: argparse.Namespace) -> int:
     _say(f"node {spec.name!r}: {spec.cpu} cpu, {spec.memory}, {spec.gpus} virtual nvidia.com/gpu")
     agent.run()
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from joule.demo.run import Options, run_demo
+
+    if not args.examples.exists():
+        raise ValueError(f"--examples {args.examples}: no such file or directory")
+    options = Options(
+        examples=args.examples,
+        until_done=args.until_done,
+        timeout=args.timeout,
+        gpus=args.gpus,
+    )
+    return run_demo(options, _say)
 
 
 def _machine_memory() -> str:
@@ -197,7 +212,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IMAGE[=ENTRYPOINT]",
         help="also run this image's command as a local process (repeatable)",
     )
+    agent.add_argument(
+        "--taint",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]:EFFECT",
+        help="register the node with this taint (repeatable)",
+    )
     agent.set_defaults(func=cmd_node_agent)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the whole loop here: control plane, operator, a local node, example jobs, live view",
+    )
+    demo.add_argument(
+        "--examples",
+        type=Path,
+        default=Path(__file__).resolve().parents[3] / "examples" / "demo",
+        help="TrainingJob manifests to apply (default: examples/demo)",
+    )
+    demo.add_argument(
+        "--until-done",
+        action="store_true",
+        help="exit when every job has finished (0 if all Succeeded) instead of on Ctrl-C",
+    )
+    demo.add_argument("--timeout", type=float, default=None, help="give up after SECONDS")
+    demo.add_argument(
+        "--gpus", type=_positive_or_zero, default=4, help="virtual GPU slots of the local node"
+    )
+    demo.set_defaults(func=cmd_demo)
 
     cluster = sub.add_parser("cluster", help="a local Kubernetes control plane with GPU nodes")
     csub = cluster.add_subparsers(dest="cluster_command", required=True)
@@ -240,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ClusterError, BuildError, ValueError) as exc:
+    except (ClusterError, BuildError, ValueError, RuntimeError) as exc:
         _say(f"error: {exc}")
         return 2
     except KeyboardInterrupt:

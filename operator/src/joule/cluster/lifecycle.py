@@ -149,7 +149,8 @@ def up(settings: ClusterSettings, progress: Progress | None = None) -> ClusterIn
     )
     try:
         _start_components(components(bins, keys, ports, state), info, state, keys, say)
-        say(f"registering {settings.nodes} GPU nodes x {settings.shape.gpus} nvidia.com/gpu")
+        if settings.nodes:
+            say(f"registering {settings.nodes} GPU nodes x {settings.shape.gpus} nvidia.com/gpu")
         _register_nodes(settings, bins)
         _wait_ready(settings, bins, info, say)
     except BaseException:

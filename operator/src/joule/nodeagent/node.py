@@ -21,6 +21,21 @@ class NodeSpec:
     gpu_product: str = "virtual"
     pods: int = 110
     address: str = "127.0.0.1"
+    taints: tuple[dict[str, str], ...] = ()
+
+
+def parse_taint(text: str) -> dict[str, str]:
+    """``key[=value]:Effect``, as kubelet's --register-with-taints takes it."""
+    head, sep, effect = text.rpartition(":")
+    if not sep or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute") or not head:
+        raise ValueError(
+            f"taint {text!r}: expected key[=value]:NoSchedule|PreferNoSchedule|NoExecute"
+        )
+    key, _, value = head.partition("=")
+    taint = {"key": key, "effect": effect}
+    if value:
+        taint["value"] = value
+    return taint
 
 
 def _ts(t: datetime) -> str:
@@ -75,7 +90,7 @@ def node_object(spec: NodeSpec, now: datetime, version: str) -> dict[str, Any]:
                 GPU_COUNT_LABEL: str(spec.gpus),
             },
         },
-        "spec": {},
+        "spec": {"taints": [dict(t) for t in spec.taints]} if spec.taints else {},
         "status": {
             "capacity": capacity,
             "allocatable": dict(capacity),
