@@ -49,18 +49,9 @@ def test_joule_demo_trains_the_examples_and_tears_everything_down(tmp_path):
     examples = tmp_path / "examples"
     examples.mkdir()
     (examples / "short.yaml").write_text(yaml.safe_dump(job(tmp_path / "ckpt")))
+    argv = [sys.executable, "-m", "joule", "demo", "--until-done", "--timeout", "400"]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "joule",
-            "demo",
-            "--until-done",
-            "--timeout",
-            "400",
-            "--examples",
-            str(examples),
-        ],  # fmt: skip
+        [*argv, "--examples", str(examples)],
         capture_output=True,
         text=True,
         timeout=560,
