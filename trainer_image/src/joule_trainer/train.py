@@ -148,6 +148,7 @@ class Trainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         self._resume()
+        self._check_same_start()
         self.ddp = DDP(
             self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None
         )
@@ -200,6 +201,18 @@ class Trainer:
             previous_world=state.get("world"),
             checkpoint=str(checkpoint.path_for(self.args.checkpoint_dir, step)),
         )
+
+    def _check_same_start(self) -> None:
+        """Every rank must resume from the same step: ranks that see different checkpoint
+        folders (one volume per pod) would train out of step and hang at the end."""
+        bounds = torch.tensor([self.step, -self.step], dtype=torch.int64)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+        high, low = int(bounds[0]), -int(bounds[1])
+        if high != low:
+            raise SystemExit(
+                f"ranks resumed from different checkpoints (steps {low}..{high}): the "
+                "checkpoint directory must be shared by every worker (a ReadWriteMany volume)"
+            )
 
     def save(self) -> None:
         if self.rank != 0:
