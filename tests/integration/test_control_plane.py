@@ -28,7 +28,8 @@ def gpu_pod(name: str, gpus: int, privileged: bool = False) -> client.V1Pod:
 
 
 def test_kubectl_lists_gpu_nodes_ready_with_allocatable_gpus(kubectl):
-    nodes = json.loads(kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    # The cluster's own 4 fake GPU nodes (the end-to-end tests add a tainted local node).
+    nodes = json.loads(kubectl("get", "nodes", "-l", "type=kwok", "-o", "json").stdout)["items"]
     assert len(nodes) == 4
     for node in nodes:
         assert node["status"]["allocatable"][GPU] == "8"

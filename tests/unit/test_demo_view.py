@@ -3,7 +3,8 @@
 from joule_trainer.metrics import TrainerMetrics
 from prometheus_client import generate_latest
 
-from joule.demo.view import job_row, parse_trainer_metrics, render
+from joule.demo.view import job_row, render
+from joule.trainer_metrics import parse_trainer_metrics
 
 
 def exposition(rank: int, throughput: float, joules: float) -> str:

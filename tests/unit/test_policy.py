@@ -179,7 +179,8 @@ def test_never_chooses_a_size_over_a_hard_cap_when_one_fits(case):
 @given(situations())
 def test_does_not_oscillate_on_constant_input(case):
     """Feed every decision back as the new size, with the same workload: the size settles
-    and stays (at most a monotone walk, never back and forth)."""
+    and stays. A step made on the prior scaling guess that measurement then shows did not
+    pay is undone once (one reversal at most); never back and forth."""
     job, o, cluster, per_worker_w, alpha, base = case
     seen = [o.replicas]
     n, history = o.replicas, {}
@@ -191,4 +192,6 @@ def test_does_not_oscillate_on_constant_input(case):
         n = decide(job, current, cluster).replicas
         seen.append(n)
     moves = [b - a for a, b in itertools.pairwise(seen) if b != a]
-    assert all(m > 0 for m in moves) or all(m < 0 for m in moves), seen
+    reversals = sum(1 for a, b in itertools.pairwise(moves) if (a > 0) != (b > 0))
+    assert reversals <= 1, seen
+    assert len(set(seen[-4:])) == 1, seen  # settled

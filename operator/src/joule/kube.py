@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,12 +22,14 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from joule import metrics
-from joule.api.types import JobRef, SpecError, TrainingJobSpec
+from joule.api.types import JobRef, Phase, SpecError, TrainingJobSpec
 from joule.builders import worker_pod, worker_service
 from joule.builders.labels import selector_string
-from joule.constants import API_VERSION, COMPONENT, GROUP, KIND, PLURAL, VERSION
+from joule.constants import API_VERSION, COMPONENT, GROUP, KIND, METRICS_PORT, PLURAL, VERSION
 from joule.observe import PodView, view
-from joule.reconcile import Event, Plan, decide
+from joule.reconcile import Event, Plan, decide, desired_replicas
+from joule.scaling import cluster_view, evaluate
+from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
 
 log = logging.getLogger("joule.reconcile")
 
@@ -91,7 +94,13 @@ class Reconciler:
             return self._invalid(body, job, status, str(exc))
 
         pods = self._pods(job)
-        plan = decide(job, spec, status, body["metadata"].get("generation", 1), pods, self.clock())
+        now = self.clock()
+        if spec.managed:
+            status = self._evaluate(job, spec, status, pods, now)
+        plan = decide(job, spec, status, body["metadata"].get("generation", 1), pods, now)
+        if spec.managed and not Phase(plan.status["phase"]).finished:
+            every = spec.scaling.evaluation_interval_seconds
+            plan.requeue_after = min(plan.requeue_after or every, every)
         for pod in plan.delete:
             self._delete_pod(namespace, pod)
         if plan.create:
@@ -112,6 +121,50 @@ class Reconciler:
             log.info("deleting %s/%s: ttlSecondsAfterFinished is up", namespace, name)
             self._delete_job(namespace, name)
         return Outcome(plan, written)
+
+    def _evaluate(
+        self,
+        job: JobRef,
+        spec: TrainingJobSpec,
+        status: dict[str, Any],
+        pods: list[PodView],
+        now: dt.datetime,
+    ) -> dict[str, Any]:
+        """Every evaluationIntervalSeconds: read the workers' /metrics, account energy, ask
+        the policy. Returns the status the reconcile then decides from."""
+        phase = status.get("phase")
+        stopped = bool((status.get("lastDecision") or {}).get("suspend"))
+        if phase not in ("Running", "Resizing") and not stopped:
+            return status
+        window = (status.get("energy") or {}).get("window") or [[0.0]]
+        if now.timestamp() - window[-1][0] < spec.scaling.evaluation_interval_seconds:
+            return status
+        readings = []
+        for pod in pods:
+            if not (pod.ready and pod.ip) or pod.terminating:
+                continue
+            for local_rank in range(spec.nproc_per_node):
+                reading = scrape_trainer(pod.ip, METRICS_PORT + local_rank)
+                if reading is not None:
+                    readings.append((f"{pod.uid}/{local_rank}", reading))
+        running = sum(1 for p in pods if p.ready and p.active)
+        steady = phase == "Running" and running == desired_replicas(spec, status)
+        cluster = cluster_view(
+            [
+                self.core.api_client.sanitize_for_serialization(n)
+                for n in self.core.list_node().items
+            ],
+            [
+                self.core.api_client.sanitize_for_serialization(p)
+                for p in self.core.list_pod_for_all_namespaces().items
+            ],
+        )
+        result = evaluate(spec, status, readings, cluster, now, running, steady)
+        metrics.POLICY_DECISIONS.labels(reason=result.decision.reason).inc()
+        for event in result.events:
+            self.post_event(job, event)
+            metrics.DECISIONS.labels(reason=event.reason).inc()
+        return result.status
 
     def _invalid(
         self, body: dict[str, Any], job: JobRef, status: dict[str, Any], message: str
@@ -254,6 +307,15 @@ class Reconciler:
 
 class _Conflict(Exception):
     pass
+
+
+def scrape_trainer(ip: str, port: int) -> TrainerReading | None:
+    """One worker process's /metrics; None when it does not answer (yet)."""
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=2.0) as response:
+            return parse_trainer_metrics(response.read().decode())
+    except (OSError, ValueError):
+        return None
 
 
 def _api_message(exc: ApiException) -> str:

@@ -25,6 +25,11 @@ DECISIONS = Counter(
     "Decisions the operator made and recorded as Events, by reason",
     ["reason"],
 )
+POLICY_DECISIONS = Counter(
+    "joule_operator_policy_evaluations_total",
+    "Scaling-policy evaluations, by the reason of the decision (Steady, ScaleUp, PowerCap...)",
+    ["reason"],
+)
 PODS_CREATED = Counter("joule_operator_pods_created_total", "Worker pods created")
 PODS_DELETED = Counter("joule_operator_pods_deleted_total", "Worker pods deleted")
 

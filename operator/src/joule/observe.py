@@ -41,6 +41,7 @@ class PodView:
     scheduled: bool
     terminating: bool
     failure: Failure | None
+    ip: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -73,6 +74,7 @@ def view(pod: dict[str, Any]) -> PodView | None:
         scheduled=scheduled,
         terminating=meta.get("deletionTimestamp") is not None,
         failure=failure(status, conditions),
+        ip=status.get("podIP"),
     )
 
 

@@ -79,17 +79,22 @@ def decide(
             return _close(plan, st, job, spec, generation, pods, now)
         plan.requeue_after = left
 
-    if spec.suspend:
+    budget_stop = bool((st.get("lastDecision") or {}).get("suspend"))
+    if spec.suspend or budget_stop:
         plan.delete = [p.name for p in pods if not p.terminating]
         st.pop("attemptStartTime", None)
-        _set_phase(st, Phase.SUSPENDED, "Suspended", "spec.suspend is true; workers deleted")
+        if spec.suspend:
+            _set_phase(st, Phase.SUSPENDED, "Suspended", "spec.suspend is true; workers deleted")
+        else:
+            why = st["lastDecision"].get("message", "the energy budget is used up")
+            _set_phase(st, Phase.SUSPENDED, "BudgetExhausted", f"{why}; workers deleted")
         if previous != Phase.SUSPENDED:
             plan.events.append(
                 Event("Normal", "Suspended", f"suspended: deleting {len(plan.delete)} worker pods")
             )
         return _close(plan, st, job, spec, generation, pods, now)
     if previous == Phase.SUSPENDED:
-        plan.events.append(Event("Normal", "Resumed", "spec.suspend is false: recreating workers"))
+        plan.events.append(Event("Normal", "Resumed", "resuming: recreating workers"))
 
     succeeded = [p for p in pods if p.phase == "Succeeded"]
     if succeeded:
@@ -111,7 +116,7 @@ def decide(
     if _count_failures(spec, st, pods, now, plan):
         return _close(plan, st, job, spec, generation, pods, now)
 
-    desired = spec.replicas
+    desired = desired_replicas(spec, st)
     present = {p.index for p in pods}
     plan.create = [i for i in range(desired) if i not in present]
     # Shrink from the highest index down, so worker 0 (the rendezvous host) stays.
@@ -163,6 +168,15 @@ def decide(
     else:
         _starting(spec, st, wanted, desired, blocking, now, plan)
     return _close(plan, st, job, spec, generation, pods, now)
+
+
+def desired_replicas(spec: TrainingJobSpec, st: dict[str, Any]) -> int:
+    """spec.replicas, unless the scaling policy or an energy limit chose another size."""
+    target = st.get("targetReplicas")
+    if not spec.managed or target is None:
+        return spec.replicas
+    low, high = spec.bounds
+    return min(max(int(target), low), high)
 
 
 def _starting(
@@ -379,6 +393,12 @@ def conditions(
         "Succeeded": (phase == Phase.SUCCEEDED, reason, message),
         "Suspended": (phase == Phase.SUSPENDED, reason, message),
     }
+    last = st.get("lastDecision")
+    if last:  # energy conditions, once the policy has decided
+        why, text = last.get("reason", ""), last.get("message", "")
+        want["BudgetExhausted"] = (why == "BudgetExhausted", why, text)
+        want["BudgetAtRisk"] = (bool(last.get("atRisk")), why, text)
+        want["PowerCapExceeded"] = (why == "PowerCapExceeded", why, text)
     before = {c["type"]: c for c in old}
     out = []
     for ctype, (flag, why, text) in want.items():

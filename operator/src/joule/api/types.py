@@ -7,9 +7,20 @@ on a spec the API server would not have accepted, for example one stored before 
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from joule.policy.types import (
+    Energy,
+    JobPolicySpec,
+    OnBudgetExhausted,
+    Policy,
+    Scaling,
+    Target,
+)
 
 
 class Phase(enum.StrEnum):
@@ -56,6 +67,9 @@ class TrainingJobSpec:
     clean_pod_policy: CleanPodPolicy = CleanPodPolicy.RUNNING
     suspend: bool = False
     startup_timeout_seconds: int = 300
+    scaling: Scaling = field(default_factory=Scaling)
+    energy: Energy = field(default_factory=Energy)
+    target: Target = field(default_factory=Target)
     # Parts copied into the pod as they are (the API server validated their shape).
     pod: dict[str, Any] = field(default_factory=dict)
 
@@ -69,6 +83,20 @@ class TrainingJobSpec:
         if self.min_replicas is None or self.max_replicas is None:
             return self.replicas, self.replicas
         return self.min_replicas, self.max_replicas
+
+    @property
+    def managed(self) -> bool:
+        """Whether the operator measures and decides for this job (a policy or energy limits)."""
+        e = self.energy
+        return self.scaling.policy != Policy.FIXED or (
+            e.power_cap_watts is not None or e.budget_joules is not None
+        )
+
+    def policy_spec(self) -> JobPolicySpec:
+        low, high = self.bounds
+        return JobPolicySpec(
+            low, high, self.gpus_per_replica, self.scaling, self.energy, self.target
+        )
 
     @property
     def nproc_per_node(self) -> int:
@@ -116,6 +144,9 @@ class TrainingJobSpec:
             clean_pod_policy=clean,
             suspend=bool(spec.get("suspend", False)),
             startup_timeout_seconds=_int(spec, "startupTimeoutSeconds", 300, minimum=1),
+            scaling=_scaling(spec.get("scaling") or {}, elastic is not None),
+            energy=_energy(spec.get("energy") or {}),
+            target=_target(spec.get("target") or {}),
             pod={k: spec[k] for k in pod_keys if k in spec},
         )
 
@@ -145,3 +176,71 @@ class JobRef:
     def from_body(cls, body: dict[str, Any]) -> JobRef:
         meta = body["metadata"]
         return cls(meta["name"], meta["namespace"], meta["uid"])
+
+
+ENERGY_UNITS = {"J": 1.0, "kJ": 1e3, "MJ": 1e6, "GJ": 1e9, "Wh": 3600.0, "kWh": 3.6e6, "MWh": 3.6e9}
+
+
+def parse_energy(value: Any) -> float:
+    """Joules from a number or a quantity such as "250kWh", "5MJ", "800Wh"."""
+    if isinstance(value, bool):
+        raise SpecError(f"spec.energy.budget must be an energy, not {value!r}")
+    if isinstance(value, int | float):
+        joules = float(value)
+    else:
+        m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(J|kJ|MJ|GJ|Wh|kWh|MWh)", str(value).strip())
+        if not m:
+            raise SpecError(
+                f"spec.energy.budget {value!r}: use joules or a quantity like 250kWh, 5MJ, 800Wh"
+            )
+        joules = float(m.group(1)) * ENERGY_UNITS[m.group(2)]
+    if joules <= 0:
+        raise SpecError("spec.energy.budget must be positive")
+    return joules
+
+
+def _choice(enum_type: type[enum.StrEnum], value: Any, path: str) -> Any:
+    try:
+        return enum_type(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum_type)  # type: ignore[attr-defined]
+        raise SpecError(f"{path} must be one of {allowed}, not {value!r}") from None
+
+
+def _scaling(d: dict[str, Any], elastic: bool) -> Scaling:
+    policy = _choice(Policy, d.get("policy", "Fixed"), "spec.scaling.policy")
+    if policy != Policy.FIXED and not elastic:
+        raise SpecError(f"scaling.policy {policy.value} needs spec.elastic bounds to scale within")
+    p = "spec.scaling."
+    return Scaling(
+        policy=policy,
+        evaluation_interval_seconds=float(_int(d, "evaluationIntervalSeconds", 30, 5, p)),
+        cooldown_seconds=float(_int(d, "cooldownSeconds", 120, 0, p)),
+        min_gain=_int(d, "minGainPercent", 5, 1, p) / 100,
+    )
+
+
+def _energy(d: dict[str, Any]) -> Energy:
+    p = "spec.energy."
+    cap = _int(d, "powerCapWatts", None, 1, p)
+    return Energy(
+        power_cap_watts=float(cap) if cap is not None else None,
+        window_seconds=float(_int(d, "windowSeconds", 300, 10, p)),
+        budget_joules=parse_energy(d["budget"]) if "budget" in d else None,
+        on_budget_exhausted=_choice(
+            OnBudgetExhausted, d.get("onBudgetExhausted", "Suspend"), p + "onBudgetExhausted"
+        ),
+    )
+
+
+def _target(d: dict[str, Any]) -> Target:
+    deadline = None
+    if d.get("deadline"):
+        try:
+            deadline = dt.datetime.fromisoformat(str(d["deadline"]).replace("Z", "+00:00"))
+        except ValueError:
+            raise SpecError(f"spec.target.deadline {d['deadline']!r} is not RFC 3339") from None
+        if deadline.tzinfo is None:
+            deadline = deadline.replace(tzinfo=dt.UTC)
+    samples = _int(d, "samples", None, 1, "spec.target.")
+    return Target(samples=float(samples) if samples is not None else None, deadline=deadline)

@@ -21,7 +21,8 @@ from kubernetes import client, config
 
 from joule.cluster import ClusterInfo, ClusterSettings, down, up
 from joule.constants import GROUP, LABEL_JOB, METRICS_PORT, PLURAL, VERSION
-from joule.demo.view import TrainerReading, job_row, parse_trainer_metrics, render
+from joule.demo.view import job_row, render
+from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
 
 ROOT = Path(__file__).resolve().parents[4]  # the repository (the package is installed -e)
 DEMO_CLUSTER = "demo"

@@ -71,9 +71,6 @@ def decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Deci
     def keep(reason: str, message: str, **flags: bool) -> Decision:
         return Decision(cur, reason, message, **flags)
 
-    if obs.replicas == 0 or obs.throughput <= 0:
-        return keep("NoMeasurement", "waiting for the workers' first measurements")
-
     # 1. The energy budget.
     remaining_j = None
     if energy.budget_joules is not None:
@@ -90,6 +87,9 @@ def decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Deci
             return keep(
                 "BudgetExhausted", f"{used}: onBudgetExhausted is Warn", budget_exhausted=True
             )
+
+    if obs.replicas == 0 or obs.throughput <= 0:
+        return keep("NoMeasurement", "waiting for the workers' first measurements")
 
     sizes = range(lo, hi + 1)
     stats = {n: predict(obs, n) for n in sizes}
@@ -132,7 +132,8 @@ def decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Deci
             return keep("Cooldown", f"last resize {since:.0f}s ago", **flags)
 
     per = max(spec.gpus_per_replica, 1)
-    room = cluster.free_gpus // per
+    # GPUs that waiting jobs need are not ours to take (else: grow, give back, grow...).
+    room = max(cluster.free_gpus - cluster.waiting_gpus, 0) // per
     candidates = [n for n in feasible if n <= cur or n - cur <= room]
     horizon = (
         remaining_samples / stats[cur].throughput
@@ -171,7 +172,7 @@ def _throughput(
     lo = spec.min_replicas
     util = obs.gpu_utilization
     if cur > lo and cur - 1 in candidates:
-        if cluster.waiting_gpus > 0:
+        if cluster.waiting_gpus > cluster.free_gpus:  # they cannot start on free GPUs alone
             wanted = f"{cluster.waiting_gpus} GPUs wanted by waiting jobs"
             return Decision(cur - 1, "FairShare", f"{wanted}: {cur} -> {cur - 1}", **flags)
         if util is not None and util < LOW_UTILIZATION:

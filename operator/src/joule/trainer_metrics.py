@@ -1,0 +1,48 @@
+"""What a Joule trainer's /metrics says, reduced to what the operator and the demo use. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@dataclass(frozen=True)
+class TrainerReading:
+    """One worker's /metrics, reduced to what the view shows."""
+
+    rank: int
+    steps: float
+    samples: float
+    throughput: float
+    loss: float | None
+    watts: float | None
+    joules: float
+    source: str
+    utilization: float | None = None  # GPU busy fraction; None without NVML
+
+
+def parse_trainer_metrics(text: str) -> TrainerReading | None:
+    """Rank 0..n of a joule trainer's exposition; None when it has not trained a step yet."""
+    values: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("joule_trainer_"):
+                values[sample.name] = sample.value
+                if sample.name == "joule_trainer_energy_joules_total":
+                    labels = dict(sample.labels)
+                labels.setdefault("rank", sample.labels.get("rank", "0"))
+    if "joule_trainer_steps_total" not in values:
+        return None
+    return TrainerReading(
+        rank=int(labels.get("rank", "0")),
+        steps=values["joule_trainer_steps_total"],
+        samples=values.get("joule_trainer_samples_total", 0.0),
+        throughput=values.get("joule_trainer_throughput_samples_per_second", 0.0),
+        loss=values.get("joule_trainer_loss"),
+        watts=values.get("joule_trainer_power_watts"),
+        joules=values.get("joule_trainer_energy_joules_total", 0.0),
+        source=labels.get("source", "?"),
+        utilization=values.get("joule_trainer_gpu_utilization_ratio"),
+    )

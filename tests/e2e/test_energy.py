@@ -1,0 +1,84 @@
+"""Energy limits on the real loop: trainer processes on the local node report (estimated)
+joules, the operator accounts them and acts: a power cap shrinks the job, an exhausted
+budget suspends it, with the reasons in status and in Events."""
+
+from __future__ import annotations
+
+import pytest
+from kubernetes import client
+
+from tests.conftest import wait_for
+from tests.e2e.test_local_loop import apply, running_pods, status
+
+TRAIN = ["--steps", "100000", "--checkpoint-every-steps", "20", "--log-every", "10"]
+
+
+def reasons(core, namespace: str, name: str) -> list[str]:
+    items = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+    return [e.reason for e in items.items]
+
+
+def condition(st: dict, kind: str) -> str | None:
+    return next((c["status"] for c in st.get("conditions", []) if c["type"] == kind), None)
+
+
+@pytest.mark.timeout(400)
+def test_a_job_over_its_power_cap_is_scaled_down_and_says_why(
+    kubectl, api, core, namespace, operator, local_node, tmp_path
+):
+    # Two CPU workers draw ~2 cores x 15 W (estimated); one draws at most ~15 W.
+    apply(
+        kubectl, namespace, "capped", local_node, tmp_path, TRAIN,
+        replicas=2, elastic={"minReplicas": 1, "maxReplicas": 2},
+        scaling={"policy": "Fixed", "evaluationIntervalSeconds": 5},
+        energy={"powerCapWatts": 18, "windowSeconds": 10},
+    )  # fmt: skip
+
+    def capped():
+        st = status(api, namespace, "capped")
+        return st if st.get("targetReplicas") == 1 else None
+
+    st = wait_for(capped, timeout=240, interval=1.0, what="the power cap to shrink the job")
+    assert st["lastDecision"]["reason"] == "PowerCapExceeded"
+    assert "over the 18 W cap" in st["lastDecision"]["message"]
+    assert condition(st, "PowerCapExceeded") == "True"
+    assert st["energy"]["source"] == "estimated" and st["energy"]["consumedJoules"] > 0
+    wait_for(lambda: len(running_pods(core, namespace, "capped")) == 1, timeout=60,
+             what="one worker left")  # fmt: skip
+    assert "PowerCapExceeded" in reasons(core, namespace, "capped")
+
+
+@pytest.mark.timeout(400)
+def test_a_job_that_used_its_budget_is_suspended_and_its_energy_kept(
+    kubectl, api, core, namespace, operator, local_node, tmp_path
+):
+    apply(
+        kubectl, namespace, "budget", local_node, tmp_path, TRAIN, replicas=1,
+        scaling={"evaluationIntervalSeconds": 5},
+        energy={"budget": "150J", "onBudgetExhausted": "Suspend", "windowSeconds": 10},
+    )  # fmt: skip
+
+    def suspended():
+        st = status(api, namespace, "budget")
+        return st if st.get("phase") == "Suspended" else None
+
+    st = wait_for(suspended, timeout=300, interval=1.0, what="the budget to suspend the job")
+    assert st["reason"] == "BudgetExhausted"
+    assert st["energy"]["consumedJoules"] >= 150
+    assert st["energy"]["budgetRemainingJoules"] == 0
+    assert condition(st, "BudgetExhausted") == "True"
+    assert st["lastDecision"]["suspend"] is True
+    wait_for(
+        lambda: (
+            not core.list_namespaced_pod(
+                namespace, label_selector="joule.dev/job-name=budget"
+            ).items
+        ),
+        timeout=90,
+        what="the workers to be deleted",
+    )
+    assert "BudgetExhausted" in reasons(core, namespace, "budget")
+    # The accounting survives: the consumed energy stays in status while suspended.
+    assert status(api, namespace, "budget")["energy"]["consumedJoules"] >= 150
+    with pytest.raises(client.ApiException):
+        core.read_namespaced_pod("budget-worker-0", namespace)

@@ -1,0 +1,87 @@
+"""Energy accounting from the workers' counters, and the cluster's free GPUs."""
+
+import datetime as dt
+
+from joule.api.types import SpecError, TrainingJobSpec, parse_energy
+from joule.policy import ClusterView
+from joule.scaling import account, cluster_view, evaluate
+from joule.trainer_metrics import TrainerReading
+
+T0 = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
+
+
+def reading(joules: float, samples: float = 0.0) -> TrainerReading:
+    return TrainerReading(0, 1, samples, 10.0, 2.0, 5.0, joules, "estimated")
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+def test_counters_add_their_increase_and_a_reset_or_new_pod_adds_its_whole_value():
+    e = account({}, [("a/0", reading(100))], at(0), 60, 1, True)
+    assert e["consumedJoules"] == 100
+    e = account(e, [("a/0", reading(150))], at(10), 60, 1, True)
+    assert e["consumedJoules"] == 150  # +50, not +150
+    e = account(e, [("a/0", reading(150))], at(20), 60, 1, True)
+    assert e["consumedJoules"] == 150  # re-reading adds nothing (an operator restart re-reads)
+    e = account(e, [("a/0", reading(20)), ("b/0", reading(30))], at(30), 60, 2, True)
+    assert e["consumedJoules"] == 200  # a restarted process (20) and a new pod (30)
+    assert e["averageWatts"] == round(100 / 30, 3)
+
+
+def test_average_power_covers_the_window_only():
+    e = {}
+    for t, j in ((0, 0), (100, 1000), (110, 1100), (120, 1200)):
+        e = account(e, [("a/0", reading(j))], at(t), 20, 1, True)
+    assert e["averageWatts"] == 10.0  # from t=100 (the point at the window's start) to 120
+
+
+def test_steady_intervals_build_the_per_size_history():
+    e = account({}, [("a/0", reading(0, 0))], at(0), 60, 2, True)
+    e = account(e, [("a/0", reading(300, 1000))], at(10), 60, 2, True)
+    assert e["history"]["2"] == {"throughput": 100.0, "watts": 30.0}
+    e2 = account(e, [("a/0", reading(600, 2000))], at(20), 60, 1, False)
+    assert "1" not in e2["history"]  # not steady (mid-resize): nothing learned
+
+
+def test_a_budget_decision_suspends_and_says_so():
+    spec = TrainingJobSpec.parse({"image": "x", "energy": {"budget": "1kJ"}})
+    st = {"energy": {"consumedJoules": 900.0, "counters": {"a/0": 900.0}}}
+    result = evaluate(spec, st, [("a/0", reading(1100))], ClusterView(0), at(0), 1, True)
+    assert result.decision.suspend and result.status["lastDecision"]["suspend"]
+    assert result.status["energy"]["budgetRemainingJoules"] == 0
+    assert [e.reason for e in result.events] == ["BudgetExhausted"]
+
+
+def test_energy_budgets_parse_with_units_and_bad_ones_name_the_field():
+    assert parse_energy("250kWh") == 250 * 3.6e6
+    assert parse_energy(5000) == 5000.0
+    assert parse_energy("1.5MJ") == 1.5e6
+    for bad in ("250 kWh", "-1J", "lots", 0):
+        try:
+            parse_energy(bad)
+        except SpecError as exc:
+            assert "spec.energy.budget" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} accepted")
+
+
+def test_free_and_waiting_gpus():
+    node = {
+        "spec": {},
+        "status": {
+            "allocatable": {"nvidia.com/gpu": "8"},
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+    def pod(gpus: int, node_name: str | None, phase: str = "Running") -> dict:
+        res = {"limits": {"nvidia.com/gpu": str(gpus)}}
+        spec = {"containers": [{"resources": res}]}
+        if node_name:
+            spec["nodeName"] = node_name
+        return {"spec": spec, "status": {"phase": phase}}
+
+    pods = [pod(3, "n"), pod(2, None, "Pending"), pod(4, "n", "Succeeded")]
+    assert cluster_view([node, node], pods) == ClusterView(free_gpus=13, waiting_gpus=2)
