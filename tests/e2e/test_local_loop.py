@@ -156,8 +156,15 @@ def test_scale_2_to_1_to_2_reforms_the_group_and_continues_from_the_checkpoint(
     print(f"\nresize latency (scale command to training at the new size): {latencies}")
     import torch
 
-    last = sorted(tmp_path.glob("step-*.pt"))[-1]
-    state = torch.load(last, weights_only=False)
+    saved = wait_event(
+        local_node, namespace, "el", lambda e: e["event"] == "checkpoint", after=two["ts"]
+    )  # the first checkpoint written at the new size
+    for _ in range(10):  # the trainer keeps only its newest checkpoints: read the newest
+        newest = sorted(tmp_path.glob("step-*.pt"))[-1]
+        with contextlib.suppress(FileNotFoundError):
+            state = torch.load(newest, weights_only=False)
+            break
+    assert state["step"] >= saved["step"]  # written at the new size
     assert state["global_batch"] == 16 and state["world"] == 2
 
 

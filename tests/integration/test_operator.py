@@ -158,9 +158,18 @@ def test_a_gang_larger_than_the_cluster_never_holds_gpus_past_its_timeout(
         ({"replicaz": 2}, 'unknown field "spec.replicaz"'),
         ({"cleanPodPolicy": "Sometimes"}, "spec.cleanPodPolicy"),
         ({"resources": {"limits": {"nvidia.com/gpu": 1}}}, "set GPUs with spec.gpusPerReplica"),
+        ({"scaling": {"policy": "Throughput"}}, "needs spec.elastic bounds to scale within"),
+        ({"scaling": {"policy": "Fastest"}}, "spec.scaling.policy"),
+        ({"energy": {"budget": "lots"}}, "budget must be a positive number of joules"),
+        ({"energy": {"budget": "250 kWh"}}, "budget must be a positive number of joules"),
+        ({"energy": {"powerCapWatts": 0}}, "spec.energy.powerCapWatts"),
+        ({"energy": {"onBudgetExhausted": "Panic"}}, "spec.energy.onBudgetExhausted"),
+        ({"target": {"deadline": "tomorrow"}}, "spec.target.deadline"),
     ],
 )
-def test_invalid_manifests_are_rejected_with_the_schema_message(kubectl, namespace, spec, message):
+def test_invalid_manifests_are_rejected_with_the_schema_message(
+    kubectl, crd, namespace, spec, message
+):
     proc = kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest("bad", **spec), check=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
