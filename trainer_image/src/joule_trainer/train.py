@@ -362,5 +362,15 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
 
 
+def exit_now(code: int) -> None:
+    """Leave without running C++ static destructors: at interpreter exit, gloo and the
+    TCPStore sometimes abort ("terminate called without an active exception", exit -6)
+    after a clean finish, and torchrun then restarts a finished group instead of exiting.
+    Everything that matters (checkpoints, logs) is written and flushed before this."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -91,6 +91,3 @@ class Decision:
     budget_at_risk: bool = False
     budget_exhausted: bool = False
     power_cap_exceeded: bool = False
-
-    def changes(self, current: int) -> bool:
-        return self.suspend or self.replicas != current
