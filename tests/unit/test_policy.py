@@ -48,8 +48,10 @@ def test_fixed_policy_keeps_the_size():
 
 
 def test_grows_while_gpus_are_free_and_another_worker_pays():
+    # Every step 4 -> 8 still adds >= 5 %: one resize straight to 8, not four.
     d = decide(spec(), obs(), FREE)
-    assert (d.replicas, d.reason) == (5, "ScaleUp")
+    assert (d.replicas, d.reason) == (8, "ScaleUp")
+    assert decide(spec(), obs(), ClusterView(free_gpus=2)).replicas == 6  # as far as GPUs go
 
 
 def test_does_not_grow_without_free_gpus_or_when_input_bound():

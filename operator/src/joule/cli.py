@@ -165,6 +165,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(options, _say)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from joule.sim.report import plot, run, table
+
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    _say(f"simulating {args.jobs} jobs on {args.gpus} GPUs, seeds {seeds[0]}..{seeds[-1]}")
+    results = run(seeds, args.jobs, args.gpus)
+    print(table(results))
+    if args.plot:
+        plot(results, args.plot)
+        _say(f"plot written to {args.plot}")
+    return 0
+
+
 def _machine_memory() -> str:
     return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**20}Mi"
 
@@ -241,6 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus", type=_positive_or_zero, default=4, help="virtual GPU slots of the local node"
     )
     demo.set_defaults(func=cmd_demo)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="compare scaling strategies (static, HPA, Pollux-like, Joule, oracle) on a cluster",
+    )
+    sim.add_argument("--jobs", type=int, default=40, help="jobs per seed (default 40)")
+    sim.add_argument("--gpus", type=int, default=64, help="cluster GPUs (default 64 = 8 x 8)")
+    sim.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
+    sim.add_argument("--seeds", type=int, default=5, help="seeds to run (default 5)")
+    sim.add_argument("--plot", type=Path, default=None, help="write a PNG of the comparison")
+    sim.set_defaults(func=cmd_simulate)
 
     cluster = sub.add_parser("cluster", help="a local Kubernetes control plane with GPU nodes")
     csub = cluster.add_subparsers(dest="cluster_command", required=True)

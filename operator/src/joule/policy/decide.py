@@ -190,10 +190,14 @@ def _throughput(
                 f"worker {cur} adds {last_gain:.1%} throughput: {cur} -> {cur - 1}",
                 **flags,
             )
-    nxt = cur + 1
-    if nxt in candidates and (util is None or util >= LOW_UTILIZATION):
+    # Grow straight to the largest size every step to which still gains min_gain: one
+    # restart instead of one per worker.
+    nxt = cur
+    while nxt + 1 in candidates and stats[nxt + 1].throughput / stats[nxt].throughput - 1 >= m:
+        nxt += 1
+    if nxt > cur and (util is None or util >= LOW_UTILIZATION):
         gain = stats[nxt].throughput / stats[cur].throughput - 1
-        if gain >= m and _worth_restart_time(stats, cur, nxt, horizon, obs.restart_seconds):
+        if _worth_restart_time(stats, cur, nxt, horizon, obs.restart_seconds):
             return Decision(
                 nxt,
                 "ScaleUp",
