@@ -27,11 +27,13 @@ from joule.builders import worker_pod, worker_service
 from joule.builders.labels import selector_string
 from joule.constants import API_VERSION, COMPONENT, GROUP, KIND, METRICS_PORT, PLURAL, VERSION
 from joule.observe import PodView, view
+from joule.policy import ClusterView
 from joule.reconcile import Event, Plan, decide, desired_replicas
 from joule.scaling import cluster_view, evaluate
 from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
 
 log = logging.getLogger("joule.reconcile")
+CLUSTER_VIEW_SECONDS = 5.0
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Reconciler:
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
+        self._cluster: tuple[float, ClusterView] | None = None
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
@@ -149,22 +152,29 @@ class Reconciler:
                     readings.append((f"{pod.uid}/{local_rank}", reading))
         running = sum(1 for p in pods if p.ready and p.active)
         steady = phase == "Running" and running == desired_replicas(spec, status)
-        cluster = cluster_view(
-            [
-                self.core.api_client.sanitize_for_serialization(n)
-                for n in self.core.list_node().items
-            ],
-            [
-                self.core.api_client.sanitize_for_serialization(p)
-                for p in self.core.list_pod_for_all_namespaces().items
-            ],
-        )
+        cluster = self._cluster_view()
         result = evaluate(spec, status, readings, cluster, now, running, steady)
         metrics.POLICY_DECISIONS.labels(reason=result.decision.reason).inc()
         for event in result.events:
             self.post_event(job, event)
             metrics.DECISIONS.labels(reason=event.reason).inc()
         return result.status
+
+    def _cluster_view(self) -> ClusterView:
+        """Free and waiting GPUs, shared by every job's evaluation for a few seconds: it
+        lists every node and pod, which each of a hundred jobs need not do on its own."""
+        with self._guard:
+            cached = self._cluster
+        if cached and time.monotonic() - cached[0] < CLUSTER_VIEW_SECONDS:
+            return cached[1]
+        serialize = self.core.api_client.sanitize_for_serialization
+        view = cluster_view(
+            [serialize(n) for n in self.core.list_node().items],
+            [serialize(p) for p in self.core.list_pod_for_all_namespaces().items],
+        )
+        with self._guard:
+            self._cluster = (time.monotonic(), view)
+        return view
 
     def _invalid(
         self, body: dict[str, Any], job: JobRef, status: dict[str, Any], message: str

@@ -303,12 +303,19 @@ def schedulable_nodes(nodes: list[dict[str, Any]]) -> int:
 def _kubectl(
     bins: Binaries, settings: ClusterSettings, args: list[str], stdin: str | None = None
 ) -> str:
+    return kubectl(bins.kubectl, settings.kubeconfig, args, stdin)
+
+
+def kubectl(
+    binary: Path, kubeconfig: Path, args: list[str], stdin: str | None = None, timeout: float = 120
+) -> str:
+    """Run the cluster's kubectl; its stdout, or a ClusterError with kubectl's message."""
     proc = subprocess.run(
-        [str(bins.kubectl), f"--kubeconfig={settings.kubeconfig}", *args],
+        [str(binary), f"--kubeconfig={kubeconfig}", *args],
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")

@@ -20,6 +20,7 @@ from typing import Any
 from kubernetes import client, config
 
 from joule.cluster import ClusterInfo, ClusterSettings, down, up
+from joule.cluster.lifecycle import kubectl
 from joule.constants import GROUP, LABEL_JOB, METRICS_PORT, PLURAL, VERSION
 from joule.demo.view import job_row, render
 from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
@@ -75,15 +76,7 @@ def _joule(*args: str) -> list[str]:
 
 
 def _kubectl(info: ClusterInfo, *args: str) -> str:
-    out = subprocess.run(
-        [str(info.kubectl), f"--kubeconfig={info.kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
-    return out.stdout
+    return kubectl(info.kubectl, info.kubeconfig, list(args))
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
