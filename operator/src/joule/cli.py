@@ -27,6 +27,13 @@ def _positive_or_zero(value: str) -> int:
     return number
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
 def _cluster_settings(args: argparse.Namespace) -> ClusterSettings:
     shape = NodeShape(
         gpus=getattr(args, "gpus_per_node", NodeShape.gpus),
@@ -126,8 +133,6 @@ def cmd_node_agent(args: argparse.Namespace) -> int:
     from joule.nodeagent.node import NodeSpec, parse_taint
     from joule.nodeagent.podproc import TRAINER_IMAGE, LocalImages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(message)s")
-    config.load_kube_config(config_file=args.kubeconfig)
     images: dict[str, list[str]] = {TRAINER_IMAGE: ["joule-launch"]}
     for item in args.local_image:
         image, _, entry = item.partition("=")
@@ -139,7 +144,14 @@ def cmd_node_agent(args: argparse.Namespace) -> int:
         gpus=args.gpus,
         gpu_product=args.gpu_product,
         taints=tuple(parse_taint(t) for t in args.taint),
-    )
+    )  # every flag checked before anything connects
+    try:
+        config.load_kube_config(config_file=args.kubeconfig)
+    except (config.ConfigException, OSError) as exc:
+        raise ValueError(
+            f"no usable kubeconfig ({args.kubeconfig or '$KUBECONFIG'}): {exc}"
+        ) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(message)s")
     agent = NodeAgent(
         client.ApiClient(),
         AgentConfig(node=spec, state_dir=args.state_dir, images=LocalImages(images)),
@@ -259,10 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate",
         help="compare scaling strategies (static, HPA, Pollux-like, Joule, oracle) on a cluster",
     )
-    sim.add_argument("--jobs", type=int, default=40, help="jobs per seed (default 40)")
-    sim.add_argument("--gpus", type=int, default=64, help="cluster GPUs (default 64 = 8 x 8)")
+    sim.add_argument("--jobs", type=_positive, default=40, help="jobs per seed (default 40)")
+    sim.add_argument("--gpus", type=_positive, default=64, help="cluster GPUs (default 64 = 8 x 8)")
     sim.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
-    sim.add_argument("--seeds", type=int, default=5, help="seeds to run (default 5)")
+    sim.add_argument("--seeds", type=_positive, default=5, help="seeds to run (default 5)")
     sim.add_argument("--plot", type=Path, default=None, help="write a PNG of the comparison")
     sim.set_defaults(func=cmd_simulate)
 
