@@ -4,7 +4,9 @@ and a reason. Pure; the operator and the simulator call the same function.
 Order of concerns, first match wins:
 1. Budget exhausted: act as the spec says (Suspend, ScaleToMin, Warn).
 2. Power cap: the job's average power must stay under the cap. Sizes whose predicted power
-   exceeds it are never chosen; a measured breach shrinks the job at once (no cooldown).
+   exceeds it are never chosen. A measured breach first lowers the per-GPU power limit (where
+   the spec allows: minGpuPowerLimitWatts), which costs no restart; at that floor it shrinks
+   the job at once (no cooldown). Once the job is well under the cap the limit goes back up.
 3. Cooldown: no other resize within cooldownSeconds of the last one.
 4. The policy: Throughput (grow while another worker adds throughput, GPUs are free and the
    job is not input-bound; shrink when the last worker adds little, GPUs are idle or other
@@ -13,11 +15,14 @@ Order of concerns, first match wins:
 A resize is made only when its predicted gain over the remaining work exceeds what a restart
 costs (restart_seconds, measured per job). Growing needs a gain of min_gain, shrinking back a
 gain of under min_gain / 2: the band between the two keeps noise from flipping decisions.
+Growth into GPUs of a busy cluster (one where jobs waited recently) must pay back two
+restarts (there and back) within the time the cluster has been quiet so far.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from joule.policy.types import (
     ClusterView,
@@ -32,6 +37,12 @@ from joule.policy.types import (
 DEFAULT_SCALING_EXPONENT = 0.8  # throughput ~ workers^0.8 until two sizes are measured
 NO_TARGET_HORIZON_SECONDS = 3600.0  # how far ahead gains count when no target is given
 LOW_UTILIZATION = 0.4  # below: input-bound, more workers would only wait
+CAP_TARGET = 0.95  # a lowered power limit aims at this fraction of the cap
+RAISE_BELOW = 0.8  # a lowered limit is raised again once power is under this fraction
+BINDING = 0.9  # GPUs drawing less than this fraction of their limit are not held by it
+LIMIT_REASONS = ("PowerLimitLowered", "PowerLimitRaised")
+BUDGET_MARGIN = 0.1  # growth must leave this much of the remaining budget unspent
+DEADLINE_MARGIN = 0.1  # a move for energy must still finish this much before the deadline
 
 
 def exponent(history: dict[int, SizeStats]) -> float:
@@ -64,6 +75,66 @@ def _joules_per_sample(s: SizeStats) -> float:
 
 
 def decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Decision:
+    d = _decide(spec, obs, cluster)
+    if d.reason in LIMIT_REASONS:
+        return d
+    d = replace(d, gpu_power_limit_watts=obs.gpu_power_limit_watts)
+    quiet = not (d.suspend or d.budget_exhausted or d.power_cap_exceeded)
+    if quiet and d.replicas == obs.replicas and obs.gpu_power_limit_watts is not None:
+        return _raise_limit(spec, obs, d)
+    return d
+
+
+def _per_gpu_watts(spec: JobPolicySpec, obs: Observations) -> float:
+    return obs.watts / max(obs.replicas * max(spec.gpus_per_replica, 1), 1)
+
+
+def _lower_limit(spec: JobPolicySpec, obs: Observations, cap: float) -> Decision | None:
+    """A per-GPU limit that brings the job under its cap, if the spec allows one lower than
+    the present; None at the floor (or where limits may not be set)."""
+    floor = spec.energy.min_gpu_power_limit_watts
+    current = obs.gpu_power_limit_watts
+    if floor is None or (current is not None and current <= floor * 1.01):
+        return None
+    per_gpu = _per_gpu_watts(spec, obs)
+    new = max(floor, per_gpu * CAP_TARGET * cap / obs.watts)
+    if current is not None:
+        new = min(new, current)
+    new = round(new, 1)
+    if new >= per_gpu * 0.99:  # GPUs already draw no more than this: only fewer help
+        return None
+    msg = (
+        f"average power {obs.watts:.1f} W over the {cap:.0f} W cap: per-GPU power limit "
+        f"{'default' if current is None else f'{current:.0f} W'} -> {new:.0f} W"
+    )
+    return Decision(
+        obs.replicas, "PowerLimitLowered", msg, power_cap_exceeded=True, gpu_power_limit_watts=new
+    )
+
+
+def _raise_limit(spec: JobPolicySpec, obs: Observations, d: Decision) -> Decision:
+    """Give back a lowered power limit once the job runs well under its cap (or has none)."""
+    current = obs.gpu_power_limit_watts
+    assert current is not None
+    cap = spec.energy.power_cap_watts
+    ceiling = spec.energy.gpu_power_limit_watts
+    if cap is not None and obs.watts >= cap * RAISE_BELOW:
+        return d
+    new: float | None = None  # the spec's limit, or none
+    binding = _per_gpu_watts(spec, obs) >= BINDING * current  # else the limit does nothing
+    if cap is not None and obs.watts > 0 and binding:
+        new = round(current * CAP_TARGET * cap / obs.watts, 1)
+        if ceiling is not None and new >= ceiling:
+            new = None
+    to = "the spec's limit" if new is None else f"{new:.0f} W"
+    if new is not None and new <= current:
+        return d
+    msg = f"average power {obs.watts:.1f} W: per-GPU power limit {current:.0f} W -> {to}"
+    return Decision(d.replicas, "PowerLimitRaised", msg, budget_at_risk=d.budget_at_risk,
+                    gpu_power_limit_watts=new)  # fmt: skip
+
+
+def _decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Decision:
     lo, hi = spec.min_replicas, spec.max_replicas
     cur = min(max(obs.replicas, lo), hi)
     energy, target = spec.energy, spec.target
@@ -98,6 +169,18 @@ def decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Deci
 
     # 2. The power cap: a measured breach, or a size predicted over it.
     if cap is not None and (obs.watts > cap or cur not in feasible):
+        if obs.watts > cap and obs.power_limit_time is not None:
+            since = (obs.now - obs.power_limit_time).total_seconds()
+            if since < energy.window_seconds:  # the average still holds the old power
+                return keep(
+                    "PowerCapExceeded",
+                    f"average power {obs.watts:.1f} W over the {cap:.0f} W cap; the per-GPU "
+                    f"limit set {since:.0f}s ago is not yet in the whole window",
+                    power_cap_exceeded=True,
+                )
+        lowered = _lower_limit(spec, obs, cap) if obs.watts > cap else None
+        if lowered is not None:
+            return lowered
         n = max([f for f in feasible if f < cur], default=lo)
         msg = f"average power {obs.watts:.1f} W over the {cap:.0f} W cap"
         if n < cur:
@@ -116,6 +199,7 @@ def decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Deci
     if target.samples is not None:
         remaining_samples = max(target.samples - obs.samples_done, 0.0)
     at_risk = False
+    need: dict[int, float] = {}
     if remaining_j is not None and remaining_samples is not None:
         need = {n: remaining_samples * _joules_per_sample(stats[n]) for n in feasible}
         at_risk = need.get(cur, math.inf) > remaining_j
@@ -134,7 +218,12 @@ def decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Deci
     per = max(spec.gpus_per_replica, 1)
     # GPUs that waiting jobs need are not ours to take (else: grow, give back, grow...).
     room = max(cluster.free_gpus - cluster.waiting_gpus, 0) // per
-    candidates = [n for n in feasible if n <= cur or n - cur <= room]
+    # Never grow into a size the remaining budget could not pay for (with a margin), or the
+    # job would grow, fall at risk, shrink, and grow again.
+    affordable = [
+        n for n in feasible if not need or need[n] <= (remaining_j or 0.0) * (1 - BUDGET_MARGIN)
+    ]
+    candidates = [n for n in feasible if n <= cur or (n - cur <= room and n in affordable)]
     horizon = (
         remaining_samples / stats[cur].throughput
         if remaining_samples is not None
@@ -142,7 +231,16 @@ def decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Deci
     )
     m = spec.scaling.min_gain
 
-    # 4. The policy.
+    # 4. The policy. Under a lowered power limit the sizes measured before it no longer
+    # compare (they ran at another limit): only giving GPUs to waiting jobs goes on, and the
+    # limit is raised (or lowered) first.
+    ceiling = energy.gpu_power_limit_watts
+    limit = obs.gpu_power_limit_watts
+    if limit is not None and (ceiling is None or limit < ceiling) and not at_risk:
+        shrink = _fair_share(spec, cluster, candidates, cur, flags)
+        return shrink or keep(
+            "Steady", f"{cur} workers at a lowered power limit of {limit:.0f} W per GPU", **flags
+        )
     if policy == Policy.ENERGY_EFFICIENT or at_risk:
         return _energy_efficient(
             spec, obs, stats, candidates, cur, horizon, remaining_samples, flags
@@ -158,6 +256,35 @@ def _worth_restart_time(
     return work / stats[cur].throughput - work / stats[n].throughput > restart
 
 
+def _worth_while_quiet(
+    stats: dict[int, SizeStats], cur: int, n: int, quiet: float | None, restart: float
+) -> bool:
+    """In a cluster where jobs waited ``quiet`` seconds ago, free GPUs are expected to stay
+    free about as long again: growth must do more work in that time, after a restart there
+    and one back, than staying would."""
+    if quiet is None:
+        return True
+    return (quiet - 2 * restart) * stats[n].throughput > quiet * stats[cur].throughput
+
+
+def _fair_share(
+    spec: JobPolicySpec,
+    cluster: ClusterView,
+    candidates: list[int],
+    cur: int,
+    flags: dict[str, bool],
+) -> Decision | None:
+    """One worker back when waiting jobs cannot start on the free GPUs alone and this job
+    holds more than an even share of the cluster."""
+    per = max(spec.gpus_per_replica, 1)
+    share = cluster.total_gpus / cluster.jobs if cluster.jobs else 0.0
+    shrinkable = cur > spec.min_replicas and cur - 1 in candidates
+    if shrinkable and cluster.waiting_gpus > cluster.free_gpus and cur * per > share:
+        wanted = f"{cluster.waiting_gpus} GPUs wanted by waiting jobs"
+        return Decision(cur - 1, "FairShare", f"{wanted}: {cur} -> {cur - 1}", **flags)
+    return None
+
+
 def _throughput(
     spec: JobPolicySpec,
     obs: Observations,
@@ -171,10 +298,10 @@ def _throughput(
 ) -> Decision:
     lo = spec.min_replicas
     util = obs.gpu_utilization
+    shrink = _fair_share(spec, cluster, candidates, cur, flags)
+    if shrink is not None:
+        return shrink
     if cur > lo and cur - 1 in candidates:
-        if cluster.waiting_gpus > cluster.free_gpus:  # they cannot start on free GPUs alone
-            wanted = f"{cluster.waiting_gpus} GPUs wanted by waiting jobs"
-            return Decision(cur - 1, "FairShare", f"{wanted}: {cur} -> {cur - 1}", **flags)
         if util is not None and util < LOW_UTILIZATION:
             return Decision(
                 cur - 1,
@@ -197,7 +324,17 @@ def _throughput(
         nxt += 1
     if nxt > cur and (util is None or util >= LOW_UTILIZATION):
         gain = stats[nxt].throughput / stats[cur].throughput - 1
-        if _worth_restart_time(stats, cur, nxt, horizon, obs.restart_seconds):
+        restart = obs.restart_seconds
+        if not _worth_while_quiet(stats, cur, nxt, cluster.quiet_seconds, restart):
+            quiet = cluster.quiet_seconds or 0.0
+            return Decision(
+                cur,
+                "Steady",
+                f"GPUs free, but jobs waited {quiet:.0f}s ago: +{gain:.1%} would not repay "
+                f"two {restart:.0f}s restarts in that time",
+                **flags,
+            )
+        if _worth_restart_time(stats, cur, nxt, horizon, restart):
             return Decision(
                 nxt,
                 "ScaleUp",
@@ -222,8 +359,14 @@ def _energy_efficient(
     note = ""
     if deadline is not None and remaining_samples:
         left = (deadline - obs.now).total_seconds()
-        needed = remaining_samples / left if left > 0 else math.inf
-        meeting = [n for n in candidates if stats[n].throughput >= needed]
+
+        def finishes(n: int, share: float) -> bool:
+            restart = obs.restart_seconds if n != cur else 0.0
+            return remaining_samples / stats[n].throughput + restart <= left * share
+
+        # Leave a size that meets the deadline only for one that meets it with a margin, so
+        # that noise on a borderline size cannot move the job back and forth.
+        meeting = [n for n in candidates if finishes(n, 1.0 if n == cur else 1 - DEADLINE_MARGIN)]
         if meeting:
             eligible = meeting
         else:

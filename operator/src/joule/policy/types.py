@@ -36,6 +36,10 @@ class Energy:
     window_seconds: float = 300.0
     budget_joules: float | None = None
     on_budget_exhausted: OnBudgetExhausted = OnBudgetExhausted.SUSPEND
+    # The per-GPU power limit the job runs at (None: the device's default), and how far the
+    # policy may lower it to keep under the cap (None: it may not).
+    gpu_power_limit_watts: float | None = None
+    min_gpu_power_limit_watts: float | None = None
 
 
 @dataclass(frozen=True)
@@ -74,12 +78,21 @@ class Observations:
     history: Mapping[int, SizeStats] = field(default_factory=dict)
     restart_seconds: float = 30.0  # measured cost of the last resize, per job
     last_scale_time: dt.datetime | None = None
+    gpu_power_limit_watts: float | None = None  # the per-GPU limit the policy last set
+    power_limit_time: dt.datetime | None = None  # when it set it
 
 
 @dataclass(frozen=True)
 class ClusterView:
     free_gpus: int
     waiting_gpus: int = 0  # GPUs other jobs are waiting for
+    # How long no job has waited for GPUs (None: none has, as far as is known). Free GPUs in a
+    # busy cluster are likely wanted again soon; growth into them must pay back sooner.
+    quiet_seconds: float | None = None
+    # GPUs on schedulable nodes and jobs running or waiting (0: unknown). A job gives GPUs to
+    # waiting jobs only while it holds more than an even share, total_gpus / jobs.
+    total_gpus: int = 0
+    jobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,3 +104,5 @@ class Decision:
     budget_at_risk: bool = False
     budget_exhausted: bool = False
     power_cap_exceeded: bool = False
+    # The per-GPU power limit to run at; None: the spec's limit (or the device default).
+    gpu_power_limit_watts: float | None = None

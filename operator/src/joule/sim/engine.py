@@ -27,11 +27,21 @@ from joule.policy import (
     Target,
     decide,
 )
-from joule.sim.model import IDLE_FRACTION, JobSpec, noisy, power_factor, speed
+from joule.sim.model import (
+    IDLE_FRACTION,
+    JobSpec,
+    limit_fraction,
+    noisy,
+    power_factor,
+    speed,
+)
 
 STEP_SECONDS = 10.0
 EVAL_SECONDS = 60.0
 WINDOW_SECONDS = 300.0
+# How far Joule may lower a GPU's power limit (fraction of its maximum), in every simulated
+# job: the spec's minGpuPowerLimitWatts.
+MIN_LIMIT_FRACTION = 0.7
 EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
@@ -52,6 +62,8 @@ class Job:
     windows: int = 0
     windows_over: int = 0
     last_scale: float | None = None
+    limit: float | None = None  # per-GPU power limit (W) Joule's policy set; None: default
+    limit_time: float | None = None
     history: dict[int, SizeStats] = field(default_factory=dict)
     util_log: list[tuple[float, int]] = field(default_factory=list)  # HPA's desired sizes
 
@@ -60,8 +72,9 @@ class Job:
         return self.n * self.spec.kind.gpus_per_worker
 
 
-# A strategy: (job, now, free GPUs, waiting GPUs, rng) -> (workers, power-limit fraction).
-Strategy = Callable[[Job, float, int, int, random.Random], tuple[int, float]]
+# A strategy: (job, now, the cluster's free/waiting GPUs, rng) -> (workers, power-limit
+# fraction f, see model.py).
+Strategy = Callable[[Job, float, ClusterView, random.Random], tuple[int, float]]
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ def simulate(
     running: list[Job] = []
     finished: list[Job] = []
     now, next_eval = 0.0, 0.0
+    last_wait: float | None = None  # when a job last waited for GPUs
     while (pending or queue or running) and now < horizon:
         while pending and pending[0].spec.arrival <= now:
             queue.append(pending.pop(0))
@@ -128,11 +142,15 @@ def simulate(
             free -= job.gpus
         if now >= next_eval:
             waiting = sum(j.spec.kind.min_workers * j.spec.kind.gpus_per_worker for j in queue)
+            if waiting:
+                last_wait = now
+            quiet = None if last_wait is None else now - last_wait
             for job in running:
                 if now < job.restart_until:
                     continue
                 free = gpus - sum(j.gpus for j in running)
-                n, f = strategy(job, now, free, waiting, rng)
+                view = ClusterView(free, waiting, quiet, gpus, len(running) + len(queue))
+                n, f = strategy(job, now, view, rng)
                 if n != job.n:
                     job.rescales += 1
                     job.last_scale = now
@@ -183,9 +201,7 @@ def simulate(
 # -- strategies ----------------------------------------------------------------------------
 
 
-def static_max(
-    job: Job, now: float, free: int, waiting: int, rng: random.Random
-) -> tuple[int, float]:
+def static_max(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tuple[int, float]:
     return job.n, job.f
 
 
@@ -197,7 +213,7 @@ def best_power_limit(min_speed: float = 0.0) -> float:
     return min(ok, key=lambda f: power_factor(f) / speed(f))
 
 
-def hpa(job: Job, now: float, free: int, waiting: int, rng: random.Random) -> tuple[int, float]:
+def hpa(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tuple[int, float]:
     """Kubernetes' HPA on a utilisation metric: target 80 %, 10 % tolerance, 300 s
     stabilisation for scale-down. Utilisation is modelled as the per-worker efficiency."""
     kind = job.spec.kind
@@ -208,14 +224,14 @@ def hpa(job: Job, now: float, free: int, waiting: int, rng: random.Random) -> tu
     job.util_log = [(t, d) for t, d in job.util_log if t > now - 300.0] + [(now, desired)]
     if desired < job.n:
         desired = max(d for _, d in job.util_log)  # scale down only to the window's maximum
-    fits = job.n + free // kind.gpus_per_worker
+    fits = job.n + cluster.free_gpus // kind.gpus_per_worker
     return min(desired, fits), job.f
 
 
-def pollux(job: Job, now: float, free: int, waiting: int, rng: random.Random) -> tuple[int, float]:
+def pollux(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tuple[int, float]:
     """Goodput-greedy (Pollux-like, energy-blind): take a free worker when it adds >= 5 %
     throughput, give one back when waiting jobs cannot start and it adds < 20 %."""
-    kind = job.spec.kind
+    kind, free, waiting = job.spec.kind, cluster.free_gpus, cluster.waiting_gpus
     gain_up = kind.throughput(job.n + 1) / kind.throughput(job.n) - 1
     gain_last = kind.throughput(job.n) / kind.throughput(job.n - 1) - 1 if job.n > 1 else 1.0
     if waiting > free and job.n > kind.min_workers and gain_last < 0.2:
@@ -225,7 +241,7 @@ def pollux(job: Job, now: float, free: int, waiting: int, rng: random.Random) ->
     return job.n, job.f
 
 
-def joule(job: Job, now: float, free: int, waiting: int, rng: random.Random) -> tuple[int, float]:
+def joule(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tuple[int, float]:
     """joule.policy.decide, unchanged, on noisy measurements. EnergyEfficient where the job
     has a deadline to trade against, Throughput otherwise; caps and budgets always apply."""
     s, kind = job.spec, job.spec.kind
@@ -250,6 +266,7 @@ def joule(job: Job, now: float, free: int, waiting: int, rng: random.Random) -> 
             power_cap_watts=s.power_cap,
             budget_joules=s.budget,
             on_budget_exhausted=OnBudgetExhausted.WARN,
+            min_gpu_power_limit_watts=MIN_LIMIT_FRACTION * kind.gpu_watts,
         ),
         Target(
             samples=kind.samples,
@@ -265,10 +282,18 @@ def joule(job: Job, now: float, free: int, waiting: int, rng: random.Random) -> 
         now=EPOCH + dt.timedelta(seconds=now),
         history=dict(job.history),
         restart_seconds=kind.restart_seconds,
-        last_scale_time=EPOCH + dt.timedelta(seconds=job.last_scale) if job.last_scale else None,
+        last_scale_time=at(job.last_scale),
+        gpu_power_limit_watts=job.limit,
+        power_limit_time=at(job.limit_time),
     )
-    d = decide(spec, obs, ClusterView(free_gpus=free, waiting_gpus=waiting))
-    return d.replicas, job.f
+    d = decide(spec, obs, cluster)
+    if d.gpu_power_limit_watts != job.limit:
+        job.limit, job.limit_time = d.gpu_power_limit_watts, now
+    return d.replicas, limit_fraction(kind, job.limit)
+
+
+def at(seconds: float | None) -> dt.datetime | None:
+    return None if seconds is None else EPOCH + dt.timedelta(seconds=seconds)
 
 
 def oracle_plan(s: JobSpec) -> tuple[int, float]:

@@ -22,6 +22,8 @@ def speed(f: float) -> float:
 
 
 def power_factor(f: float) -> float:
+    """A GPU's power as a fraction of its maximum at setting f: f spans the limits a GPU
+    accepts, from IDLE_FRACTION (f = 0) to its maximum (f = 1); a training GPU draws its limit."""
     return IDLE_FRACTION + (1.0 - IDLE_FRACTION) * f
 
 
@@ -36,6 +38,11 @@ class Archetype:
     min_workers: int
     max_workers: int
     restart_seconds: float
+
+    @property
+    def gpu_watts(self) -> float:
+        """One GPU's maximum power limit."""
+        return self.watts_per_worker / self.gpus_per_worker
 
     def throughput(self, n: int, f: float = 1.0) -> float:
         if n <= 0:
@@ -57,6 +64,14 @@ ARCHETYPES = (
     # A recommender: communication-heavy, poor scaling.
     Archetype("recsys", 4, 2500.0, 0.35, 2400.0, 1.2e7, 1, 6, 60.0),
 )
+
+
+def limit_fraction(kind: Archetype, limit_watts: float | None) -> float:
+    """The setting f of a per-GPU power limit in watts (None: the maximum, f = 1)."""
+    if limit_watts is None:
+        return 1.0
+    share = min(max(limit_watts / kind.gpu_watts, IDLE_FRACTION), 1.0)
+    return (share - IDLE_FRACTION) / (1.0 - IDLE_FRACTION)
 
 
 @dataclass(frozen=True)
