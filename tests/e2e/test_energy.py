@@ -1,14 +1,16 @@
 """Energy limits on the real loop: trainer processes on the local node report (estimated)
-joules, the operator accounts them and acts: a power cap shrinks the job, an exhausted
-budget suspends it, with the reasons in status and in Events."""
+joules, the operator accounts them and acts: a power cap lowers the per-GPU power limit where
+allowed and shrinks the job where not, an exhausted budget suspends it, with the reasons in
+status and in Events."""
 
 from __future__ import annotations
 
 import pytest
 from kubernetes import client
 
+from joule.constants import POWER_LIMIT_ANNOTATION
 from tests.conftest import wait_for
-from tests.e2e.test_local_loop import apply, running_pods, status
+from tests.e2e.test_local_loop import apply, events, running_pods, status
 
 TRAIN = ["--steps", "100000", "--checkpoint-every-steps", "20", "--log-every", "10"]
 
@@ -46,6 +48,52 @@ def test_a_job_over_its_power_cap_is_scaled_down_and_says_why(
     wait_for(lambda: len(running_pods(core, namespace, "capped")) == 1, timeout=60,
              what="one worker left")  # fmt: skip
     assert "PowerCapExceeded" in reasons(core, namespace, "capped")
+
+
+@pytest.mark.timeout(400)
+def test_over_its_cap_a_job_first_runs_at_a_lower_power_limit_and_keeps_its_workers(
+    kubectl, api, core, namespace, operator, local_node, tmp_path
+):
+    # As above, but the policy may lower each GPU's limit to 4 W. On the local node the
+    # estimated meter enforces a limit by idling between steps (labelled an estimate).
+    apply(
+        kubectl, namespace, "limited", local_node, tmp_path, TRAIN,
+        replicas=2, elastic={"minReplicas": 1, "maxReplicas": 2},
+        scaling={"policy": "Fixed", "evaluationIntervalSeconds": 5},
+        energy={"powerCapWatts": 18, "windowSeconds": 10, "minGpuPowerLimitWatts": 4},
+    )  # fmt: skip
+
+    def lowered():
+        st = status(api, namespace, "limited")
+        return st if st.get("energy", {}).get("gpuPowerLimitWatts") else None
+
+    st = wait_for(lowered, timeout=240, interval=1.0, what="a lowered power limit")
+    limit = st["energy"]["gpuPowerLimitWatts"]
+    assert 4 <= limit < 18
+    assert "PowerLimitLowered" in reasons(core, namespace, "limited")
+    assert st["targetReplicas"] == 2
+
+    def annotated():
+        pods = running_pods(core, namespace, "limited")
+        values = {(p.metadata.annotations or {}).get(POWER_LIMIT_ANNOTATION) for p in pods}
+        return len(pods) == 2 and values == {f"{limit:g}"}
+
+    wait_for(annotated, timeout=30, what="both workers annotated with the limit")
+    applied = wait_for(
+        lambda: [e for e in events(local_node, namespace, "limited")
+                 if e.get("event") == "power_limit" and e.get("watts") == limit],
+        timeout=30, what="the trainer to apply the limit",
+    )  # fmt: skip
+    assert applied[0]["source"] == "estimated"
+
+    def under_cap():
+        st = status(api, namespace, "limited")
+        return st if condition(st, "PowerCapExceeded") == "False" else None
+
+    st = wait_for(under_cap, timeout=120, interval=1.0, what="the job back under its cap")
+    assert st["energy"]["averageWatts"] <= 18
+    assert st["targetReplicas"] == 2 and len(running_pods(core, namespace, "limited")) == 2
+    assert "lastScaleTime" not in st  # the workers were never resized
 
 
 @pytest.mark.timeout(400)

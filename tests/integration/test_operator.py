@@ -169,6 +169,20 @@ def test_a_gang_larger_than_the_cluster_never_holds_gpus_past_its_timeout(
         ({"energy": {"powerCapWatts": 0}}, "spec.energy.powerCapWatts"),
         ({"energy": {"onBudgetExhausted": "Panic"}}, "spec.energy.onBudgetExhausted"),
         ({"target": {"deadline": "tomorrow"}}, "spec.target.deadline"),
+        (
+            {"energy": {"minGpuPowerLimitWatts": 150}},
+            "minGpuPowerLimitWatts needs powerCapWatts",
+        ),
+        (
+            {
+                "energy": {
+                    "powerCapWatts": 900,
+                    "gpuPowerLimitWatts": 200,
+                    "minGpuPowerLimitWatts": 300,
+                }
+            },
+            "minGpuPowerLimitWatts must not be above gpuPowerLimitWatts",
+        ),
     ],
 )
 def test_invalid_manifests_are_rejected_with_the_schema_message(

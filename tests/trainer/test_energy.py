@@ -52,6 +52,22 @@ class FakeNvml:
     def nvmlShutdown(self):
         self.shutdown_called = True
 
+    # Power limits, as an H100-class GPU reports them (milliwatts).
+    constraints = (200_000, 700_000)
+    default_mw = 700_000
+    may_set = True
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, h):
+        return self.constraints
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, h):
+        return self.default_mw
+
+    def nvmlDeviceSetPowerManagementLimit(self, h, milliwatts):
+        if not self.may_set:
+            raise FakeNVMLError("Insufficient Permissions")
+        self.limit_mw = milliwatts
+
 
 def test_energy_counter_is_used_where_the_gpu_has_one():
     nvml = FakeNvml(energy_mj=1_000_000)
@@ -129,3 +145,52 @@ def test_rapl_reads_package_counters_and_handles_their_wrap(tmp_path):
     assert meter.read().energy_joules == pytest.approx(0.003)
     with pytest.raises(MeterError):
         RaplMeter(tmp_path / "none")
+
+
+def test_nvml_sets_the_power_limit_within_what_the_gpu_accepts():
+    nvml = FakeNvml(energy_mj=0)
+    meter = NvmlMeter(0, nvml=nvml)
+    assert meter.set_power_limit(450.0) == pytest.approx(450.0)
+    assert meter.read().power_limit_watts == pytest.approx(450.0)
+    assert meter.set_power_limit(50.0) == pytest.approx(200.0)  # clamped to the GPU's floor
+    assert meter.set_power_limit(None) == pytest.approx(700.0)  # back to the default
+    assert meter.pause_seconds() == 0.0
+
+
+def test_a_refused_power_limit_is_an_error_that_says_so():
+    nvml = FakeNvml(energy_mj=0)
+    nvml.may_set = False
+    with pytest.raises(MeterError, match="Insufficient Permissions"):
+        NvmlMeter(0, nvml=nvml).set_power_limit(300.0)
+
+
+def test_the_estimate_keeps_its_power_at_the_limit_by_idling():
+    meter = EstimatedMeter(watts_per_core=20.0)
+    assert meter.pause_seconds() == 0.0  # no limit: never idles
+    meter.set_power_limit(5.0)
+    busy_until = time.process_time() + 0.2
+    while time.process_time() < busy_until:  # one core flat out: ~20 W estimated
+        pass
+    pause = meter.pause_seconds()
+    # 0.2 s of CPU at 20 W/core is 4 J; at 5 W that takes 0.8 s: idle ~0.6 s more.
+    assert 0.45 < pause < 0.75
+    assert meter.read().power_limit_watts == 5.0
+    with pytest.raises(ValueError):
+        meter.set_power_limit(0.0)
+
+
+def test_the_limit_file_follows_the_annotation(tmp_path):
+    from joule_trainer.energy.limit import LimitFile, parse_limit
+
+    path = tmp_path / "gpu-power-limit-watts"
+    limit = LimitFile(str(path), every_s=0.0)
+    assert not limit.changed() and limit.current is None  # absent: the default
+    path.write_text("237.5")
+    assert limit.changed() and limit.current == 237.5
+    assert not limit.changed()  # unchanged: nothing to apply
+    path.write_text("")  # annotation removed
+    assert limit.changed() and limit.current is None
+    assert parse_limit(" 80 ") == 80.0
+    with pytest.raises(ValueError):
+        parse_limit("-3")
+    assert not LimitFile(None).changed()  # not run by the operator: no file, no limit

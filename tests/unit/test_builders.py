@@ -2,7 +2,7 @@
 
 from joule.api import JobRef, TrainingJobSpec
 from joule.builders import worker_pod, worker_service
-from joule.constants import LABEL_INDEX, LABEL_JOB
+from joule.constants import LABEL_INDEX, LABEL_JOB, POWER_LIMIT_ANNOTATION
 
 JOB = JobRef("llm", "team-a", "uid-123")
 
@@ -112,3 +112,19 @@ def test_headless_service_publishes_not_ready_workers():
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["publishNotReadyAddresses"] is True
     assert svc["spec"]["selector"] == {LABEL_JOB: "llm"}
+
+
+def test_the_power_limit_travels_as_an_annotation_and_a_downward_api_file():
+    plain = worker_pod(JOB, spec(), 0)
+    assert POWER_LIMIT_ANNOTATION not in plain["metadata"].get("annotations", {})
+    limited = worker_pod(JOB, spec(energy={"gpuPowerLimitWatts": 400}), 0)
+    assert limited["metadata"]["annotations"][POWER_LIMIT_ANNOTATION] == "400"
+    lowered = worker_pod(JOB, spec(energy={"gpuPowerLimitWatts": 400}), 0, 287.5)
+    assert lowered["metadata"]["annotations"][POWER_LIMIT_ANNOTATION] == "287.5"
+    volume = next(v for v in lowered["spec"]["volumes"] if "downwardAPI" in v)
+    path = volume["downwardAPI"]["items"][0]
+    assert path["fieldRef"]["fieldPath"] == f"metadata.annotations['{POWER_LIMIT_ANNOTATION}']"
+    mount = next(
+        m for m in lowered["spec"]["containers"][0]["volumeMounts"] if m["name"] == volume["name"]
+    )
+    assert env_of(lowered)["JOULE_POWER_LIMIT_FILE"] == f"{mount['mountPath']}/{path['path']}"

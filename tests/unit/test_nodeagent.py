@@ -143,3 +143,25 @@ def test_the_node_advertises_virtual_gpus_and_taints():
     assert node["metadata"]["labels"]["joule.dev/local-node"] == "true"
     with pytest.raises(ValueError, match="NoSchedule"):
         parse_taint("key=value")
+
+
+def test_the_power_limit_annotation_reaches_the_trainer_through_a_downward_api_file(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "joule-launch").touch()
+    pod = operator_pod(energy={"gpuPowerLimitWatts": 300})
+    plan = podproc.plan(pod, pod["spec"]["containers"][0], ctx(tmp_path), podproc.LocalImages(), {})
+    assert isinstance(plan, podproc.ProcessPlan)
+    volume_dir = tmp_path / "pod" / "volumes" / "joule-power"
+    assert plan.env["JOULE_POWER_LIMIT_FILE"] == str(volume_dir / "gpu-power-limit-watts")
+    assert podproc.downward_files(pod, ctx(tmp_path)) == {
+        volume_dir / "gpu-power-limit-watts": "300"
+    }
+    del pod["metadata"]["annotations"]  # the operator removed the limit: an empty file
+    assert set(podproc.downward_files(pod, ctx(tmp_path)).values()) == {""}
+    pod["spec"]["volumes"].append(
+        {"name": "cpu", "downwardAPI": {"items": [{"path": "c", "resourceFieldRef": {}}]}}
+    )
+    refusal = podproc.plan(
+        pod, pod["spec"]["containers"][0], ctx(tmp_path), podproc.LocalImages(), {}
+    )
+    assert isinstance(refusal, podproc.Refusal) and "only fieldRef items" in refusal.message

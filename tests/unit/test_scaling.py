@@ -76,12 +76,63 @@ def test_free_and_waiting_gpus():
         },
     }
 
-    def pod(gpus: int, node_name: str | None, phase: str = "Running") -> dict:
+    def pod(gpus: int, node_name: str | None, phase: str = "Running", job: str = "") -> dict:
         res = {"limits": {"nvidia.com/gpu": str(gpus)}}
         spec = {"containers": [{"resources": res}]}
         if node_name:
             spec["nodeName"] = node_name
-        return {"spec": spec, "status": {"phase": phase}}
+        meta = {"name": f"p{id(spec)}", "namespace": "ns", "labels": {"joule.dev/job-name": job}}
+        return {"metadata": meta, "spec": spec, "status": {"phase": phase}}
 
-    pods = [pod(3, "n"), pod(2, None, "Pending"), pod(4, "n", "Succeeded")]
-    assert cluster_view([node, node], pods) == ClusterView(free_gpus=13, waiting_gpus=2)
+    pods = [
+        pod(3, "n", job="a"), pod(1, "n", job="a"),  # one job, two workers
+        pod(2, None, "Pending"),  # another job, waiting
+        pod(4, "n", "Succeeded", job="b"),  # done: holds nothing
+        pod(0, "n"),  # no GPUs: not a GPU job
+    ]  # fmt: skip
+    view = cluster_view([node, node], pods)
+    assert view == ClusterView(free_gpus=12, waiting_gpus=2, total_gpus=16, jobs=2)
+
+
+def test_a_lowered_power_limit_is_kept_in_status_announced_and_patched_onto_workers():
+    from joule.observe import PodView
+    from joule.reconcile import power_limit_patches
+
+    spec = TrainingJobSpec.parse({
+        "image": "x", "replicas": 2, "elastic": {"minReplicas": 1, "maxReplicas": 2},
+        "energy": {"powerCapWatts": 18, "windowSeconds": 10, "minGpuPowerLimitWatts": 4},
+    })  # fmt: skip
+    st = {"targetReplicas": 2, "energy": {"counters": {"a/0": 0.0, "b/0": 0.0},
+          "window": [[T0.timestamp(), 0.0, 0.0]], "consumedJoules": 0.0}}  # fmt: skip
+    readings = [("a/0", reading(150, 1000)), ("b/0", reading(150, 1000))]
+    result = evaluate(spec, st, readings, ClusterView(0), at(10), 2, True)  # 30 W over 18 W
+    d = result.decision
+    assert (d.replicas, d.reason) == (2, "PowerLimitLowered")
+    assert result.status["energy"]["gpuPowerLimitWatts"] == 8.6  # 15 W x 0.95 x 18 / 30
+    assert result.status["energy"]["gpuPowerLimitTime"] == "2026-11-29T12:00:10Z"
+    assert result.status["lastDecision"]["overCap"] is True
+    assert [e.reason for e in result.events] == ["PowerLimitLowered"]
+
+    def pod(name: str, limit: str | None) -> PodView:
+        return PodView(name, name, 0, "Running", True, True, False, None, None, limit)
+
+    pods = [pod("w0", None), pod("w1", "8.6")]
+    assert power_limit_patches(spec, result.status, pods) == {"w0": "8.6"}
+    back = {**result.status, "energy": {k: v for k, v in result.status["energy"].items()
+                                        if k != "gpuPowerLimitWatts"}}  # fmt: skip
+    assert power_limit_patches(spec, back, pods) == {"w1": None}  # removed: the default
+
+
+def test_power_limit_fields_are_checked():
+    for energy, message in (
+        ({"minGpuPowerLimitWatts": 100}, "needs powerCapWatts"),
+        ({"powerCapWatts": 9, "gpuPowerLimitWatts": 100, "minGpuPowerLimitWatts": 200},
+         "must not be above gpuPowerLimitWatts"),
+        ({"gpuPowerLimitWatts": 0}, "spec.energy.gpuPowerLimitWatts must be >= 1"),
+    ):  # fmt: skip
+        try:
+            TrainingJobSpec.parse({"image": "x", "energy": energy})
+        except SpecError as exc:
+            assert message in str(exc)
+        else:
+            raise AssertionError(f"{energy} accepted")

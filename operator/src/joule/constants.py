@@ -20,3 +20,10 @@ SHM_VOLUME = "joule-dshm"
 CHECKPOINT_ENV = "JOULE_CHECKPOINT_DIR"
 # Time a worker gets between SIGTERM and SIGKILL to write its final checkpoint.
 TERMINATION_GRACE_SECONDS = 60
+# The per-GPU power limit a worker should run at: the operator sets the pod annotation, a
+# downward-API file carries it into the running container (no restart), the trainer applies it.
+POWER_LIMIT_ANNOTATION = "joule.dev/gpu-power-limit-watts"
+POWER_VOLUME = "joule-power"
+POWER_DIR = "/etc/joule"
+POWER_LIMIT_FILE = "gpu-power-limit-watts"
+POWER_LIMIT_ENV = "JOULE_POWER_LIMIT_FILE"

@@ -15,7 +15,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kubernetes import client
@@ -25,10 +25,26 @@ from joule import metrics
 from joule.api.types import JobRef, Phase, SpecError, TrainingJobSpec
 from joule.builders import worker_pod, worker_service
 from joule.builders.labels import selector_string
-from joule.constants import API_VERSION, COMPONENT, GROUP, KIND, METRICS_PORT, PLURAL, VERSION
+from joule.constants import (
+    API_VERSION,
+    COMPONENT,
+    GROUP,
+    KIND,
+    METRICS_PORT,
+    PLURAL,
+    POWER_LIMIT_ANNOTATION,
+    VERSION,
+)
 from joule.observe import PodView, view
 from joule.policy import ClusterView
-from joule.reconcile import Event, Plan, decide, desired_replicas
+from joule.reconcile import (
+    Event,
+    Plan,
+    decide,
+    desired_replicas,
+    power_limit,
+    power_limit_patches,
+)
 from joule.scaling import cluster_view, evaluate
 from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
 
@@ -56,6 +72,7 @@ class Reconciler:
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
         self._cluster: tuple[float, ClusterView] | None = None
+        self._last_wait: float | None = None  # when a pod last waited for GPUs (monotonic)
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
@@ -111,7 +128,10 @@ class Reconciler:
             # every other reconcile (pod events, resyncs) is spared a POST answered by 409.
             self._ensure_service(job)
         for index in plan.create:
-            self._create_pod(job, spec, index)
+            self._create_pod(job, spec, index, power_limit(spec, plan.status))
+        for pod_name, value in power_limit_patches(spec, plan.status, pods).items():
+            if pod_name not in plan.delete:
+                self._annotate_pod(namespace, pod_name, POWER_LIMIT_ANNOTATION, value)
         metrics.JOBS.set(namespace, name, plan.status.get("phase"))
         written = False
         if plan.status != status:
@@ -172,8 +192,13 @@ class Reconciler:
             [serialize(n) for n in self.core.list_node().items],
             [serialize(p) for p in self.core.list_pod_for_all_namespaces().items],
         )
+        now = time.monotonic()
         with self._guard:
-            self._cluster = (time.monotonic(), view)
+            if view.waiting_gpus:
+                self._last_wait = now
+            quiet = None if self._last_wait is None else now - self._last_wait
+            view = replace(view, quiet_seconds=quiet)
+            self._cluster = (now, view)
         return view
 
     def _invalid(
@@ -205,9 +230,11 @@ class Reconciler:
             if exc.status != 409:
                 raise
 
-    def _create_pod(self, job: JobRef, spec: TrainingJobSpec, index: int) -> None:
+    def _create_pod(
+        self, job: JobRef, spec: TrainingJobSpec, index: int, limit: float | None
+    ) -> None:
         try:
-            self.core.create_namespaced_pod(job.namespace, worker_pod(job, spec, index))
+            self.core.create_namespaced_pod(job.namespace, worker_pod(job, spec, index, limit))
             metrics.PODS_CREATED.inc()
         except ApiException as exc:
             if exc.status == 409:
@@ -228,6 +255,16 @@ class Reconciler:
                 exc.status,
                 reason,
             )
+
+    def _annotate_pod(self, namespace: str, name: str, key: str, value: str | None) -> None:
+        """Set (or, with None, remove) one annotation: a merge patch touches nothing else."""
+        try:
+            self.core.patch_namespaced_pod(
+                name, namespace, {"metadata": {"annotations": {key: value}}}
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     def _delete_pod(self, namespace: str, name: str) -> None:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from joule.constants import LABEL_INDEX
+from joule.constants import LABEL_INDEX, POWER_LIMIT_ANNOTATION
 
 # Waiting reasons after which a container will not start on its own.
 BLOCKING_WAITING = {
@@ -42,6 +42,7 @@ class PodView:
     terminating: bool
     failure: Failure | None
     ip: str | None = None
+    power_limit: str | None = None  # the per-GPU power limit annotation, as set
 
     @property
     def finished(self) -> bool:
@@ -75,6 +76,7 @@ def view(pod: dict[str, Any]) -> PodView | None:
         terminating=meta.get("deletionTimestamp") is not None,
         failure=failure(status, conditions),
         ip=status.get("podIP"),
+        power_limit=(meta.get("annotations") or {}).get(POWER_LIMIT_ANNOTATION),
     )
 
 

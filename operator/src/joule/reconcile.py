@@ -170,6 +170,22 @@ def decide(
     return _close(plan, st, job, spec, generation, pods, now)
 
 
+def power_limit(spec: TrainingJobSpec, st: dict[str, Any]) -> float | None:
+    """The per-GPU power limit workers should run at: the policy's, else the spec's."""
+    chosen = (st.get("energy") or {}).get("gpuPowerLimitWatts")
+    return float(chosen) if chosen is not None else spec.energy.gpu_power_limit_watts
+
+
+def power_limit_patches(
+    spec: TrainingJobSpec, st: dict[str, Any], pods: list[PodView]
+) -> dict[str, str | None]:
+    """Running workers whose power-limit annotation differs from the limit: pod name ->
+    the annotation's new value (None: remove it)."""
+    limit = power_limit(spec, st)
+    want = None if limit is None else f"{limit:g}"
+    return {p.name: want for p in pods if p.active and p.power_limit != want}
+
+
 def desired_replicas(spec: TrainingJobSpec, st: dict[str, Any]) -> int:
     """spec.replicas, unless the scaling policy or an energy limit chose another size."""
     target = st.get("targetReplicas")
@@ -398,7 +414,8 @@ def conditions(
         why, text = last.get("reason", ""), last.get("message", "")
         want["BudgetExhausted"] = (why == "BudgetExhausted", why, text)
         want["BudgetAtRisk"] = (bool(last.get("atRisk")), why, text)
-        want["PowerCapExceeded"] = (why == "PowerCapExceeded", why, text)
+        over = bool(last.get("overCap")) or why == "PowerCapExceeded"
+        want["PowerCapExceeded"] = (over, why, text)
     before = {c["type"]: c for c in old}
     out = []
     for ctype, (flag, why, text) in want.items():

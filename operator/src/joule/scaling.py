@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from joule.api.types import TrainingJobSpec
+from joule.constants import LABEL_JOB
 from joule.policy import ClusterView, Decision, Observations, SizeStats, decide
 from joule.reconcile import Event, fmt_time, parse_time
 from joule.trainer_metrics import TrainerReading
@@ -128,10 +129,19 @@ def evaluate(
         },
         restart_seconds=float(energy.get("restartSeconds", 30.0)),
         last_scale_time=last_scale,
+        gpu_power_limit_watts=energy.get("gpuPowerLimitWatts"),
+        power_limit_time=parse_time(energy.get("gpuPowerLimitTime")),
     )
     decision = decide(spec.policy_spec(), obs, cluster)
     st["energy"] = energy
     events: list[Event] = []
+    if decision.gpu_power_limit_watts != obs.gpu_power_limit_watts:
+        if decision.gpu_power_limit_watts is None:
+            energy.pop("gpuPowerLimitWatts", None)
+        else:
+            energy["gpuPowerLimitWatts"] = decision.gpu_power_limit_watts
+        energy["gpuPowerLimitTime"] = fmt_time(now)
+        events.append(Event("Normal", decision.reason, decision.message))
     current = int(st.get("targetReplicas") or spec.replicas)
     if decision.replicas != current and not decision.suspend:
         st["targetReplicas"] = decision.replicas
@@ -144,8 +154,10 @@ def evaluate(
     elif "targetReplicas" not in st:
         st["targetReplicas"] = current
     last = st.get("lastDecision", {})
-    if (last.get("reason"), last.get("replicas"), last.get("suspend", False)) != (
-        decision.reason, decision.replicas, decision.suspend
+    limit = decision.gpu_power_limit_watts
+    if (last.get("reason"), last.get("replicas"), last.get("suspend", False),
+        last.get("gpuPowerLimitWatts")) != (
+        decision.reason, decision.replicas, decision.suspend, limit
     ):  # fmt: skip
         st["lastDecision"] = {
             "replicas": decision.replicas,
@@ -154,7 +166,10 @@ def evaluate(
             "at": fmt_time(now),
             "suspend": decision.suspend,
             "atRisk": decision.budget_at_risk,
+            "overCap": decision.power_cap_exceeded,
         }
+        if limit is not None:
+            st["lastDecision"]["gpuPowerLimitWatts"] = limit
         alarming = decision.suspend or decision.budget_exhausted or decision.power_cap_exceeded
         if alarming and not events:
             events.append(Event("Warning", decision.reason, decision.message))
@@ -164,8 +179,8 @@ def evaluate(
 def cluster_view(
     nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]
 ) -> ClusterView:
-    """Free GPUs (allocatable on Ready, schedulable nodes minus what scheduled pods hold) and
-    GPUs that unscheduled pods wait for."""
+    """Free GPUs (allocatable on Ready, schedulable nodes minus what scheduled pods hold),
+    GPUs that unscheduled pods wait for, and how many jobs hold or want GPUs."""
 
     def gpus(pod: Mapping[str, Any]) -> int:
         total = 0
@@ -183,11 +198,17 @@ def cluster_view(
         if ready and not node.get("spec", {}).get("unschedulable"):
             capacity += int(node.get("status", {}).get("allocatable", {}).get(GPU, 0))
     held = waiting = 0
+    jobs = set()
     for pod in pods:
-        if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+        if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") or not gpus(pod):
             continue
+        meta = pod.get("metadata", {})
+        # A TrainingJob's workers are one job; any other GPU pod counts on its own.
+        jobs.add((meta.get("namespace"), meta.get("labels", {}).get(LABEL_JOB) or meta.get("name")))
         if pod.get("spec", {}).get("nodeName"):
             held += gpus(pod)
         else:
             waiting += gpus(pod)
-    return ClusterView(free_gpus=max(capacity - held, 0), waiting_gpus=waiting)
+    return ClusterView(
+        free_gpus=max(capacity - held, 0), waiting_gpus=waiting, total_gpus=capacity, jobs=len(jobs)
+    )

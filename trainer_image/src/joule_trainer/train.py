@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from joule_trainer import batching, checkpoint
 from joule_trainer.data import Shapes, TextWindows
 from joule_trainer.energy import MeterError, probe
+from joule_trainer.energy.limit import LimitFile
 from joule_trainer.metrics import TrainerMetrics
 from joule_trainer.models import SmallCNN, TinyGPT
 
@@ -166,6 +167,7 @@ class Trainer:
         if args.metrics_port:
             self.metrics.serve(args.metrics_port + self.local_rank, args.metrics_addr)
         self._energy_seen = 0.0
+        self.limit_file = LimitFile(os.environ.get("JOULE_POWER_LIMIT_FILE"))
         self.tb = None
         if args.tensorboard_dir and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -273,6 +275,7 @@ class Trainer:
         while self.step < args.steps:
             started = time.monotonic()
             loss = self.train_step()
+            self._hold_power_limit()
             self.step += 1
             elapsed = time.monotonic() - started
             self._observe(loss, elapsed)
@@ -321,6 +324,22 @@ class Trainer:
         m.step_seconds.observe(elapsed)
         m.throughput.set(self.share_size / max(elapsed, 1e-9))
         self._read_meter()
+
+    def _hold_power_limit(self) -> None:
+        """Apply a new power limit from the operator; where the device cannot enforce one
+        itself (the estimated meter), idle after the step as a limited GPU would run slower."""
+        if self.limit_file.changed():
+            watts = self.limit_file.current
+            try:
+                enforced = self.meter.set_power_limit(watts)
+                self._log(event="power_limit", watts=watts, enforced=_round(enforced),
+                          source=self.meter.source)  # fmt: skip
+            except MeterError as exc:
+                log.warning("power limit %s W not applied: %s", watts, exc)
+                self._log(event="power_limit", watts=watts, error=str(exc))
+        pause = self.meter.pause_seconds()
+        if pause > 0:
+            time.sleep(pause)
 
     def _read_meter(self) -> Any:
         try:

@@ -223,6 +223,11 @@ def _scaling(d: dict[str, Any], elastic: bool) -> Scaling:
 def _energy(d: dict[str, Any]) -> Energy:
     p = "spec.energy."
     cap = _int(d, "powerCapWatts", None, 1, p)
+    limit, floor = _watts(d, "gpuPowerLimitWatts"), _watts(d, "minGpuPowerLimitWatts")
+    if floor is not None and limit is not None and floor > limit:
+        raise SpecError(f"{p}minGpuPowerLimitWatts must not be above gpuPowerLimitWatts")
+    if floor is not None and cap is None:
+        raise SpecError(f"{p}minGpuPowerLimitWatts needs powerCapWatts")
     return Energy(
         power_cap_watts=float(cap) if cap is not None else None,
         window_seconds=float(_int(d, "windowSeconds", 300, 10, p)),
@@ -230,7 +235,14 @@ def _energy(d: dict[str, Any]) -> Energy:
         on_budget_exhausted=_choice(
             OnBudgetExhausted, d.get("onBudgetExhausted", "Suspend"), p + "onBudgetExhausted"
         ),
+        gpu_power_limit_watts=_watts(d, "gpuPowerLimitWatts"),
+        min_gpu_power_limit_watts=floor,
     )
+
+
+def _watts(d: dict[str, Any], key: str) -> float | None:
+    value = _int(d, key, None, 1, "spec.energy.")
+    return float(value) if value is not None else None
 
 
 def _target(d: dict[str, Any]) -> Target:

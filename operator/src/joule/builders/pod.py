@@ -19,6 +19,11 @@ from joule.constants import (
     LABEL_INDEX,
     MASTER_PORT,
     METRICS_PORT,
+    POWER_DIR,
+    POWER_LIMIT_ANNOTATION,
+    POWER_LIMIT_ENV,
+    POWER_LIMIT_FILE,
+    POWER_VOLUME,
     RDZV_PORT,
     SHM_VOLUME,
     TERMINATION_GRACE_SECONDS,
@@ -61,6 +66,7 @@ def torchrun_env(job: JobRef, spec: TrainingJobSpec, index: int) -> list[dict[st
         {"name": "JOULE_METRICS_PORT", "value": str(METRICS_PORT)},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": POWER_LIMIT_ENV, "value": f"{POWER_DIR}/{POWER_LIMIT_FILE}"},
     ]
     if not spec.elastic:
         # A fixed-size group: node ranks and the world size mean something and never change.
@@ -75,7 +81,10 @@ def torchrun_env(job: JobRef, spec: TrainingJobSpec, index: int) -> list[dict[st
     return env
 
 
-def worker_pod(job: JobRef, spec: TrainingJobSpec, index: int) -> dict[str, Any]:
+def worker_pod(
+    job: JobRef, spec: TrainingJobSpec, index: int, power_limit_watts: float | None = None
+) -> dict[str, Any]:
+    """``power_limit_watts``: the per-GPU limit the policy has set (else the spec's)."""
     p = copy.deepcopy(spec.pod)
     ours = torchrun_env(job, spec, index)
     user_conf = next(
@@ -105,6 +114,22 @@ def worker_pod(job: JobRef, spec: TrainingJobSpec, index: int) -> dict[str, Any]
         }
     )
     mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+    volumes.append(
+        {
+            "name": POWER_VOLUME,
+            "downwardAPI": {
+                "items": [
+                    {
+                        "path": POWER_LIMIT_FILE,
+                        "fieldRef": {
+                            "fieldPath": f"metadata.annotations['{POWER_LIMIT_ANNOTATION}']"
+                        },
+                    }
+                ]
+            },
+        }
+    )
+    mounts.append({"name": POWER_VOLUME, "mountPath": POWER_DIR, "readOnly": True})
     checkpoint = p.get("checkpoint")
     if (
         checkpoint
@@ -151,6 +176,10 @@ def worker_pod(job: JobRef, spec: TrainingJobSpec, index: int) -> dict[str, Any]
         "labels": labels,
         "ownerReferences": [owner_reference(job)],
     }
-    if p.get("podAnnotations"):
-        metadata["annotations"] = dict(p["podAnnotations"])
+    annotations = dict(p.get("podAnnotations") or {})
+    limit = power_limit_watts or spec.energy.gpu_power_limit_watts
+    if limit is not None:
+        annotations[POWER_LIMIT_ANNOTATION] = f"{limit:g}"
+    if annotations:
+        metadata["annotations"] = annotations
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

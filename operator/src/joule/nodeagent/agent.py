@@ -89,6 +89,7 @@ class LocalPod:
     containers: list[LocalContainer] = field(default_factory=list)
     kill_at: float | None = None  # SIGKILL deadline once terminating
     reported: dict[str, Any] | None = None
+    downward: dict[Path, str] = field(default_factory=dict)  # downwardAPI files as written
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ class NodeAgent:
         if pod["metadata"].get("deletionTimestamp"):
             self._terminate(pod, local)
             return
+        self._write_downward(pod, local, names)
         for container, local_c in zip(spec["containers"], local.containers, strict=True):
             self._sync_container(pod, local, container, local_c, names)
         self._report(pod, local)
@@ -239,6 +241,33 @@ class NodeAgent:
             return
         self._start(pod, local, container, c, names)
 
+    def _context(self, local: LocalPod, names: dict[str, str]) -> podproc.PodContext:
+        return podproc.PodContext(
+            address=local.address,
+            node_name=self.config.node.name,
+            node_address=self.config.node.address,
+            pod_dir=self.config.state_dir / "pods" / f"{local.namespace}_{local.name}_{local.uid}",
+            claims_dir=self.config.state_dir / "claims",
+            bin_dir=self.config.bin_dir,
+            names=names,
+            host_port=self.ports,
+        )
+
+    def _write_downward(self, pod: dict[str, Any], local: LocalPod, names: dict[str, str]) -> None:
+        """Keep downwardAPI volume files current (written whole, then renamed into place)."""
+        try:
+            files = podproc.downward_files(pod, self._context(local, names))
+        except ValueError:
+            return  # the container's plan refuses it, with the reason
+        for path, value in files.items():
+            if local.downward.get(path) == value:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(value)
+            os.replace(tmp, path)
+            local.downward[path] = value
+
     def _start(
         self,
         pod: dict[str, Any],
@@ -247,17 +276,8 @@ class NodeAgent:
         c: LocalContainer,
         names: dict[str, str],
     ) -> None:
-        pod_dir = self.config.state_dir / "pods" / f"{local.namespace}_{local.name}_{local.uid}"
-        ctx = podproc.PodContext(
-            address=local.address,
-            node_name=self.config.node.name,
-            node_address=self.config.node.address,
-            pod_dir=pod_dir,
-            claims_dir=self.config.state_dir / "claims",
-            bin_dir=self.config.bin_dir,
-            names=names,
-            host_port=self.ports,
-        )
+        ctx = self._context(local, names)
+        pod_dir = ctx.pod_dir
         plan = podproc.plan(pod, container, ctx, self.config.images, os.environ)
         if isinstance(plan, podproc.Refusal):
             c.state = replace(c.state, kind="waiting", reason=plan.reason, message=plan.message)

@@ -118,6 +118,22 @@ def volume_dirs(pod: Mapping[str, Any], container: Mapping[str, Any], ctx: PodCo
     return out
 
 
+def downward_files(pod: Mapping[str, Any], ctx: PodContext) -> dict[Path, str]:
+    """The files of the pod's downwardAPI volumes and what they hold now. The agent rewrites
+    them when the pod changes, as the kubelet does: a running process sees new annotations
+    (Joule's power limit) without a restart. ValueError for an item we cannot source."""
+    out: dict[Path, str] = {}
+    for vol in pod["spec"].get("volumes", []):
+        for item in (vol.get("downwardAPI") or {}).get("items", []):
+            if "fieldRef" not in item:
+                raise ValueError(
+                    f"volume {vol['name']}: only fieldRef items are supported on the local node"
+                )
+            value = field_ref(pod, item["fieldRef"]["fieldPath"], ctx)
+            out[ctx.pod_dir / "volumes" / vol["name"] / item["path"]] = value
+    return out
+
+
 def map_paths(value: str, mounts: Mapping[str, Path]) -> str:
     for mount_path in sorted(mounts, key=len, reverse=True):
         pattern = rf"(?<![\w/.-]){re.escape(mount_path)}(?=/|$|[\s,:;=\"'])"
@@ -143,6 +159,10 @@ def plan(
             "(joule node-agent --local-image IMAGE to run a command as is)",
         )
     mounts = volume_dirs(pod, container, ctx)
+    try:
+        downward_files(pod, ctx)
+    except ValueError as exc:
+        return Refusal("CreateContainerConfigError", str(exc))
     env: dict[str, str] = {
         "PATH": f"{ctx.bin_dir}{os.pathsep}{host_env.get('PATH', '/usr/bin:/bin')}",
         "HOME": str(ctx.pod_dir),

@@ -25,6 +25,16 @@ class EnergyMeter(Protocol):
 
     def read(self) -> Reading: ...
 
+    def set_power_limit(self, watts: float | None) -> float | None:
+        """Run the device at ``watts`` (None: its default); returns the limit now enforced.
+        MeterError where the device or this process cannot set one."""
+        ...
+
+    def pause_seconds(self) -> float:
+        """How long to idle after a step to keep under the limit, where nothing else can
+        enforce it (0 where the device does)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -91,6 +91,24 @@ class NvmlMeter:
         with self._lock:
             return Reading(self._energy_j, power, limit)
 
+    def set_power_limit(self, watts: float | None) -> float | None:
+        """Set the GPU's power management limit, clamped to what it accepts. Needs the right
+        to (root or CAP_SYS_ADMIN in the container); NVML's refusal becomes MeterError."""
+        nvml, h = self._nvml, self._handle
+        try:
+            low, high = nvml.nvmlDeviceGetPowerManagementLimitConstraints(h)
+            want = (
+                nvml.nvmlDeviceGetPowerManagementDefaultLimit(h) if watts is None else watts * 1000
+            )
+            milliwatts = int(min(max(want, low), high))
+            nvml.nvmlDeviceSetPowerManagementLimit(h, milliwatts)
+            return float(nvml.nvmlDeviceGetEnforcedPowerLimit(h)) / 1000.0
+        except nvml.NVMLError as exc:
+            raise MeterError(f"NVML did not set the power limit to {watts} W: {exc}") from exc
+
+    def pause_seconds(self) -> float:
+        return 0.0  # the GPU enforces its own limit
+
     def close(self) -> None:
         self._stop.set()
         if self._sampler:

@@ -39,5 +39,13 @@ class RaplMeter:
         self._last = now
         return Reading(self._energy_j, None)
 
+    def set_power_limit(self, watts: float | None) -> float | None:
+        if watts is None:
+            return None
+        raise MeterError("the RAPL meter reads CPU packages; it sets no GPU power limit")
+
+    def pause_seconds(self) -> float:
+        return 0.0
+
     def close(self) -> None:
         pass
