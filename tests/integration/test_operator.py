@@ -171,7 +171,7 @@ def test_a_gang_larger_than_the_cluster_never_holds_gpus_past_its_timeout(
         ({"target": {"deadline": "tomorrow"}}, "spec.target.deadline"),
         (
             {"energy": {"minGpuPowerLimitWatts": 150}},
-            "minGpuPowerLimitWatts needs powerCapWatts",
+            "energy.minGpuPowerLimitWatts needs powerCapWatts, budget or scaling.policy",
         ),
         (
             {

@@ -174,6 +174,40 @@ def test_a_lowered_limit_is_given_back_well_under_the_cap():
     assert decide(job, near, FREE).gpu_power_limit_watts == 230.0
 
 
+def test_energy_efficient_searches_the_power_limit_with_the_fewest_joules_per_sample():
+    job = JobPolicySpec(4, 4, 1, Scaling(policy=Policy.ENERGY_EFFICIENT),
+                        Energy(min_gpu_power_limit_watts=200.0))  # fmt: skip
+    # 4 GPUs drawing 300 W each at their default limit: try 10 % lower.
+    d = decide(job, obs(), FREE)
+    assert (d.replicas, d.reason, d.gpu_power_limit_watts) == (4, "PowerLimitTuned", 270.0)
+    # 270 W gave fewer joules per sample (1080 W for 380/s): one more step down.
+    at_270 = obs(thr=380.0, watts=1080.0, gpu_power_limit_watts=270.0,
+                 limit_history={None: SizeStats(400.0, 1200.0)})  # fmt: skip
+    assert decide(job, at_270, FREE).gpu_power_limit_watts == 240.0
+    # 240 W was slower than it saved (3.0 J/sample vs 2.84 at 270 W): back, and stay.
+    before = {None: SizeStats(400.0, 1200.0), 270.0: SizeStats(380.0, 1080.0)}
+    at_240 = obs(thr=300.0, watts=900.0, gpu_power_limit_watts=240.0, limit_history=before)
+    d = decide(job, at_240, FREE)
+    assert (d.reason, d.gpu_power_limit_watts) == ("PowerLimitTuned", 270.0)
+    settled = replace(
+        at_270, limit_history={**at_240.limit_history, 240.0: SizeStats(300.0, 900.0)}
+    )
+    d = decide(job, settled, FREE)
+    assert (d.reason, d.gpu_power_limit_watts) == ("Steady", 270.0)
+
+
+def test_a_power_limit_too_slow_for_the_deadline_is_given_up():
+    job = JobPolicySpec(
+        4, 4, 1, Scaling(policy=Policy.ENERGY_EFFICIENT), Energy(min_gpu_power_limit_watts=200.0),
+        Target(samples=400_000, deadline=NOW + dt.timedelta(seconds=1050)),
+    )  # fmt: skip
+    # 380 samples/s at 270 W needs 1053 s: too slow; the default (400/s) makes it.
+    slow = obs(thr=380.0, watts=1080.0, gpu_power_limit_watts=270.0,
+               limit_history={None: SizeStats(400.0, 1200.0)})  # fmt: skip
+    d = decide(job, slow, FREE)
+    assert (d.reason, d.gpu_power_limit_watts) == ("PowerLimitTuned", None)
+
+
 def test_growth_into_a_busy_cluster_must_repay_two_restarts_while_it_is_quiet():
     busy = ClusterView(free_gpus=16, quiet_seconds=60.0)  # a job waited a minute ago
     d = decide(spec(), obs(restart_seconds=30.0), busy)  # 60 s - 2 x 30 s: no time left
@@ -260,15 +294,20 @@ def test_does_not_oscillate_on_constant_input(case):
     job, o, cluster, per_worker_w, alpha, base = case
     seen = [o.replicas]
     settings_seen = [(o.replicas, None)]
-    n, limit, history = o.replicas, None, {}
+    n, limit, history, tried = o.replicas, None, {}, {}
     long_ago = NOW - dt.timedelta(days=1)
-    for _ in range(3 * (job.max_replicas - job.min_replicas + 2) + 8):
+    # Enough rounds for every size, and for a limit search of 10 % steps down to the floor.
+    for _ in range(3 * (job.max_replicas - job.min_replicas + 2) + 16):
         current = replace(
             o, replicas=n, throughput=base * n**alpha, watts=power(job, per_worker_w, n, limit),
             history=history, gpu_power_limit_watts=limit, power_limit_time=long_ago,
+            limit_history=tried,
         )  # fmt: skip
         history = {**history, n: SizeStats(current.throughput, current.watts)}
+        tried = {**tried, limit: SizeStats(current.throughput, current.watts)}
         d = decide(job, current, cluster)
+        if d.replicas != n:
+            tried = {}
         n, limit = d.replicas, d.gpu_power_limit_watts
         seen.append(n)
         settings_seen.append((n, limit))

@@ -125,7 +125,7 @@ def test_a_lowered_power_limit_is_kept_in_status_announced_and_patched_onto_work
 
 def test_power_limit_fields_are_checked():
     for energy, message in (
-        ({"minGpuPowerLimitWatts": 100}, "needs powerCapWatts"),
+        ({"minGpuPowerLimitWatts": 100}, "needs powerCapWatts, budget or scaling.policy"),
         ({"powerCapWatts": 9, "gpuPowerLimitWatts": 100, "minGpuPowerLimitWatts": 200},
          "must not be above gpuPowerLimitWatts"),
         ({"gpuPowerLimitWatts": 0}, "spec.energy.gpuPowerLimitWatts must be >= 1"),
@@ -136,3 +136,25 @@ def test_power_limit_fields_are_checked():
             assert message in str(exc)
         else:
             raise AssertionError(f"{energy} accepted")
+
+
+def test_what_each_power_limit_gave_is_learned_only_from_intervals_entirely_under_it():
+    e = account({}, [("a/0", reading(0, 0))], at(0), 60, 2, True)
+    e = account(e, [("a/0", reading(300, 1000))], at(10), 60, 2, True)
+    assert e["limitHistory"] == {"default": {"throughput": 100.0, "watts": 30.0}}
+    e = {**e, "gpuPowerLimitWatts": 12.5, "gpuPowerLimitTime": "2026-11-29T12:00:15Z"}
+    e = account(e, [("a/0", reading(500, 1900))], at(20), 60, 2, True)
+    assert set(e["limitHistory"]) == {"default"}  # 10 s to 20 s straddles the change
+    e = account(e, [("a/0", reading(700, 2700))], at(30), 60, 2, True)
+    assert e["limitHistory"]["12.5"] == {"throughput": 80.0, "watts": 20.0}
+
+    spec = TrainingJobSpec.parse({
+        "image": "x", "replicas": 2, "elastic": {"minReplicas": 1, "maxReplicas": 2},
+        "scaling": {"policy": "EnergyEfficient"}, "energy": {"minGpuPowerLimitWatts": 5},
+    })  # fmt: skip
+    st = {"targetReplicas": 2, "energy": e}
+    result = evaluate(spec, st, [("a/0", reading(900, 3500))], ClusterView(0), at(40), 2, True)
+    # 12.5 W gave 0.25 J/sample against 0.3 at the default: the search goes one step lower,
+    # from what each GPU draws now (10 W) by 10 % of its draw at the default (15 W).
+    assert result.decision.reason == "PowerLimitTuned"
+    assert result.status["energy"]["gpuPowerLimitWatts"] == 8.5

@@ -23,6 +23,7 @@ from joule.trainer_metrics import TrainerReading
 GPU = "nvidia.com/gpu"
 MAX_WINDOW_POINTS = 64
 HISTORY_SMOOTHING = 0.5  # weight of the newest interval in the per-size averages
+DEFAULT_LIMIT = "default"  # status.energy.limitHistory's key for "no limit set"
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,30 @@ def account(
         interval = t - previous[0]
         thr = (done - previous[2]) / interval
         watts = (consumed - previous[1]) / interval
-        old = history.get(str(replicas))
-        if old:
-            a = HISTORY_SMOOTHING
-            thr = a * thr + (1 - a) * old["throughput"]
-            watts = a * watts + (1 - a) * old["watts"]
         if thr > 0:
-            history[str(replicas)] = {"throughput": round(thr, 3), "watts": round(watts, 3)}
+            history[str(replicas)] = _smoothed(history.get(str(replicas)), thr, watts)
+        # The same interval, for the power limit in force all through it.
+        set_at = parse_time(energy.get("gpuPowerLimitTime"))
+        if thr > 0 and (set_at is None or previous[0] >= set_at.timestamp()):
+            tried = dict(energy.get("limitHistory", {}))
+            key = limit_key(energy.get("gpuPowerLimitWatts"))
+            tried[key] = _smoothed(tried.get(key), thr, watts)
+            out["limitHistory"] = tried
     out["history"] = history
     return out
+
+
+def _smoothed(old: Mapping[str, float] | None, thr: float, watts: float) -> dict[str, float]:
+    """The newest interval's rates, averaged into what was measured before."""
+    if old:
+        a = HISTORY_SMOOTHING
+        thr = a * thr + (1 - a) * old["throughput"]
+        watts = a * watts + (1 - a) * old["watts"]
+    return {"throughput": round(thr, 3), "watts": round(watts, 3)}
+
+
+def limit_key(watts: float | None) -> str:
+    return DEFAULT_LIMIT if watts is None else f"{watts:g}"
 
 
 def evaluate(
@@ -131,6 +147,10 @@ def evaluate(
         last_scale_time=last_scale,
         gpu_power_limit_watts=energy.get("gpuPowerLimitWatts"),
         power_limit_time=parse_time(energy.get("gpuPowerLimitTime")),
+        limit_history={
+            None if k == DEFAULT_LIMIT else float(k): SizeStats(h["throughput"], h["watts"])
+            for k, h in energy.get("limitHistory", {}).items()
+        },
     )
     decision = decide(spec.policy_spec(), obs, cluster)
     st["energy"] = energy
@@ -144,6 +164,7 @@ def evaluate(
         events.append(Event("Normal", decision.reason, decision.message))
     current = int(st.get("targetReplicas") or spec.replicas)
     if decision.replicas != current and not decision.suspend:
+        energy.pop("limitHistory", None)  # what a limit gives depends on the size
         st["targetReplicas"] = decision.replicas
         st["lastScaleTime"] = fmt_time(now)
         events.append(

@@ -132,6 +132,18 @@ class TrainingJobSpec:
             "checkpoint", "nodeSelector", "tolerations", "affinity", "priorityClassName",
             "schedulerName", "serviceAccountName", "podLabels", "podAnnotations",
         )  # fmt: skip
+        scaling = _scaling(spec.get("scaling") or {}, elastic is not None)
+        energy = _energy(spec.get("energy") or {})
+        reason_to_lower = (
+            energy.power_cap_watts is not None
+            or energy.budget_joules is not None
+            or scaling.policy == Policy.ENERGY_EFFICIENT
+        )
+        if energy.min_gpu_power_limit_watts is not None and not reason_to_lower:
+            raise SpecError(
+                "energy.minGpuPowerLimitWatts needs powerCapWatts, budget or scaling.policy "
+                "EnergyEfficient (a reason to lower the limit)"
+            )
         return cls(
             image=image,
             replicas=replicas,
@@ -144,8 +156,8 @@ class TrainingJobSpec:
             clean_pod_policy=clean,
             suspend=bool(spec.get("suspend", False)),
             startup_timeout_seconds=_int(spec, "startupTimeoutSeconds", 300, minimum=1),
-            scaling=_scaling(spec.get("scaling") or {}, elastic is not None),
-            energy=_energy(spec.get("energy") or {}),
+            scaling=scaling,
+            energy=energy,
             target=_target(spec.get("target") or {}),
             pod={k: spec[k] for k in pod_keys if k in spec},
         )
@@ -226,8 +238,7 @@ def _energy(d: dict[str, Any]) -> Energy:
     limit, floor = _watts(d, "gpuPowerLimitWatts"), _watts(d, "minGpuPowerLimitWatts")
     if floor is not None and limit is not None and floor > limit:
         raise SpecError(f"{p}minGpuPowerLimitWatts must not be above gpuPowerLimitWatts")
-    if floor is not None and cap is None:
-        raise SpecError(f"{p}minGpuPowerLimitWatts needs powerCapWatts")
+
     return Energy(
         power_cap_watts=float(cap) if cap is not None else None,
         window_seconds=float(_int(d, "windowSeconds", 300, 10, p)),

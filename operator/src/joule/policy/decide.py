@@ -11,7 +11,9 @@ Order of concerns, first match wins:
 4. The policy: Throughput (grow while another worker adds throughput, GPUs are free and the
    job is not input-bound; shrink when the last worker adds little, GPUs are idle or other
    jobs wait) or EnergyEfficient (the size with the fewest joules per sample that meets the
-   deadline). A budget at risk switches Throughput to EnergyEfficient.
+   deadline; then, where minGpuPowerLimitWatts allows, the per-GPU power limit with the
+   fewest joules per sample at that size, found by trying lower limits one step at a time,
+   as Zeus does). A budget at risk switches Throughput to EnergyEfficient.
 A resize is made only when its predicted gain over the remaining work exceeds what a restart
 costs (restart_seconds, measured per job). Growing needs a gain of min_gain, shrinking back a
 gain of under min_gain / 2: the band between the two keeps noise from flipping decisions.
@@ -40,7 +42,8 @@ LOW_UTILIZATION = 0.4  # below: input-bound, more workers would only wait
 CAP_TARGET = 0.95  # a lowered power limit aims at this fraction of the cap
 RAISE_BELOW = 0.8  # a lowered limit is raised again once power is under this fraction
 BINDING = 0.9  # GPUs drawing less than this fraction of their limit are not held by it
-LIMIT_REASONS = ("PowerLimitLowered", "PowerLimitRaised")
+LIMIT_REASONS = ("PowerLimitLowered", "PowerLimitRaised", "PowerLimitTuned")
+LIMIT_STEP = 0.1  # a tuning step: this fraction of a GPU's draw at its default limit
 BUDGET_MARGIN = 0.1  # growth must leave this much of the remaining budget unspent
 DEADLINE_MARGIN = 0.1  # a move for energy must still finish this much before the deadline
 
@@ -79,6 +82,8 @@ def decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Deci
     if d.reason in LIMIT_REASONS:
         return d
     d = replace(d, gpu_power_limit_watts=obs.gpu_power_limit_watts)
+    if _tunes_limit(spec, d.budget_at_risk):
+        return d  # the limit is the tuning's to set
     quiet = not (d.suspend or d.budget_exhausted or d.power_cap_exceeded)
     if quiet and d.replicas == obs.replicas and obs.gpu_power_limit_watts is not None:
         return _raise_limit(spec, obs, d)
@@ -113,16 +118,18 @@ def _lower_limit(spec: JobPolicySpec, obs: Observations, cap: float) -> Decision
 
 
 def _raise_limit(spec: JobPolicySpec, obs: Observations, d: Decision) -> Decision:
-    """Give back a lowered power limit once the job runs well under its cap (or has none)."""
+    """Give back a limit lowered for the cap once the job runs well under it."""
     current = obs.gpu_power_limit_watts
     assert current is not None
     cap = spec.energy.power_cap_watts
     ceiling = spec.energy.gpu_power_limit_watts
-    if cap is not None and obs.watts >= cap * RAISE_BELOW:
+    # Only a limit lowered for the cap goes back up; with a budget, a lower limit (fewer
+    # joules per sample) is kept, or raising it would put the budget at risk again.
+    if cap is None or spec.energy.budget_joules is not None or obs.watts >= cap * RAISE_BELOW:
         return d
     new: float | None = None  # the spec's limit, or none
     binding = _per_gpu_watts(spec, obs) >= BINDING * current  # else the limit does nothing
-    if cap is not None and obs.watts > 0 and binding:
+    if obs.watts > 0 and binding:
         new = round(current * CAP_TARGET * cap / obs.watts, 1)
         if ceiling is not None and new >= ceiling:
             new = None
@@ -236,16 +243,87 @@ def _decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Dec
     # limit is raised (or lowered) first.
     ceiling = energy.gpu_power_limit_watts
     limit = obs.gpu_power_limit_watts
-    if limit is not None and (ceiling is None or limit < ceiling) and not at_risk:
+    limited = limit is not None and (ceiling is None or limit < ceiling)
+    tuning = _tunes_limit(spec, at_risk)
+    if limited and not at_risk and not tuning:
         shrink = _fair_share(spec, cluster, candidates, cur, flags)
         return shrink or keep(
             "Steady", f"{cur} workers at a lowered power limit of {limit:.0f} W per GPU", **flags
         )
     if policy == Policy.ENERGY_EFFICIENT or at_risk:
-        return _energy_efficient(
-            spec, obs, stats, candidates, cur, horizon, remaining_samples, flags
-        )
+        d = _energy_efficient(
+            spec, obs, stats, [cur] if limited and not at_risk else candidates, cur, horizon,
+            remaining_samples,
+            flags,
+        )  # fmt: skip
+        if d.replicas == cur and tuning:
+            return _tune_limit(spec, obs, _needed_rate(spec, obs, remaining_samples), d)
+        return d
     return _throughput(spec, obs, cluster, stats, candidates, cur, horizon, m, flags)
+
+
+def _tunes_limit(spec: JobPolicySpec, at_risk: bool) -> bool:
+    """Whether the policy searches the per-GPU limit for energy (not only for the cap)."""
+    energy_first = spec.scaling.policy == Policy.ENERGY_EFFICIENT or at_risk
+    return energy_first and spec.energy.min_gpu_power_limit_watts is not None
+
+
+def _needed_rate(
+    spec: JobPolicySpec, obs: Observations, remaining_samples: float | None
+) -> float | None:
+    """Samples/s that finish the target by the deadline (None: no deadline to meet)."""
+    deadline = spec.target.deadline
+    if deadline is None or not remaining_samples:
+        return None
+    left = (deadline - obs.now).total_seconds()
+    return remaining_samples / left if left > 0 else math.inf
+
+
+def _tune_limit(
+    spec: JobPolicySpec, obs: Observations, needed: float | None, d: Decision
+) -> Decision:
+    """One step of a search for the per-GPU limit with the fewest joules per sample at this
+    size: go to the best limit measured; from the best, try the next lower one not yet tried
+    (down to the floor). Limits too slow for the deadline are out; with none left, the
+    default. Each limit is tried once, so the search ends."""
+    floor = spec.energy.min_gpu_power_limit_watts
+    assert floor is not None
+    current = obs.gpu_power_limit_watts
+    # The interval rates under each limit; the window average would mix in earlier limits.
+    now = obs.limit_history.get(current) or SizeStats(obs.throughput, obs.watts)
+    seen = {**obs.limit_history, current: now}
+
+    def fast_enough(limit: float | None) -> bool:
+        if needed is None:
+            return True
+        margin = 1.0 if limit == current else 1 / (1 - DEADLINE_MARGIN)
+        return seen[limit].throughput >= needed * margin
+
+    def jps(limit: float | None) -> float:
+        return _joules_per_sample(seen[limit])
+
+    def go(limit: float | None, why: str) -> Decision:
+        to = "the default" if limit is None else f"{limit:.0f} W"
+        return Decision(d.replicas, "PowerLimitTuned", f"per-GPU power limit -> {to}: {why}",
+                        budget_at_risk=d.budget_at_risk, gpu_power_limit_watts=limit)  # fmt: skip
+
+    ok = [limit for limit in seen if fast_enough(limit)]
+    if not ok:
+        return d if current is None else go(None, "the deadline needs full speed")
+    best = min(ok, key=lambda limit: (jps(limit), -(limit or math.inf)))
+    if current not in ok or jps(current) > jps(best) * (1 + spec.scaling.min_gain / 2):
+        return go(best, f"{jps(best):.3g} J/sample there vs {jps(current):.3g} now")
+    if current != best:
+        return d
+    per = max(obs.replicas * max(spec.gpus_per_replica, 1), 1)
+    reference = seen[None].watts / per if None in seen else _per_gpu_watts(spec, obs)
+    draw = now.watts / per
+    start = draw if current is None else min(current, draw)
+    lower = round(start - LIMIT_STEP * reference, 1)
+    tried = any(limit is not None and abs(limit - lower) < 0.5 for limit in seen)
+    if lower >= floor and not tried:
+        return go(lower, f"trying a lower limit; {jps(current):.3g} J/sample now")
+    return d
 
 
 def _worth_restart_time(

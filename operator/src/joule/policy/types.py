@@ -80,6 +80,8 @@ class Observations:
     last_scale_time: dt.datetime | None = None
     gpu_power_limit_watts: float | None = None  # the per-GPU limit the policy last set
     power_limit_time: dt.datetime | None = None  # when it set it
+    # At the current size: what each per-GPU limit tried gave (None: the default limit).
+    limit_history: Mapping[float | None, SizeStats] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class Job:
     last_scale: float | None = None
     limit: float | None = None  # per-GPU power limit (W) Joule's policy set; None: default
     limit_time: float | None = None
+    limit_history: dict[float | None, SizeStats] = field(default_factory=dict)  # at this size
     history: dict[int, SizeStats] = field(default_factory=dict)
     util_log: list[tuple[float, int]] = field(default_factory=list)  # HPA's desired sizes
 
@@ -247,12 +248,8 @@ def joule(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tup
     s, kind = job.spec, job.spec.kind
     thr = noisy(kind.throughput(job.n, job.f), rng)
     watts = noisy(kind.watts(job.n, job.f), rng, 0.03)
-    old = job.history.get(job.n)
-    job.history[job.n] = (
-        SizeStats(0.5 * thr + 0.5 * old.throughput, 0.5 * watts + 0.5 * old.watts)
-        if old
-        else SizeStats(thr, watts)
-    )
+    job.history[job.n] = smooth(job.history.get(job.n), thr, watts)
+    job.limit_history[job.limit] = smooth(job.limit_history.get(job.limit), thr, watts)
     spec = JobPolicySpec(
         kind.min_workers,
         kind.max_workers,
@@ -285,11 +282,20 @@ def joule(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tup
         last_scale_time=at(job.last_scale),
         gpu_power_limit_watts=job.limit,
         power_limit_time=at(job.limit_time),
+        limit_history=dict(job.limit_history),
     )
     d = decide(spec, obs, cluster)
+    if d.replicas != job.n:
+        job.limit_history = {}  # what a limit gives depends on the size
     if d.gpu_power_limit_watts != job.limit:
         job.limit, job.limit_time = d.gpu_power_limit_watts, now
     return d.replicas, limit_fraction(kind, job.limit)
+
+
+def smooth(old: SizeStats | None, throughput: float, watts: float) -> SizeStats:
+    if old is None:
+        return SizeStats(throughput, watts)
+    return SizeStats(0.5 * throughput + 0.5 * old.throughput, 0.5 * watts + 0.5 * old.watts)
 
 
 def at(seconds: float | None) -> dt.datetime | None:
