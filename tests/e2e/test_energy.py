@@ -5,6 +5,8 @@ status and in Events."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from kubernetes import client
 
@@ -95,6 +97,17 @@ def test_over_its_cap_a_job_first_runs_at_a_lower_power_limit_and_keeps_its_work
     assert st["energy"]["averageWatts"] <= 10
     assert st["targetReplicas"] == 2 and len(running_pods(core, namespace, "limited")) == 2
     assert "lastScaleTime" not in st  # the workers were never resized
+
+    # kubectl scale on a job Joule manages: the new size is taken, and kept.
+    kubectl("scale", "-n", namespace, "tj/limited", "--replicas=1")
+    wait_for(lambda: len(running_pods(core, namespace, "limited")) == 1, timeout=90,
+             what="one worker after kubectl scale")  # fmt: skip
+    assert "ScaledByUser" in reasons(core, namespace, "limited")
+    wait_for(lambda: status(api, namespace, "limited").get("phase") == "Running", timeout=90,
+             what="training at one worker")  # fmt: skip
+    time.sleep(15)  # three evaluations
+    st = status(api, namespace, "limited")
+    assert st["targetReplicas"] == 1 and len(running_pods(core, namespace, "limited")) == 1
 
 
 @pytest.mark.timeout(400)

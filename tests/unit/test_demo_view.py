@@ -46,3 +46,17 @@ def test_a_worker_that_has_not_stepped_yet_shows_dashes():
     row = job_row({"metadata": {"name": "x"}, "spec": {"replicas": 1}}, [])
     assert row.phase == "Pending" and row.samples_per_s is None
     assert " - " in render([row], 1.0, [])
+
+
+def test_the_row_shows_the_policys_size_limit_and_newest_event():
+    job = {
+        "metadata": {"name": "gpt"},
+        "spec": {"replicas": 2},
+        "status": {"phase": "Running", "readyReplicas": 2, "targetReplicas": 1,
+                   "energy": {"gpuPowerLimitWatts": 5.5}},
+    }  # fmt: skip
+    said = "PowerLimitLowered: average power 21.0 W over the 12 W cap: ... -> 5 W"
+    row = job_row(job, [], said)
+    assert (row.desired, row.limit, row.decision) == (1, 5.5, said)
+    text = render([row], 3.0, [])
+    assert "2/1" in text and " 5.5 " in text and "PowerLimitLowered: average power" in text

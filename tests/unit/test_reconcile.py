@@ -191,3 +191,23 @@ def test_condition_times_move_only_when_a_condition_changes():
     assert [c["lastTransitionTime"] for c in later.status["conditions"]] == [
         c["lastTransitionTime"] for c in first.status["conditions"]
     ]
+
+
+def test_kubectl_scale_on_a_managed_job_becomes_its_target_and_starts_the_cooldown():
+    from joule.reconcile import desired_replicas, follow_user_scale
+
+    managed = {"elastic": {"minReplicas": 1, "maxReplicas": 4}, "scaling": {"policy": "Throughput"}}
+    st: dict = {}
+    assert follow_user_scale(spec(**managed), st, T0) is None  # first sight: just noted
+    st["targetReplicas"] = 4  # the policy grew the job
+    # A GitOps tool re-applies the same manifest (replicas: 2): the policy's size stays.
+    assert follow_user_scale(spec(**managed), st, T0) is None
+    assert desired_replicas(spec(**managed), st) == 4
+    st["energy"] = {"consumedJoules": 5.0, "limitHistory": {"default": {}}}
+    event = follow_user_scale(spec(**{**managed, "replicas": 1}), st, T0)  # kubectl scale
+    assert event is not None and event.reason == "ScaledByUser"
+    assert "4 -> 1 workers" in event.message
+    assert desired_replicas(spec(**{**managed, "replicas": 1}), st) == 1
+    assert st["lastScaleTime"] == fmt_time(T0)  # the policy's cooldown counts from here
+    assert st["energy"] == {"consumedJoules": 5.0}  # limits measured at 4 workers are moot
+    assert follow_user_scale(spec(replicas=3), {"specReplicas": 2}, T0) is None  # unmanaged

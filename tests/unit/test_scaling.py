@@ -94,17 +94,22 @@ def test_free_and_waiting_gpus():
     assert view == ClusterView(free_gpus=12, waiting_gpus=2, total_gpus=16, jobs=2)
 
 
+def capped_two_workers(replicas: int) -> tuple[TrainingJobSpec, dict, list]:
+    """An 18 W cap (floor 4 W per GPU) and two workers that drew 30 W over the first 10 s."""
+    spec = TrainingJobSpec.parse({
+        "image": "x", "replicas": replicas, "elastic": {"minReplicas": 1, "maxReplicas": 2},
+        "energy": {"powerCapWatts": 18, "windowSeconds": 10, "minGpuPowerLimitWatts": 4},
+    })  # fmt: skip
+    st = {"targetReplicas": replicas, "energy": {"counters": {"a/0": 0.0, "b/0": 0.0},
+          "window": [[T0.timestamp(), 0.0, 0.0]], "consumedJoules": 0.0}}  # fmt: skip
+    return spec, st, [("a/0", reading(150, 1000)), ("b/0", reading(150, 1000))]
+
+
 def test_a_lowered_power_limit_is_kept_in_status_announced_and_patched_onto_workers():
     from joule.observe import PodView
     from joule.reconcile import power_limit_patches
 
-    spec = TrainingJobSpec.parse({
-        "image": "x", "replicas": 2, "elastic": {"minReplicas": 1, "maxReplicas": 2},
-        "energy": {"powerCapWatts": 18, "windowSeconds": 10, "minGpuPowerLimitWatts": 4},
-    })  # fmt: skip
-    st = {"targetReplicas": 2, "energy": {"counters": {"a/0": 0.0, "b/0": 0.0},
-          "window": [[T0.timestamp(), 0.0, 0.0]], "consumedJoules": 0.0}}  # fmt: skip
-    readings = [("a/0", reading(150, 1000)), ("b/0", reading(150, 1000))]
+    spec, st, readings = capped_two_workers(replicas=2)
     result = evaluate(spec, st, readings, ClusterView(0), at(10), 2, True)  # 30 W over 18 W
     d = result.decision
     assert (d.replicas, d.reason) == (2, "PowerLimitLowered")
@@ -115,6 +120,18 @@ def test_a_lowered_power_limit_is_kept_in_status_announced_and_patched_onto_work
 
     def pod(name: str, limit: str | None) -> PodView:
         return PodView(name, name, 0, "Running", True, True, False, None, None, limit)
+
+    # Once the lowered limit shows in the window, the job is back under its cap and says so.
+    later = {**result.status, "energy": {**result.status["energy"],
+             "gpuPowerLimitTime": "2026-11-29T11:00:00Z"}}  # fmt: skip
+    under = [("a/0", reading(230, 2000)), ("b/0", reading(230, 2000))]  # 160 J in 15 s
+    back = evaluate(spec, later, under, ClusterView(0), at(25), 2, True)
+    assert not back.decision.power_cap_exceeded
+    said = {e.reason: e.message for e in back.events}
+    assert "under the 18 W cap, at 2 workers" in said["UnderPowerCap"]
+    # Drawing well under the limit and the cap, the job gets its default limit back.
+    assert back.decision.reason == "PowerLimitRaised" and "PowerLimitRaised" in said
+    assert "gpuPowerLimitWatts" not in back.status["energy"]
 
     pods = [pod("w0", None), pod("w1", "8.6")]
     assert power_limit_patches(spec, result.status, pods) == {"w0": "8.6"}
@@ -158,3 +175,13 @@ def test_what_each_power_limit_gave_is_learned_only_from_intervals_entirely_unde
     # from what each GPU draws now (10 W) by 10 % of its draw at the default (15 W).
     assert result.decision.reason == "PowerLimitTuned"
     assert result.status["energy"]["gpuPowerLimitWatts"] == 8.5
+
+
+def test_mid_resize_the_policy_keeps_the_size_it_is_on_the_way_to():
+    # kubectl scale 2 -> 1 on a capped job: one worker is still running down. Its power
+    # must not be read as the new size's, nor the old size taken back.
+    spec, st, readings = capped_two_workers(replicas=1)
+    result = evaluate(spec, st, readings, ClusterView(0), at(10), 2, False)
+    assert (result.decision.replicas, result.decision.reason) == (1, "NoMeasurement")
+    assert result.status["targetReplicas"] == 1 and not result.events
+    assert result.status["energy"]["consumedJoules"] == 300  # the accounting goes on

@@ -42,6 +42,7 @@ from joule.reconcile import (
     Plan,
     decide,
     desired_replicas,
+    follow_user_scale,
     power_limit,
     power_limit_patches,
 )
@@ -107,7 +108,7 @@ class Reconciler:
         if body["metadata"].get("deletionTimestamp"):
             return Outcome(None, False)  # the garbage collector takes the children
         job = JobRef.from_body(body)
-        status = body.get("status") or {}
+        status = stored = body.get("status") or {}
         try:
             spec = TrainingJobSpec.parse(body.get("spec") or {})
         except SpecError as exc:
@@ -115,9 +116,14 @@ class Reconciler:
 
         pods = self._pods(job)
         now = self.clock()
+        scaled = None
         if spec.managed:
+            status = dict(status)
+            scaled = follow_user_scale(spec, status, now)
             status = self._evaluate(job, spec, status, pods, now)
         plan = decide(job, spec, status, body["metadata"].get("generation", 1), pods, now)
+        if scaled is not None:  # posted with the plan's, once the status is written
+            plan.events.insert(0, scaled)
         if spec.managed and not Phase(plan.status["phase"]).finished:
             every = spec.scaling.evaluation_interval_seconds
             plan.requeue_after = min(plan.requeue_after or every, every)
@@ -134,7 +140,7 @@ class Reconciler:
                 self._annotate_pod(namespace, pod_name, POWER_LIMIT_ANNOTATION, value)
         metrics.JOBS.set(namespace, name, plan.status.get("phase"))
         written = False
-        if plan.status != status:
+        if plan.status != stored:  # what evaluation and decision changed, together
             self._write_status(body, plan.status)
             written = True
         for event in plan.events:

@@ -186,6 +186,29 @@ def power_limit_patches(
     return {p.name: want for p in pods if p.active and p.power_limit != want}
 
 
+def follow_user_scale(spec: TrainingJobSpec, st: dict[str, Any], now: dt.datetime) -> Event | None:
+    """On a managed job, a new spec.replicas (kubectl scale, an edit in Git) becomes the
+    target, and the policy's cooldown starts now. A spec.replicas that did not change (a
+    GitOps tool re-applying the same manifest) leaves the policy's size alone. Updates st."""
+    if not spec.managed:
+        return None
+    seen = st.get("specReplicas")
+    st["specReplicas"] = spec.replicas
+    if seen is None or int(seen) == spec.replicas:
+        return None
+    before = desired_replicas(spec, st)
+    st["targetReplicas"] = spec.replicas
+    st["lastScaleTime"] = fmt_time(now)
+    if st.get("energy"):
+        st["energy"] = {k: v for k, v in st["energy"].items() if k != "limitHistory"}
+    return Event(
+        "Normal",
+        "ScaledByUser",
+        f"spec.replicas {seen} -> {spec.replicas}: {before} -> {spec.replicas} workers; "
+        f"the policy holds this size for cooldownSeconds",
+    )
+
+
 def desired_replicas(spec: TrainingJobSpec, st: dict[str, Any]) -> int:
     """spec.replicas, unless the scaling policy or an energy limit chose another size."""
     target = st.get("targetReplicas")

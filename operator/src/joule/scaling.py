@@ -131,9 +131,12 @@ def evaluate(
         energy["measuredScale"] = st["lastScaleTime"]
     rates = energy.get("history", {}).get(str(running))
     util = [r.utilization for _, r in readings if r.utilization is not None]
+    current = int(st.get("targetReplicas") or spec.replicas)
+    # Mid-resize (or before the first steady reading) nothing is measured at any size: the
+    # policy then only watches the budget, and keeps the size it is on the way to.
     obs = Observations(
-        replicas=running,
-        throughput=rates["throughput"] if rates else 0.0,
+        replicas=running if steady else current,
+        throughput=rates["throughput"] if rates and steady else 0.0,
         watts=energy.get("averageWatts", 0.0),
         consumed_joules=energy["consumedJoules"],
         samples_done=energy["samples"],
@@ -162,7 +165,6 @@ def evaluate(
             energy["gpuPowerLimitWatts"] = decision.gpu_power_limit_watts
         energy["gpuPowerLimitTime"] = fmt_time(now)
         events.append(Event("Normal", decision.reason, decision.message))
-    current = int(st.get("targetReplicas") or spec.replicas)
     if decision.replicas != current and not decision.suspend:
         energy.pop("limitHistory", None)  # what a limit gives depends on the size
         st["targetReplicas"] = decision.replicas
@@ -194,6 +196,13 @@ def evaluate(
         alarming = decision.suspend or decision.budget_exhausted or decision.power_cap_exceeded
         if alarming and not events:
             events.append(Event("Warning", decision.reason, decision.message))
+        cap = spec.energy.power_cap_watts
+        if last.get("overCap") and not decision.power_cap_exceeded and cap is not None:
+            watts = energy.get("averageWatts", 0.0)
+            events.append(
+                Event("Normal", "UnderPowerCap", f"average power {watts:.1f} W, under the "
+                      f"{cap:.0f} W cap, at {decision.replicas} workers")
+            )  # fmt: skip
     return Evaluation(st, decision, events)
 
 

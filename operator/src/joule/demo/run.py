@@ -21,7 +21,7 @@ from kubernetes import client, config
 
 from joule.cluster import ClusterInfo, ClusterSettings, down, up
 from joule.cluster.lifecycle import kubectl
-from joule.constants import GROUP, LABEL_JOB, METRICS_PORT, PLURAL, VERSION
+from joule.constants import COMPONENT, GROUP, KIND, LABEL_JOB, METRICS_PORT, PLURAL, VERSION
 from joule.demo.view import job_row, render
 from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
 
@@ -146,6 +146,17 @@ class Demo:
     def jobs(self) -> list[dict[str, Any]]:
         return self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
 
+    def last_events(self) -> dict[str, str]:
+        """Each job's newest Event from the operator: what it last did, and why."""
+        events = self.core.list_event_for_all_namespaces(
+            field_selector=f"involvedObject.kind={KIND}"
+        ).items
+        ours = [e for e in events if e.reporting_component == COMPONENT]
+        newest: dict[str, str] = {}
+        for e in sorted(ours, key=lambda e: e.last_timestamp or e.metadata.creation_timestamp):
+            newest[e.involved_object.name] = f"{e.reason}: {e.message}"
+        return newest
+
     def readings(self) -> tuple[dict[str, list[TrainerReading]], list[str]]:
         by_job: dict[str, list[TrainerReading]] = {}
         endpoints = [f"operator  http://127.0.0.1:{self.operator_port}/metrics"]
@@ -175,7 +186,11 @@ class Demo:
             ):
                 self.first_step_s = elapsed
                 self.say(f"first training step {elapsed:.1f}s after `joule demo` started")
-            rows = [job_row(j, readings.get(j["metadata"]["name"], [])) for j in jobs]
+            said = self.last_events()
+            rows = [
+                job_row(j, readings.get(j["metadata"]["name"], []), said.get(j["metadata"]["name"]))
+                for j in jobs
+            ]
             text = render(rows, elapsed, endpoints)
             if tty:
                 print("\x1b[H\x1b[2J" + text, flush=True)

@@ -22,9 +22,14 @@ class JobRow:
     joules: float | None
     source: str
     decision: str
+    limit: float | None = None  # per-GPU power limit the policy set
 
 
-def job_row(job: Mapping[str, Any], readings: Iterable[TrainerReading]) -> JobRow:
+def job_row(
+    job: Mapping[str, Any], readings: Iterable[TrainerReading], last_event: str | None = None
+) -> JobRow:
+    """``last_event``: the operator's newest Event on the job ("Reason: message"), which says
+    what it last did and why; without one, the job's phase reason."""
     status, spec = job.get("status", {}), job.get("spec", {})
     rs = sorted(readings, key=lambda r: r.rank)
     reason, message = status.get("reason", ""), status.get("message", "")
@@ -32,14 +37,15 @@ def job_row(job: Mapping[str, Any], readings: Iterable[TrainerReading]) -> JobRo
         name=job["metadata"]["name"],
         phase=status.get("phase", "Pending"),
         ready=int(status.get("readyReplicas", 0)),
-        desired=int(spec.get("replicas", 0)),
+        desired=int(status.get("targetReplicas") or spec.get("replicas", 0)),
         step=rs[0].steps if rs else None,
         samples_per_s=sum(r.throughput for r in rs) if rs else None,
         loss=rs[0].loss if rs else None,
         watts=sum(r.watts or 0.0 for r in rs) if rs else None,
         joules=sum(r.joules for r in rs) if rs else None,
         source=rs[0].source if rs else "",
-        decision=f"{reason}: {message}" if reason else message,
+        decision=last_event or (f"{reason}: {message}" if reason else message),
+        limit=(status.get("energy") or {}).get("gpuPowerLimitWatts"),
     )
 
 
@@ -50,7 +56,7 @@ def _num(value: float | None, fmt: str) -> str:
 def render(rows: Iterable[JobRow], elapsed: float, endpoints: Iterable[str]) -> str:
     header = (
         f"{'JOB':<14} {'PHASE':<10} {'READY':>5} {'STEP':>6} {'SAMPLES/S':>9} {'LOSS':>6} "
-        f"{'WATTS':>7} {'JOULES':>8}  LAST DECISION"
+        f"{'WATTS':>7} {'LIMIT':>6} {'JOULES':>8}  LAST DECISION"
     )
     lines = [f"joule demo  {elapsed:5.0f}s  (Ctrl-C stops everything)", "", header]
     sources = set()
@@ -60,11 +66,12 @@ def render(rows: Iterable[JobRow], elapsed: float, endpoints: Iterable[str]) -> 
         lines.append(
             f"{r.name:<14.14} {r.phase:<10.10} {f'{r.ready}/{r.desired}':>5} "
             f"{_num(r.step, '.0f'):>6} {_num(r.samples_per_s, '.1f'):>9} "
-            f"{_num(r.loss, '.3f'):>6} {_num(r.watts, '.1f'):>7} {_num(r.joules, '.0f'):>8}  "
-            f"{r.decision[:60]}"
+            f"{_num(r.loss, '.3f'):>6} {_num(r.watts, '.1f'):>7} {_num(r.limit, '.1f'):>6} "
+            f"{_num(r.joules, '.0f'):>8}  {r.decision[:90]}"
         )
     if sources:
         note = " (from CPU time: an estimate, not a measurement)" if "estimated" in sources else ""
         lines += ["", f"energy meter: {', '.join(sorted(sources))}{note}"]
+    lines += ["LIMIT: the per-GPU power limit Joule set (W); - is the device's default"]
     lines += ["", "metrics:", *(f"  {e}" for e in endpoints)]
     return "\n".join(lines)
