@@ -84,7 +84,8 @@ def decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Deci
     d = replace(d, gpu_power_limit_watts=obs.gpu_power_limit_watts)
     if _tunes_limit(spec, d.budget_at_risk):
         return d  # the limit is the tuning's to set
-    quiet = not (d.suspend or d.budget_exhausted or d.power_cap_exceeded)
+    measured = d.reason != "NoMeasurement"
+    quiet = measured and not (d.suspend or d.budget_exhausted or d.power_cap_exceeded)
     if quiet and d.replicas == obs.replicas and obs.gpu_power_limit_watts is not None:
         return _raise_limit(spec, obs, d)
     return d
