@@ -161,6 +161,20 @@ def test_success_when_workers_exit_zero_and_the_ttl_then_deletes_the_job():
     assert later.delete_job
 
 
+def test_a_worker_that_never_exits_after_the_end_is_deleted_not_waited_for():
+    s = spec()
+    ended = [pod(0, phase="Succeeded"), pod(1)]
+    waiting = run(s, ended, {"phase": "Running"})
+    assert waiting.status["completingSince"] == fmt_time(T0) and waiting.delete == []
+    assert waiting.requeue_after == 360  # checked again when the grace is up
+    later = run(s, ended, waiting.status, now=T0 + dt.timedelta(seconds=359))
+    assert later.delete == [] and later.status["reason"] == "Completing"
+    stuck = run(s, ended, waiting.status, now=T0 + dt.timedelta(seconds=360))
+    assert stuck.delete == ["j-worker-1"] and reasons(stuck) == ["CompletionTimeout"]
+    gone = run(s, [pod(0, phase="Succeeded"), pod(1, terminating=True)], stuck.status)
+    assert gone.status["phase"] == "Succeeded" and "completingSince" not in gone.status
+
+
 def test_clean_pod_policy_all_deletes_finished_pods_too():
     s = spec(cleanPodPolicy="All")
     plan = run(s, [pod(0, phase="Succeeded"), pod(1, phase="Succeeded")], {"phase": "Running"})

@@ -98,19 +98,34 @@ def decide(
 
     succeeded = [p for p in pods if p.phase == "Succeeded"]
     if succeeded:
-        # Training is over once a worker has exited 0; wait for the rest to exit too.
-        if not any(p.active for p in pods):
+        # Training is over once a worker has exited 0; wait for the rest to exit too, but not
+        # forever: a worker stuck after the end (a hung exit barrier) is deleted.
+        lingering = [p for p in pods if p.active]
+        if not lingering:
+            st.pop("completingSince", None)
             _finish(
                 st, Phase.SUCCEEDED, "Succeeded", f"{len(succeeded)} workers exited 0", now, plan
             )
             _finished(spec, st, pods, now, plan)
         else:
+            since = parse_time(st.get("completingSince")) or now
+            st["completingSince"] = fmt_time(since)
+            waited = (now - since).total_seconds()
             _set_phase(
                 st,
                 Phase.RUNNING,
                 "Completing",
                 f"{len(succeeded)} workers finished; waiting for the others to exit",
             )
+            if waited >= COMPLETION_GRACE_SECONDS:
+                plan.delete = [p.name for p in lingering if not p.terminating]
+                names = ", ".join(p.name for p in lingering)
+                plan.events.append(
+                    Event("Warning", "CompletionTimeout",
+                          f"training ended {waited:.0f}s ago and {names} did not exit: deleting")
+                )  # fmt: skip
+            else:
+                plan.requeue_after = COMPLETION_GRACE_SECONDS - waited
         return _close(plan, st, job, spec, generation, pods, now)
 
     if _count_failures(spec, st, pods, now, plan):
@@ -363,6 +378,11 @@ def _finish(
     _set_phase(st, phase, reason, message)
     plan.create = []
     plan.events.append(Event("Normal" if phase == Phase.SUCCEEDED else "Warning", reason, message))
+
+
+# How long the other workers may take to exit once one has finished. torchrun's own exit
+# barrier waits 300 s; past that, a worker still there is stuck, not finishing.
+COMPLETION_GRACE_SECONDS = 360.0
 
 
 def _set_phase(st: dict[str, Any], phase: Phase, reason: str, message: str) -> None:
