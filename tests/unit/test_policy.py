@@ -208,6 +208,31 @@ def test_a_power_limit_too_slow_for_the_deadline_is_given_up():
     assert (d.reason, d.gpu_power_limit_watts) == ("PowerLimitTuned", None)
 
 
+def test_a_cap_and_a_deadline_that_pull_apart_settle_under_the_cap():
+    """Over its cap the job runs at a lowered limit, too slow for its deadline. The default
+    limit would be fast enough but is over the cap: the cap wins, and the limit stays put
+    (it used to flip between the two every evaluation)."""
+    job = JobPolicySpec(
+        4, 4, 1, Scaling(policy=Policy.ENERGY_EFFICIENT),
+        Energy(power_cap_watts=1000.0, min_gpu_power_limit_watts=150.0),
+        Target(samples=400_000, deadline=NOW + dt.timedelta(seconds=1050)),
+    )  # fmt: skip
+
+    def world(limit: float | None) -> tuple[float, float]:  # (samples/s, watts)
+        share = 1.0 if limit is None else min(limit / 300, 1.0)
+        return 400 * max(1 - 1.2 * (1 - share) ** 2, 0.05), 4 * 300 * share
+
+    limit, tried, seen = None, {}, []
+    for _ in range(8):
+        thr, watts = world(limit)
+        o = obs(thr=thr, watts=watts, gpu_power_limit_watts=limit, limit_history=tried,
+                power_limit_time=NOW - dt.timedelta(days=1))  # fmt: skip
+        tried = {**tried, limit: SizeStats(thr, watts)}
+        limit = decide(job, o, FREE).gpu_power_limit_watts
+        seen.append(limit)
+    assert seen[0] == 237.5 and set(seen) == {237.5}, seen
+
+
 def test_growth_into_a_busy_cluster_must_repay_two_restarts_while_it_is_quiet():
     busy = ClusterView(free_gpus=16, quiet_seconds=60.0)  # a job waited a minute ago
     d = decide(spec(), obs(restart_seconds=30.0), busy)  # 60 s - 2 x 30 s: no time left
@@ -240,7 +265,11 @@ def situations(draw):
     job = JobPolicySpec(
         lo, hi, draw(st.integers(1, 8)), Scaling(policy=policy),
         Energy(power_cap_watts=cap, budget_joules=budget, min_gpu_power_limit_watts=floor),
-        Target(samples=draw(st.none() | st.floats(min_value=1, max_value=1e8))),
+        Target(
+            samples=draw(st.none() | st.floats(min_value=1, max_value=1e8)),
+            deadline=draw(st.none() | st.floats(min_value=60, max_value=1e6).map(
+                lambda s: NOW + dt.timedelta(seconds=s))),
+        ),
     )  # fmt: skip
     per_worker_w = draw(st.floats(min_value=10, max_value=700))
     alpha = draw(st.floats(min_value=0.1, max_value=1.0))
@@ -285,6 +314,15 @@ def power(job: JobPolicySpec, per_worker_w: float, n: int, limit: float | None) 
     return n * per * per_gpu
 
 
+def speed(job: JobPolicySpec, per_worker_w: float, limit: float | None) -> float:
+    """A GPU held below what it would draw runs slower, faster than its power falls (the
+    U-shaped energy curve of real GPUs): the deadline and the search then pull apart."""
+    if limit is None:
+        return 1.0
+    share = min(limit / (per_worker_w / max(job.gpus_per_replica, 1)), 1.0)
+    return max(1.0 - 1.2 * (1.0 - share) ** 2, 0.05)
+
+
 @settings(max_examples=200, deadline=None)
 @given(situations())
 def test_does_not_oscillate_on_constant_input(case):
@@ -298,8 +336,9 @@ def test_does_not_oscillate_on_constant_input(case):
     long_ago = NOW - dt.timedelta(days=1)
     # Enough rounds for every size, and for a limit search of 10 % steps down to the floor.
     for _ in range(3 * (job.max_replicas - job.min_replicas + 2) + 16):
+        thr = base * n**alpha * speed(job, per_worker_w, limit)
         current = replace(
-            o, replicas=n, throughput=base * n**alpha, watts=power(job, per_worker_w, n, limit),
+            o, replicas=n, throughput=thr, watts=power(job, per_worker_w, n, limit),
             history=history, gpu_power_limit_watts=limit, power_limit_time=long_ago,
             limit_history=tried,
         )  # fmt: skip

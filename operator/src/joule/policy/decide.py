@@ -285,8 +285,9 @@ def _tune_limit(
 ) -> Decision:
     """One step of a search for the per-GPU limit with the fewest joules per sample at this
     size: go to the best limit measured; from the best, try the next lower one not yet tried
-    (down to the floor). Limits too slow for the deadline are out; with none left, the
-    default. Each limit is tried once, so the search ends."""
+    (down to the floor). Limits too slow for the deadline, or measured over the cap, are out;
+    with none left, the fastest allowed (the default where no cap forbids it). Each limit is
+    tried once, so the search ends."""
     floor = spec.energy.min_gpu_power_limit_watts
     assert floor is not None
     current = obs.gpu_power_limit_watts
@@ -308,9 +309,17 @@ def _tune_limit(
         return Decision(d.replicas, "PowerLimitTuned", f"per-GPU power limit -> {to}: {why}",
                         budget_at_risk=d.budget_at_risk, gpu_power_limit_watts=limit)  # fmt: skip
 
-    ok = [limit for limit in seen if fast_enough(limit)]
+    # Limits measured over the cap are out, whatever they save: the cap comes first.
+    cap = spec.energy.power_cap_watts
+    allowed = [lim for lim in seen if lim == current or cap is None or seen[lim].watts <= cap]
+    ok = [limit for limit in allowed if fast_enough(limit)]
     if not ok:
-        return d if current is None else go(None, "the deadline needs full speed")
+        fastest = max(allowed, key=lambda limit: seen[limit].throughput)
+        if fastest == current and (current is None or cap is not None):
+            return d  # as fast as the cap allows (or no limit set): nothing to give back
+        if fastest == current:
+            return go(None, "the deadline needs full speed")
+        return go(fastest, "the fastest limit measured; the deadline needs more speed")
     best = min(ok, key=lambda limit: (jps(limit), -(limit or math.inf)))
     if current not in ok or jps(current) > jps(best) * (1 + spec.scaling.min_gain / 2):
         return go(best, f"{jps(best):.3g} J/sample there vs {jps(current):.3g} now")
