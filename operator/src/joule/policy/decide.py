@@ -252,11 +252,8 @@ def _decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Dec
             "Steady", f"{cur} workers at a lowered power limit of {limit:.0f} W per GPU", **flags
         )
     if policy == Policy.ENERGY_EFFICIENT or at_risk:
-        d = _energy_efficient(
-            spec, obs, stats, [cur] if limited and not at_risk else candidates, cur, horizon,
-            remaining_samples,
-            flags,
-        )  # fmt: skip
+        sizes_now = [cur] if limited and not at_risk else candidates
+        d = _energy_efficient(spec, obs, stats, sizes_now, cur, horizon, remaining_samples, flags)
         if d.replicas == cur and tuning:
             return _tune_limit(spec, obs, _needed_rate(spec, obs, remaining_samples), d)
         return d
