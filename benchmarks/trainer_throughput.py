@@ -4,9 +4,10 @@
 
 1. Overhead: one process builds the real ``Trainer`` (world of 1, gloo) and runs training
    steps; every step is followed by the instrumentation the trainer does per step
-   (``_observe``: counters, loss gauge, step-time histogram, throughput, a meter read and the
-   energy counter). The instrumentation is timed on its own and set against the median step
-   time. A second, A/B figure alternates blocks of steps with and without it.
+   (``_hold_power_limit``: the power-limit file check and the meter's pause, none here as no
+   limit is set; ``_observe``: counters, loss gauge, step-time histogram, throughput, a meter
+   read and the energy counter). The instrumentation is timed on its own and set against
+   the median step time. A second, A/B figure alternates blocks of steps with and without it.
 2. Throughput: torchrun (as joule-launch starts it) with 1 and then 2 workers on this
    machine; samples/s is the median of the trainer's own per-window figure after warm-up.
 
@@ -78,6 +79,7 @@ def overhead(model: str, steps: int) -> None:
                 t0 = time.perf_counter()
                 loss = trainer.train_step()
                 t1 = time.perf_counter()
+                trainer._hold_power_limit()
                 trainer._observe(loss, t1 - t0)
                 t2 = time.perf_counter()
                 step_times.append(t1 - t0)
@@ -91,6 +93,7 @@ def overhead(model: str, steps: int) -> None:
                     s0 = time.perf_counter()
                     loss = trainer.train_step()
                     if instrument:
+                        trainer._hold_power_limit()
                         trainer._observe(loss, time.perf_counter() - s0)
                 (with_i if instrument else without).append((time.perf_counter() - t0) / 10)
         finally:
