@@ -101,6 +101,10 @@ def _smoothed(old: Mapping[str, float] | None, thr: float, watts: float) -> dict
     return {"throughput": round(thr, 3), "watts": round(watts, 3)}
 
 
+def _stats(rates: Mapping[str, float]) -> SizeStats:
+    return SizeStats(rates["throughput"], rates["watts"])
+
+
 def limit_key(watts: float | None) -> str:
     return DEFAULT_LIMIT if watts is None else f"{watts:g}"
 
@@ -129,7 +133,6 @@ def evaluate(
         # The first steady reading at the new size: what the last resize cost, kept per job.
         energy["restartSeconds"] = round((now - last_scale).total_seconds(), 1)
         energy["measuredScale"] = st["lastScaleTime"]
-    rates = energy.get("history", {}).get(str(running))
     util = [r.utilization for _, r in readings if r.utilization is not None]
     current = int(st.get("targetReplicas") or spec.replicas)
     # Mid-resize (or before the first steady reading) nothing is measured at any size: the
@@ -142,16 +145,13 @@ def evaluate(
         samples_done=energy["samples"],
         now=now,
         gpu_utilization=sum(util) / len(util) if util else None,
-        history={
-            int(n): SizeStats(h["throughput"], h["watts"])
-            for n, h in energy.get("history", {}).items()
-        },
+        history={int(n): _stats(h) for n, h in energy.get("history", {}).items()},
         restart_seconds=float(energy.get("restartSeconds", 30.0)),
         last_scale_time=last_scale,
         gpu_power_limit_watts=energy.get("gpuPowerLimitWatts"),
         power_limit_time=parse_time(energy.get("gpuPowerLimitTime")),
         limit_history={
-            None if k == DEFAULT_LIMIT else float(k): SizeStats(h["throughput"], h["watts"])
+            None if k == DEFAULT_LIMIT else float(k): _stats(h)
             for k, h in energy.get("limitHistory", {}).items()
         },
     )

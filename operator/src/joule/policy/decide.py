@@ -91,8 +91,12 @@ def decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Deci
     return d
 
 
+def _gpus(spec: JobPolicySpec, obs: Observations) -> int:
+    return max(obs.replicas * max(spec.gpus_per_replica, 1), 1)
+
+
 def _per_gpu_watts(spec: JobPolicySpec, obs: Observations) -> float:
-    return obs.watts / max(obs.replicas * max(spec.gpus_per_replica, 1), 1)
+    return obs.watts / _gpus(spec, obs)
 
 
 def _lower_limit(spec: JobPolicySpec, obs: Observations, cap: float) -> Decision | None:
@@ -322,7 +326,7 @@ def _tune_limit(
         return go(best, f"{jps(best):.3g} J/sample there vs {jps(current):.3g} now")
     if current != best:
         return d
-    per = max(obs.replicas * max(spec.gpus_per_replica, 1), 1)
+    per = _gpus(spec, obs)
     reference = seen[None].watts / per if None in seen else _per_gpu_watts(spec, obs)
     draw = now.watts / per
     start = draw if current is None else min(current, draw)
