@@ -167,6 +167,8 @@ def test_a_gang_larger_than_the_cluster_never_holds_gpus_past_its_timeout(
         ({"energy": {"budget": "lots"}}, "budget must be a positive number of joules"),
         ({"energy": {"budget": "250 kWh"}}, "budget must be a positive number of joules"),
         ({"energy": {"powerCapWatts": 0}}, "spec.energy.powerCapWatts"),
+        ({"energy": {"gpuPowerLimitWatts": 0}}, "spec.energy.gpuPowerLimitWatts"),
+        ({"energy": {"minGpuPowerLimitWatts": -5}}, "spec.energy.minGpuPowerLimitWatts"),
         ({"energy": {"onBudgetExhausted": "Panic"}}, "spec.energy.onBudgetExhausted"),
         ({"target": {"deadline": "tomorrow"}}, "spec.target.deadline"),
         (
