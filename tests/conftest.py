@@ -3,6 +3,7 @@ at the end; each test that needs it gets its own namespace."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import uuid
@@ -15,7 +16,8 @@ from kubernetes import client, config
 
 from joule.cluster import ClusterInfo, ClusterSettings, down, up
 
-TEST_CLUSTER = "pytest"
+# JOULE_TEST_CLUSTER lets two test runs on one machine use separate control planes.
+TEST_CLUSTER = os.environ.get("JOULE_TEST_CLUSTER", "pytest")
 
 
 @dataclass
