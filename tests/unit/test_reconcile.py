@@ -225,3 +225,20 @@ def test_kubectl_scale_on_a_managed_job_becomes_its_target_and_starts_the_cooldo
     assert st["lastScaleTime"] == fmt_time(T0)  # the policy's cooldown counts from here
     assert st["energy"] == {"consumedJoules": 5.0}  # limits measured at 4 workers are moot
     assert follow_user_scale(spec(replicas=3), {"specReplicas": 2}, T0) is None  # unmanaged
+
+
+def test_a_worker_the_operator_deleted_is_neither_a_failure_nor_a_success():
+    # A real kubelet marks a deleted pod Failed (exit 143 after SIGTERM) before it goes.
+    sigterm = Failure("Error", "exited with code 143", 143)
+    s = spec(replicas=1, backoffLimit=0)
+    pods = [pod(0), pod(1, phase="Failed", failure=sigterm, terminating=True)]
+    plan = run(s, pods, {"phase": "Resizing", "restarts": 0})
+    assert plan.status["restarts"] == 0
+    assert plan.status["phase"] != "Failed"
+    assert "WorkerFailed" not in reasons(plan) and "BackoffLimitExceeded" not in reasons(plan)
+    assert "podFailure" not in plan.status
+    # A user script that exits 0 on SIGTERM does not end the job either.
+    done = [pod(0), pod(1, phase="Succeeded", terminating=True)]
+    plan = run(s, done, {"phase": "Resizing", "restarts": 0})
+    assert plan.status["phase"] == "Running"
+    assert "completionTime" not in plan.status

@@ -96,7 +96,10 @@ def decide(
     if previous == Phase.SUSPENDED:
         plan.events.append(Event("Normal", "Resumed", "resuming: recreating workers"))
 
-    succeeded = [p for p in pods if p.phase == "Succeeded"]
+    # A pod on its way out was deleted (by us: scale-down, suspend, gang release; or by
+    # someone else): however it exits, 143 after SIGTERM or 0, it neither failed nor finished
+    # the training. A real kubelet reports that terminal phase before the pod disappears.
+    succeeded = [p for p in pods if p.phase == "Succeeded" and not p.terminating]
     if succeeded:
         # Training is over once a worker has exited 0; wait for the rest to exit too, but not
         # forever: a worker stuck after the end (a hung exit barrier) is deleted.
@@ -299,7 +302,7 @@ def _count_failures(
     spec: TrainingJobSpec, st: dict[str, Any], pods: list[PodView], now: dt.datetime, plan: Plan
 ) -> bool:
     """Replace failed workers and count them; True when the job has failed for good."""
-    failed = [p for p in pods if p.phase == "Failed"]
+    failed = [p for p in pods if p.phase == "Failed" and not p.terminating]
     handled = set(st.get("handledFailures", []))
     new = [p for p in failed if p.uid not in handled]
     # Only failures whose pod still exists need remembering: keeps the list short.
