@@ -128,3 +128,13 @@ def test_the_power_limit_travels_as_an_annotation_and_a_downward_api_file():
         m for m in lowered["spec"]["containers"][0]["volumeMounts"] if m["name"] == volume["name"]
     )
     assert env_of(lowered)["JOULE_POWER_LIMIT_FILE"] == f"{mount['mountPath']}/{path['path']}"
+
+
+def test_torchrun_restarts_do_not_follow_the_backoff_limit_and_a_users_setting_wins():
+    # backoffLimit counts failed pods; torchrun's in-place restarts are another level.
+    assert env_of(worker_pod(JOB, spec(backoffLimit=0), 0))["PET_MAX_RESTARTS"] == "3"
+    assert env_of(worker_pod(JOB, spec(backoffLimit=9), 0))["PET_MAX_RESTARTS"] == "3"
+    mine = spec(backoffLimit=9, env=[{"name": "PET_MAX_RESTARTS", "value": "0"}])
+    names = [e["name"] for e in worker_pod(JOB, mine, 0)["spec"]["containers"][0]["env"]]
+    assert names.count("PET_MAX_RESTARTS") == 1
+    assert env_of(worker_pod(JOB, mine, 0))["PET_MAX_RESTARTS"] == "0"

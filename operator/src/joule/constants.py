@@ -16,6 +16,8 @@ WORKER_CONTAINER = "trainer"
 RDZV_PORT = 29400  # torchrun's default c10d rendezvous port
 MASTER_PORT = 29500
 METRICS_PORT = 9090
+# How often torchrun restarts a crashed training process inside its pod before the pod fails.
+TORCHRUN_MAX_RESTARTS = 3
 SHM_VOLUME = "joule-dshm"
 CHECKPOINT_ENV = "JOULE_CHECKPOINT_DIR"
 # Time a worker gets between SIGTERM and SIGKILL to write its final checkpoint.

@@ -27,6 +27,7 @@ from joule.constants import (
     RDZV_PORT,
     SHM_VOLUME,
     TERMINATION_GRACE_SECONDS,
+    TORCHRUN_MAX_RESTARTS,
     WORKER_CONTAINER,
 )
 
@@ -57,7 +58,10 @@ def torchrun_env(job: JobRef, spec: TrainingJobSpec, index: int) -> list[dict[st
         # endpoint's address, and on a machine where every pod is on loopback (the local
         # node) each would claim it; the group would then die with whichever won.
         {"name": "PET_RDZV_CONF", "value": f"is_host={'true' if index == 0 else 'false'}"},
-        {"name": "PET_MAX_RESTARTS", "value": str(spec.backoff_limit)},
+        # torchrun's in-place restarts of a crashed process, inside one pod: a different
+        # level from backoffLimit (failed pods, counted by the operator). Tying the two
+        # together multiplied them. A user's PET_MAX_RESTARTS in spec.env wins.
+        {"name": "PET_MAX_RESTARTS", "value": str(TORCHRUN_MAX_RESTARTS)},
         {"name": "MASTER_ADDR", "value": master},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": "JOULE_JOB_NAME", "value": job.name},
@@ -94,6 +98,8 @@ def worker_pod(
         for e in ours:
             if e["name"] == "PET_RDZV_CONF":
                 e["value"] = f"{user_conf},{e['value']}"
+    if any(e["name"] == "PET_MAX_RESTARTS" for e in p.get("env", [])):
+        ours = [e for e in ours if e["name"] != "PET_MAX_RESTARTS"]
     taken = {e["name"] for e in ours}
     env = [e for e in p.get("env", []) if e["name"] not in taken] + ours
 
