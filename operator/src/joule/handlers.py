@@ -55,6 +55,9 @@ class Scheduler:
             now = time.monotonic()
             with self.lock:
                 self.seen[key] = now
+        if outcome.gone:  # deleted while we were not watching (or its DELETED was missed)
+            self.forget(namespace, name)
+            return
         after = outcome.plan.requeue_after if outcome.plan else None
         with self.lock:
             if after is None:

@@ -59,6 +59,7 @@ class Outcome:
 
     plan: Plan | None
     status_written: bool
+    gone: bool = False  # the job no longer exists: forget it everywhere
 
 
 class Reconciler:
@@ -103,7 +104,7 @@ class Reconciler:
             if exc.status == 404:
                 self.forget(namespace, name)
                 metrics.JOBS.set(namespace, name, None)
-                return Outcome(None, False)
+                return Outcome(None, False, gone=True)
             raise
         if body["metadata"].get("deletionTimestamp"):
             return Outcome(None, False)  # the garbage collector takes the children

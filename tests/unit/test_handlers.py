@@ -1,0 +1,48 @@
+"""The Scheduler: which jobs are resynced, and that a deleted job is forgotten everywhere."""
+
+import time
+
+from joule.config import OperatorConfig
+from joule.handlers import Scheduler
+from joule.kube import Outcome
+from joule.reconcile import Plan
+
+
+class FakeReconciler:
+    def __init__(self):
+        self.gone: set[tuple[str, str]] = set()
+        self.calls: list[tuple[str, str]] = []
+        self.forgotten: list[tuple[str, str]] = []
+
+    def reconcile(self, namespace, name):
+        self.calls.append((namespace, name))
+        if (namespace, name) in self.gone:
+            return Outcome(None, False, gone=True)
+        return Outcome(Plan(requeue_after=0.0), False)
+
+    def forget(self, namespace, name):
+        self.forgotten.append((namespace, name))
+
+
+def test_a_job_that_returns_404_leaves_every_table_and_is_not_polled_again():
+    fake = FakeReconciler()
+    sched = Scheduler(fake, OperatorConfig(tick_seconds=0.05, resync_seconds=0.05))
+    sched.run("ns", "a")
+    sched.run("ns", "b")
+    assert ("ns", "b") in sched.due
+    fake.gone.add(("ns", "b"))
+    sched.thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while ("ns", "b") in sched.known and time.monotonic() < deadline:
+            time.sleep(0.05)
+        calls = fake.calls.count(("ns", "b"))
+        time.sleep(0.5)  # ten more ticks: the deleted job is not reconciled again
+    finally:
+        sched.stop.set()
+        sched.pool.shutdown(wait=True)
+    assert ("ns", "b") not in sched.known
+    assert ("ns", "b") not in sched.due and ("ns", "b") not in sched.seen
+    assert ("ns", "b") in fake.forgotten
+    assert fake.calls.count(("ns", "b")) == calls
+    assert fake.calls.count(("ns", "a")) > 2  # the live job still is
