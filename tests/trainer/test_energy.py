@@ -1,6 +1,7 @@
 """Energy meters: NVML against a test double of the pynvml calls, and the labelled estimate."""
 
 import time
+from types import SimpleNamespace
 
 import pytest
 from joule_trainer.energy import MeterError
@@ -26,6 +27,9 @@ class FakeNvml:
         self.init_fails = init_fails
         self.fail_reads = False
         self.shutdown_called = False
+        self.utilization_pct: int | None = 37  # None: not supported (a MIG slice)
+        self.memory_used = 5 * 2**30
+        self.activity_reads = 0
 
     def nvmlInit(self):
         if self.init_fails:
@@ -51,6 +55,16 @@ class FakeNvml:
 
     def nvmlShutdown(self):
         self.shutdown_called = True
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        self.activity_reads += 1
+        if self.utilization_pct is None:
+            raise FakeNVMLError("Not Supported")
+        return SimpleNamespace(gpu=self.utilization_pct, memory=10)
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return SimpleNamespace(total=80 * 2**30, free=80 * 2**30 - self.memory_used,
+                               used=self.memory_used)  # fmt: skip
 
     # Power limits, as an H100-class GPU reports them (milliwatts).
     constraints = (200_000, 700_000)
@@ -194,3 +208,71 @@ def test_the_limit_file_follows_the_annotation(tmp_path):
     with pytest.raises(ValueError):
         parse_limit("-3")
     assert not LimitFile(None).changed()  # not run by the operator: no file, no limit
+
+
+def test_nvml_readings_carry_utilisation_and_memory_refreshed_once_a_second(monkeypatch):
+    nvml = FakeNvml(energy_mj=0)
+    meter = NvmlMeter(0, nvml=nvml)
+    reading = meter.read()
+    assert reading.gpu_utilization_ratio == pytest.approx(0.37)
+    assert reading.gpu_memory_used_bytes == 5 * 2**30
+    nvml.utilization_pct = 90
+    for _ in range(50):  # every step reads the meter; NVML's utilisation is asked once
+        assert meter.read().gpu_utilization_ratio == pytest.approx(0.37)
+    assert nvml.activity_reads == 1
+    now = time.monotonic()
+    monkeypatch.setattr("joule_trainer.energy.nvml.time.monotonic", lambda: now + 1.5)
+    assert meter.read().gpu_utilization_ratio == pytest.approx(0.9)
+    assert nvml.activity_reads == 2
+
+
+def test_a_gpu_without_utilisation_reports_it_unknown_not_an_error():
+    nvml = FakeNvml(energy_mj=0)
+    nvml.utilization_pct = None
+    reading = NvmlMeter(0, nvml=nvml).read()
+    assert reading.gpu_utilization_ratio is None
+    assert reading.energy_joules == 0.0 and reading.gpu_memory_used_bytes == 5 * 2**30
+
+
+def exposition(metrics) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode()
+
+
+def test_gpu_series_are_absent_where_no_gpu_is_measured_not_zero():
+    """The operator reads a 0 utilisation as an idle GPU and shrinks the job: a trainer that
+    cannot measure a GPU must not export the series at all."""
+    from joule_trainer.metrics import TrainerMetrics
+
+    meter = EstimatedMeter(watts_per_core=10)
+    metrics = TrainerMetrics.create("job", "0", 0, "none", meter.source)
+    metrics.record(meter.read())
+    text = exposition(metrics)
+    assert "joule_trainer_power_watts{" in text  # the meter's own figures are there
+    assert "joule_trainer_gpu_utilization_ratio" not in text
+    assert "joule_trainer_gpu_memory_used_bytes" not in text
+
+
+def test_gpu_series_carry_what_nvml_measured(monkeypatch):
+    from joule_trainer.metrics import TrainerMetrics
+
+    nvml = FakeNvml(energy_mj=1_000_000)
+    nvml.utilization_pct = None  # not known at first: still absent, not 0
+    meter = NvmlMeter(0, nvml=nvml)
+    metrics = TrainerMetrics.create("job", "0", 0, "0", meter.source)
+    metrics.record(meter.read())
+    assert "joule_trainer_gpu_utilization_ratio" not in exposition(metrics)
+    nvml.utilization_pct = 62
+    later = time.monotonic() + 1.5
+    monkeypatch.setattr("joule_trainer.energy.nvml.time.monotonic", lambda: later)
+    metrics.record(meter.read())
+    lines = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in exposition(metrics).splitlines()
+        if line.startswith("joule_trainer_gpu_")
+    }
+    assert lines == {
+        "joule_trainer_gpu_utilization_ratio": pytest.approx(0.62),
+        "joule_trainer_gpu_memory_used_bytes": 5 * 2**30,
+    }

@@ -179,6 +179,10 @@ def test_metrics_endpoint_exposes_training_and_estimated_energy(tmp_path):
     energy_labels, joules = value("joule_trainer_energy_joules_total")
     assert joules > 0 and 'source="estimated"' in energy_labels
     assert 'source="estimated"' in value("joule_trainer_power_watts")[0]
+    # No GPU is measured here: utilisation and memory are unknown, so absent (a 0 would tell
+    # the operator the GPU is idle).
+    assert "joule_trainer_gpu_utilization_ratio" not in text
+    assert "joule_trainer_gpu_memory_used_bytes" not in text
 
 
 @pytest.mark.timeout(400)

@@ -4,6 +4,10 @@ Names follow the conventions: base units, ``_total`` counters. Every series carr
 replica, rank and gpu; power and energy also carry the meter's ``source``, so an estimate is
 never mistaken for a measurement. Samples and throughput are per process: sum over ranks for
 the job's figure.
+
+GPU utilisation and memory exist only once a meter has measured them (NVML): a series
+exported before its first value would read 0, and the operator takes a 0 utilisation for an
+idle GPU and shrinks the job. Absent means unknown.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from joule_trainer.energy.api import Reading
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -27,8 +33,12 @@ class TrainerMetrics:
     power: Gauge
     energy: Counter
     power_limit: Gauge
-    gpu_utilization: Gauge
-    gpu_memory: Gauge
+    labels: dict[str, str]
+    # Created with their first measured value (see the module's docstring).
+    gpu_utilization: Gauge | None = None
+    gpu_memory: Gauge | None = None
+    # The meter's energy already counted: the counter grows by each reading's increase.
+    energy_seen_joules: float = 0.0
 
     @classmethod
     def create(cls, job: str, replica: str, rank: int, gpu: str, source: str) -> TrainerMetrics:
@@ -37,8 +47,7 @@ class TrainerMetrics:
         names = list(base)
 
         def g(name: str, doc: str, extra: dict[str, str] | None = None) -> Gauge:
-            labels = {**base, **(extra or {})}
-            return Gauge(name, doc, list(labels), registry=reg).labels(**labels)
+            return _gauge(reg, name, doc, {**base, **(extra or {})})
 
         src = {"source": source}
         return cls(
@@ -73,11 +82,42 @@ class TrainerMetrics:
                 registry=reg,
             ).labels(**base, **src),
             power_limit=g("joule_trainer_power_limit_watts", "Enforced device power limit", src),
-            gpu_utilization=g(
-                "joule_trainer_gpu_utilization_ratio", "GPU busy fraction (NVML), 0-1"
-            ),
-            gpu_memory=g("joule_trainer_gpu_memory_used_bytes", "GPU memory in use"),
+            labels=base,
         )
+
+    def record(self, reading: Reading) -> None:
+        """One meter reading into the energy counter and the device gauges."""
+        delta = reading.energy_joules - self.energy_seen_joules
+        if delta > 0:
+            self.energy.inc(delta)
+            self.energy_seen_joules = reading.energy_joules
+        if reading.power_watts is not None:
+            self.power.set(reading.power_watts)
+        if reading.power_limit_watts is not None:
+            self.power_limit.set(reading.power_limit_watts)
+        if reading.gpu_utilization_ratio is not None:
+            if self.gpu_utilization is None:
+                self.gpu_utilization = _gauge(
+                    self.registry,
+                    "joule_trainer_gpu_utilization_ratio",
+                    "GPU busy fraction (NVML), 0-1",
+                    self.labels,
+                )
+            self.gpu_utilization.set(reading.gpu_utilization_ratio)
+        if reading.gpu_memory_used_bytes is not None:
+            if self.gpu_memory is None:
+                self.gpu_memory = _gauge(
+                    self.registry,
+                    "joule_trainer_gpu_memory_used_bytes",
+                    "GPU memory in use on this rank's device (NVML, all processes)",
+                    self.labels,
+                )
+            self.gpu_memory.set(reading.gpu_memory_used_bytes)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
+
+
+def _gauge(registry: CollectorRegistry, name: str, doc: str, labels: dict[str, str]) -> Gauge:
+    """The one series of a labelled gauge."""
+    return Gauge(name, doc, list(labels), registry=registry).labels(**labels)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from joule_trainer import batching, checkpoint
 from joule_trainer.data import Shapes, TextWindows
-from joule_trainer.energy import MeterError, probe
+from joule_trainer.energy import MeterError, Reading, probe
 from joule_trainer.energy.limit import LimitFile
 from joule_trainer.metrics import TrainerMetrics
 from joule_trainer.models import SmallCNN, TinyGPT
@@ -164,9 +164,9 @@ class Trainer:
             self.meter.source,
         )
         self.metrics.world_size.set(self.world)
+        self._read_meter()  # a first reading, so that the first scrape sees measured figures
         if args.metrics_port:
             self.metrics.serve(args.metrics_port + self.local_rank, args.metrics_addr)
-        self._energy_seen = 0.0
         self.limit_file = LimitFile(os.environ.get("JOULE_POWER_LIMIT_FILE"))
         self.tb = None
         if args.tensorboard_dir and self.rank == 0:
@@ -290,7 +290,7 @@ class Trainer:
                     samples_per_s=round(window_samples / max(now - window_start, 1e-9), 1),
                     world=self.world,
                     watts=_round(reading.power_watts if reading else None),
-                    joules=_round(self._energy_seen),
+                    joules=_round(self.metrics.energy_seen_joules),
                     energy_source=self.meter.source,
                 )
                 window_start, window_samples = now, 0
@@ -341,20 +341,13 @@ class Trainer:
         if pause > 0:
             time.sleep(pause)
 
-    def _read_meter(self) -> Any:
+    def _read_meter(self) -> Reading | None:
         try:
             reading = self.meter.read()
         except MeterError as exc:
             log.warning("energy meter %s failed: %s", self.meter.source, exc)
             return None
-        delta = reading.energy_joules - self._energy_seen
-        if delta > 0:
-            self.metrics.energy.inc(delta)
-            self._energy_seen = reading.energy_joules
-        if reading.power_watts is not None:
-            self.metrics.power.set(reading.power_watts)
-        if reading.power_limit_watts is not None:
-            self.metrics.power_limit.set(reading.power_limit_watts)
+        self.metrics.record(reading)
         return reading
 
     def _log(self, **fields: Any) -> None:

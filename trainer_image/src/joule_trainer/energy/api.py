@@ -15,6 +15,9 @@ class Reading:
     energy_joules: float  # since the meter was opened, monotonic
     power_watts: float | None  # latest instantaneous (or short-window) power, if known
     power_limit_watts: float | None = None
+    # GPU activity, where a GPU is measured (NVML); None means unknown, never idle.
+    gpu_utilization_ratio: float | None = None  # busy fraction, 0-1
+    gpu_memory_used_bytes: float | None = None
 
 
 class EnergyMeter(Protocol):

@@ -2,7 +2,9 @@
 
 Volta and newer expose a total-energy counter (millijoules since driver load); where it is
 missing, power (milliwatts) is sampled on a thread and integrated. NVML errors become
-``MeterError`` so that callers need not know pynvml's exception types.
+``MeterError`` so that callers need not know pynvml's exception types. Utilisation and memory
+in use ride along with each reading, refreshed at most once a second (NVML's own utilisation
+window is 1/6 s to 1 s, so reading it every step would cost without telling more).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from joule_trainer.energy.api import MeterError, Reading, counter_delta
 
 U64 = 2**64
+ACTIVITY_EVERY_S = 1.0
 
 
 class NvmlMeter:
@@ -40,6 +43,9 @@ class NvmlMeter:
         except nvml.NVMLError:
             self._last_counter = None
             self.source = "nvml-sampled"
+        self._activity_at = -ACTIVITY_EVERY_S  # monotonic time of the last refresh
+        self._utilization: float | None = None
+        self._memory_used: float | None = None
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
         if self._last_counter is None:
@@ -88,8 +94,27 @@ class NvmlMeter:
             limit = float(nvml.nvmlDeviceGetEnforcedPowerLimit(self._handle)) / 1000.0
         except nvml.NVMLError:
             limit = None
+        self._refresh_activity()
         with self._lock:
-            return Reading(self._energy_j, power, limit)
+            return Reading(self._energy_j, power, limit, self._utilization, self._memory_used)
+
+    def _refresh_activity(self) -> None:
+        """Utilisation and memory in use, at most once per ``ACTIVITY_EVERY_S``. A GPU that
+        cannot report them (a MIG slice has no utilisation) leaves them None: unknown, which
+        is not a meter failure and must not read as an idle GPU."""
+        now = time.monotonic()
+        if now - self._activity_at < ACTIVITY_EVERY_S:
+            return
+        self._activity_at = now
+        nvml = self._nvml
+        try:
+            self._utilization = nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100.0
+        except nvml.NVMLError:
+            self._utilization = None
+        try:
+            self._memory_used = float(nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+        except nvml.NVMLError:
+            self._memory_used = None
 
     def set_power_limit(self, watts: float | None) -> float | None:
         """Set the GPU's power management limit, clamped to what it accepts. Needs the right
