@@ -1,6 +1,8 @@
 """The trainer's pure parts: the launch command, the batch split, checkpoints on disk."""
 
+import os
 import sys
+import time
 
 import pytest
 import torch
@@ -90,6 +92,29 @@ def test_a_torn_checkpoint_is_never_loaded(tmp_path):
     (tmp_path / ".tmp-step-000000040.pt.123").write_bytes(b"partial")
     step, state = checkpoint.load_latest(tmp_path)
     assert step == 20 and torch.equal(state["w"], torch.ones(3) * 2)
+
+
+def test_a_killed_saves_temporary_file_is_removed_by_the_next_save(tmp_path):
+    checkpoint.save(tmp_path, 10, {"step": 10})
+    an_hour_ago = time.time() - 3600
+    good = checkpoint.path_for(tmp_path, 10)
+    os.utime(good, (an_hour_ago, an_hour_ago))  # old, but a checkpoint: never removed
+    leftover = tmp_path / ".tmp-step-000000020.pt.worker-1.4242"  # killed before we started
+    leftover.write_bytes(b"partial")
+    os.utime(leftover, (an_hour_ago, an_hour_ago))
+    # Touched since we started: another writer still at it (an old rank 0 finishing its
+    # final save on another machine that shares the volume) keeps its file.
+    live = tmp_path / ".tmp-step-000000020.pt.worker-0.77"
+    live.write_bytes(b"partial")
+    other = tmp_path / "notes.txt"
+    other.write_text("not ours")
+    os.utime(other, (an_hour_ago, an_hour_ago))
+    checkpoint.save(tmp_path, 30, {"step": 30}, started=time.time() - 60)
+    assert not leftover.exists()
+    assert live.exists() and other.exists() and good.exists()
+    assert checkpoint.list_steps(tmp_path) == [10, 30]
+    assert checkpoint.load_latest(tmp_path)[0] == 30
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-step-000000030")]
 
 
 def test_only_the_last_checkpoints_are_kept(tmp_path):
