@@ -185,3 +185,60 @@ def test_mid_resize_the_policy_keeps_the_size_it_is_on_the_way_to():
     assert (result.decision.replicas, result.decision.reason) == (1, "NoMeasurement")
     assert result.status["targetReplicas"] == 1 and not result.events
     assert result.status["energy"]["consumedJoules"] == 300  # the accounting goes on
+
+
+def started(joules: float, start: float, samples: float = 0.0) -> TrainerReading:
+    return TrainerReading(0, 1, samples, 10.0, 2.0, 5.0, joules, "estimated", started=start)
+
+
+def test_a_worker_missing_from_one_scrape_adds_only_its_increase_when_it_is_back():
+    both = [("a/0", reading(100, 10)), ("b/0", reading(100, 10))]
+    e = account({}, both, at(0), 600, 2, True, alive={"a", "b"})
+    assert e["consumedJoules"] == 200
+    # b timed out this round; it still exists.
+    e = account(e, [("a/0", reading(150, 15))], at(30), 600, 2, False, alive={"a", "b"})
+    assert e["consumedJoules"] == 250
+    # b is back with its lifetime counter: only its increase (+80) counts, not 180.
+    back = [("a/0", reading(200, 20)), ("b/0", reading(180, 18))]
+    e = account(e, back, at(60), 600, 2, True, alive={"a", "b"})
+    assert e["consumedJoules"] == 380
+    assert e["samples"] == 38
+
+
+def test_a_round_that_read_nothing_loses_no_counter():
+    e = account({}, [("a/0", reading(100))], at(0), 600, 1, True, alive={"a"})
+    e = account(e, [], at(30), 600, 1, False, alive={"a"})  # every scrape failed
+    e = account(e, [("a/0", reading(130))], at(60), 600, 1, True, alive={"a"})
+    assert e["consumedJoules"] == 130
+
+
+def test_a_restarted_process_is_recognised_by_its_start_time_even_past_the_old_value():
+    e = account({}, [("a/0@100.00", started(100, 100))], at(0), 600, 1, True, alive={"a"})
+    # torchrun restarted the process; by the next scrape its new counter (120) has already
+    # passed the old one (100): a decrease check alone would add 20 and lose 100.
+    e = account(e, [("a/0@150.00", started(120, 150))], at(60), 600, 1, True, alive={"a"})
+    assert e["consumedJoules"] == 220
+    assert list(e["counters"]) == ["a/0@150.00"]  # the old process's counter is dropped
+
+
+def test_counters_of_pods_that_are_gone_are_dropped_and_a_terminating_ones_last_reading_counts():
+    e = account({}, [("a/0", reading(100)), ("b/0", reading(50))], at(0), 600, 2, True)
+    # b is terminating (scaled down) and was read one last time: its increase counts.
+    e = account(e, [("a/0", reading(110)), ("b/0", reading(70))], at(30), 600, 1, False,
+                alive={"a", "b"})  # fmt: skip
+    assert e["consumedJoules"] == 180
+    e = account(e, [("a/0", reading(120))], at(60), 600, 1, True, alive={"a"})
+    assert set(e["counters"]) == {"a/0"}  # b is gone: nothing of it is kept
+    assert e["consumedJoules"] == 190
+
+
+def test_the_average_power_spans_the_whole_window_however_many_evaluations_it_holds():
+    # A one-hour window, evaluated every 30 s (120 points): 100 W for 80 min, then 200 W.
+    e, joules = {}, 0.0
+    for i in range(241):
+        t = i * 30
+        e = account(e, [("a/0", reading(joules))], at(t), 3600, 1, True)
+        joules += (100 if t < 80 * 60 else 200) * 30
+    # The last hour: 20 min at 100 W and 40 min at 200 W.
+    assert abs(e["averageWatts"] - (20 * 100 + 40 * 200) / 60) < 2
+    assert len(e["window"]) <= 64

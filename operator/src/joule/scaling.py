@@ -1,16 +1,21 @@
 """From the workers' /metrics to status.energy, a policy decision and its Events. Pure.
 
-Energy is accounted from each worker's ``joule_trainer_energy_joules_total`` counter, keyed
-by pod UID in status: a counter seen before adds its increase, a new or reset counter adds
-its whole value (the process started since). status.energy.consumedJoules therefore only
-grows, and an operator restart (status is re-read) loses or doubles nothing. Average power
-is the increase of consumed joules over the last ``windowSeconds``.
+Energy is accounted from each worker process's ``joule_trainer_energy_joules_total``
+counter (samples likewise), keyed in status by pod UID, local rank and the process's start
+time (``process_start_time_seconds``). A counter seen before adds its increase; a new
+process (a new key, or a counter that went down) adds its whole value. The last value of
+every pod that still exists is carried from round to round, so a pod missing from one
+scrape (a timeout, a round that read nothing) adds only its increase when it is read again.
+status.energy.consumedJoules therefore only grows, and an operator restart (status is
+re-read) loses or doubles nothing. Average power is the increase of consumed joules over
+the last ``windowSeconds``; the points kept for it are thinned, never cut, so the average
+always spans the whole window.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +38,44 @@ class Evaluation:
     events: list[Event]
 
 
-def _count(prev: Mapping[str, float], now: Mapping[str, float]) -> float:
+def counter_key(pod_uid: str, local_rank: int, reading: TrainerReading) -> str:
+    """Where a process's counters are kept: a restarted process (same pod and rank, a new
+    start time) gets a new key, so its counter counts from zero even if it has already
+    passed the old process's last value."""
+    key = f"{pod_uid}/{local_rank}"
+    return key if reading.started is None else f"{key}@{reading.started:.2f}"
+
+
+def _stream(key: str) -> str:
+    return key.split("@", 1)[0]
+
+
+def _count(
+    prev: Mapping[str, float], now: Mapping[str, float], alive: Collection[str]
+) -> tuple[float, dict[str, float]]:
+    """The increase of the counters read now over their last values, and the values to carry
+    to the next round: every counter of a pod that still exists, the newest per process."""
     added = 0.0
-    for uid, value in now.items():
-        last = prev.get(uid)
+    carried = {k: v for k, v in prev.items() if k.split("/", 1)[0] in alive}
+    for key, value in now.items():
+        last = prev.get(key)
         added += value - last if last is not None and value >= last else value
-    return added
+        stream = _stream(key)
+        for old in [k for k in carried if k != key and _stream(k) == stream]:
+            del carried[old]  # the process that wrote it is gone: this one replaced it
+        carried[key] = value
+    return added, carried
+
+
+def _thin(window: list[list[float]], limit: int) -> list[list[float]]:
+    """At most ``limit`` points, keeping the first (at or before the window's start) and the
+    last: the interior point whose neighbours are closest goes first, so the points stay
+    spread over the whole window instead of the oldest being cut off."""
+    points = list(window)
+    while len(points) > limit >= 2:
+        i = min(range(1, len(points) - 1), key=lambda j: points[j + 1][0] - points[j - 1][0])
+        del points[i]
+    return points
 
 
 def account(
@@ -48,25 +85,31 @@ def account(
     window_seconds: float,
     replicas: int,
     steady: bool,
+    alive: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """The new status.energy after reading the workers (uid, reading) at ``now``."""
-    joules = {uid: r.joules for uid, r in readings}
-    samples = {uid: r.samples for uid, r in readings}
-    consumed = float(energy.get("consumedJoules", 0.0)) + _count(energy.get("counters", {}), joules)
-    done = float(energy.get("samples", 0.0)) + _count(energy.get("sampleCounters", {}), samples)
+    """The new status.energy after reading the workers (counter_key, reading) at ``now``.
+    ``alive``: UIDs of the job's pods that exist now (default: those read)."""
+    if alive is None:
+        alive = {key.split("/", 1)[0] for key, _ in readings}
+    joules = {key: r.joules for key, r in readings}
+    samples = {key: r.samples for key, r in readings}
+    added_j, joule_counters = _count(energy.get("counters", {}), joules, alive)
+    added_s, sample_counters = _count(energy.get("sampleCounters", {}), samples, alive)
+    consumed = float(energy.get("consumedJoules", 0.0)) + added_j
+    done = float(energy.get("samples", 0.0)) + added_s
     t = now.timestamp()
     window = [p for p in energy.get("window", []) if p[0] >= t - window_seconds]
     older = [p for p in energy.get("window", []) if p[0] < t - window_seconds]
     if older:  # keep one point at or before the window's start, so rates span all of it
         window.insert(0, older[-1])
     previous = window[-1] if window else None
-    window = [*window, [t, consumed, done]][-MAX_WINDOW_POINTS:]
+    window = _thin([*window, [t, consumed, done]], MAX_WINDOW_POINTS)
     out: dict[str, Any] = {
         **energy,
         "consumedJoules": round(consumed, 3),
         "samples": done,
-        "counters": joules,
-        "sampleCounters": samples,
+        "counters": joule_counters,
+        "sampleCounters": sample_counters,
         "window": window,
     }
     if readings:
@@ -117,11 +160,12 @@ def evaluate(
     now: dt.datetime,
     running: int,
     steady: bool,
+    alive: Collection[str] | None = None,
 ) -> Evaluation:
     """Account energy, ask the policy, and say what changed (status, Events)."""
     st = dict(status)
     energy = account(
-        st.get("energy", {}), readings, now, spec.energy.window_seconds, running, steady
+        st.get("energy", {}), readings, now, spec.energy.window_seconds, running, steady, alive
     )
     if spec.energy.budget_joules is not None:
         energy["budgetRemainingJoules"] = round(

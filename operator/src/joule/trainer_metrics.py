@@ -20,6 +20,7 @@ class TrainerReading:
     joules: float
     source: str
     utilization: float | None = None  # GPU busy fraction; None without NVML
+    started: float | None = None  # the process's start (unix seconds): a new one resets
 
 
 def parse_trainer_metrics(text: str) -> TrainerReading | None:
@@ -28,7 +29,9 @@ def parse_trainer_metrics(text: str) -> TrainerReading | None:
     labels: dict[str, str] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith("joule_trainer_"):
+            if sample.name == "process_start_time_seconds":
+                values[sample.name] = sample.value
+            elif sample.name.startswith("joule_trainer_"):
                 values[sample.name] = sample.value
                 if sample.name == "joule_trainer_energy_joules_total":
                     labels = dict(sample.labels)
@@ -45,4 +48,5 @@ def parse_trainer_metrics(text: str) -> TrainerReading | None:
         joules=values.get("joule_trainer_energy_joules_total", 0.0),
         source=labels.get("source", "?"),
         utilization=values.get("joule_trainer_gpu_utilization_ratio"),
+        started=values.get("process_start_time_seconds"),
     )
