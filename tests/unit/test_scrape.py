@@ -1,0 +1,85 @@
+"""Reading the workers' /metrics: in parallel, under one deadline, bounded, without a proxy."""
+
+import http.server
+import threading
+import time
+from typing import ClassVar
+
+import pytest
+
+from joule.scrape import MAX_BYTES, Target, scrape_all
+
+EXPOSITION = (
+    "# TYPE joule_trainer_steps_total counter\n"
+    'joule_trainer_steps_total{rank="0"} 7\n'
+    "# TYPE joule_trainer_energy_joules_total counter\n"
+    'joule_trainer_energy_joules_total{rank="0",source="estimated"} 42\n'
+    "# TYPE process_start_time_seconds gauge\n"
+    "process_start_time_seconds 1700000000.25\n"
+)
+
+
+@pytest.fixture
+def server():
+    """One HTTP server; the path a test asks for says how it answers."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        behaviour: ClassVar[dict[str, str]] = {"mode": "ok"}
+
+        def do_GET(self):
+            mode = self.behaviour["mode"]
+            if mode == "hang":
+                time.sleep(3)
+            body = EXPOSITION.encode() if mode != "huge" else b"#" * (MAX_BYTES + 10)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv, Handler.behaviour
+    srv.shutdown()
+
+
+def test_a_worker_is_read_with_its_process_start_time_and_no_proxy_is_used(server, monkeypatch):
+    srv, _ = server
+    # A proxy for the operator's outbound traffic must not be used to reach pod IPs.
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    out = scrape_all([Target("a/0", "127.0.0.1", srv.server_address[1])], 5)
+    assert out["a/0"].error is None
+    assert out["a/0"].reading.joules == 42 and out["a/0"].reading.started == 1700000000.25
+
+
+def test_hung_workers_cost_one_deadline_together_not_one_timeout_each(server):
+    srv, behaviour = server
+    behaviour["mode"] = "hang"
+    port = srv.server_address[1]
+    targets = [Target(f"p{i}/0", "127.0.0.1", port) for i in range(4)]
+    began = time.monotonic()
+    out = scrape_all(targets, 1.0)
+    took = time.monotonic() - began
+    assert took < 2.0, f"4 hung workers took {took:.1f}s with a 1 s deadline"
+    assert all(r.reading is None and "1s" in r.error for r in out.values())
+
+
+def test_an_oversized_response_is_refused(server):
+    srv, behaviour = server
+    behaviour["mode"] = "huge"
+    out = scrape_all([Target("a/0", "127.0.0.1", srv.server_address[1])], 5)
+    assert out["a/0"].reading is None and "larger than" in out["a/0"].error
+
+
+def test_a_closed_port_is_an_error_that_says_why():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = scrape_all([Target("a/0", "127.0.0.1", port)], 2)
+    assert out["a/0"].reading is None and "refused" in out["a/0"].error.lower()
