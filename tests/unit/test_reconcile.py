@@ -242,3 +242,84 @@ def test_a_worker_the_operator_deleted_is_neither_a_failure_nor_a_success():
     plan = run(s, done, {"phase": "Resizing", "restarts": 0})
     assert plan.status["phase"] == "Running"
     assert "completionTime" not in plan.status
+
+
+def after(seconds):
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+def test_the_deadline_does_not_run_while_the_job_is_suspended():
+    s = spec(activeDeadlineSeconds=100)
+    st = run(s, [pod(0), pod(1)], {"phase": "Running", "startTime": fmt_time(T0)}, after(60)).status
+    suspended = run(spec(activeDeadlineSeconds=100, suspend=True), [pod(0), pod(1)], st, after(60))
+    assert suspended.status["phase"] == "Suspended"
+    # An hour suspended: far past the deadline on the wall clock, yet nothing fails.
+    still = run(spec(activeDeadlineSeconds=100, suspend=True), [], suspended.status, after(3660))
+    assert still.status["phase"] == "Suspended"
+    resumed = run(s, [], still.status, after(3660))
+    assert resumed.status["phase"] != "Failed" and resumed.create == [0, 1]
+    assert resumed.status["suspendedSeconds"] == 3600
+    assert resumed.requeue_after == 40  # 60 s used before, 40 s left
+    running = run(s, [pod(0), pod(1)], resumed.status, after(3699))
+    assert running.status["phase"] == "Running"
+    over = run(s, [pod(0), pod(1)], running.status, after(3700))
+    assert over.status["reason"] == "DeadlineExceeded"
+
+
+def budget_spec(**energy):
+    return spec(energy=energy) if energy else spec()
+
+
+def test_a_job_suspended_by_its_budget_resumes_when_the_budget_is_raised_or_removed():
+    exhausted = {
+        "phase": "Running",
+        "energy": {"consumedJoules": 1000.0},
+        "lastDecision": {"reason": "BudgetExhausted", "message": "1000 J of 1000 J used",
+                         "suspend": True, "replicas": 2},
+    }  # fmt: skip
+    stopped = run(budget_spec(budget=1000), [pod(0), pod(1)], exhausted)
+    assert (stopped.status["phase"], stopped.status["reason"]) == ("Suspended", "BudgetExhausted")
+    # Still exhausted: stays suspended.
+    again = run(budget_spec(budget=1000), [], stopped.status)
+    assert again.status["phase"] == "Suspended" and again.create == []
+    # Raised: the workers come back, with a Resumed event.
+    raised = run(budget_spec(budget=5000), [], stopped.status)
+    assert raised.create == [0, 1] and "Resumed" in reasons(raised)
+    assert not raised.status["lastDecision"]["suspend"]
+    # Removed, on a job that is then Fixed with no energy limit (the policy no longer runs).
+    removed = run(budget_spec(), [], stopped.status)
+    assert removed.create == [0, 1] and "Resumed" in reasons(removed)
+
+
+def test_a_worker_refused_by_the_api_server_shows_stalled_with_its_message_until_created():
+    from joule.reconcile import Rejection, rejection_status
+
+    plan = run(spec(), [])
+    refused = Rejection("worker 0", "PodRejected", 'pods "j-worker-0" is forbidden: exceeded quota')
+    st = rejection_status(plan.status, refused, T0, 1)
+    stalled = next(c for c in st["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and "exceeded quota" in stalled["message"]
+    assert st["podFailure"]["reason"] == "PodRejected"
+    # The next reconcile decides the same: no flapping between two reasons.
+    again = run(spec(), [], st, after(30))
+    assert again.create == [0, 1]
+    assert again.status["reason"] == "PodRejected"
+    assert rejection_status(again.status, refused, after(30), 1) == again.status
+    # Created at last: the refusal is cleared.
+    cleared = rejection_status(again.status, None, after(60), 1)
+    assert "podFailure" not in cleared
+    nxt = run(spec(), [pod(0), pod(1)], cleared)
+    assert nxt.status["phase"] == "Running"
+
+
+def test_unreadable_workers_show_as_a_condition():
+    from joule.reconcile import conditions
+
+    st = {"phase": "Running", "lastDecision": {"reason": "NoMeasurement"},
+          "metricsError": "j-worker-1 rank 0: no answer within 5s"}  # fmt: skip
+    cond = {c["type"]: c for c in conditions(st, 1, [], T0)}
+    assert cond["MetricsUnavailable"]["status"] == "True"
+    assert "j-worker-1 rank 0" in cond["MetricsUnavailable"]["message"]
+    st.pop("metricsError")
+    cond = {c["type"]: c for c in conditions(st, 1, [], T0)}
+    assert cond["MetricsUnavailable"]["status"] == "False"

@@ -12,7 +12,6 @@ import json
 import logging
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -40,17 +39,24 @@ from joule.policy import ClusterView
 from joule.reconcile import (
     Event,
     Plan,
+    Rejection,
     decide,
     desired_replicas,
     follow_user_scale,
     power_limit,
     power_limit_patches,
+    rejection_status,
 )
-from joule.scaling import cluster_view, evaluate
-from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
+from joule.scaling import cluster_view, counter_key, evaluate
+from joule.scrape import Target, scrape_all
 
 log = logging.getLogger("joule.reconcile")
 CLUSTER_VIEW_SECONDS = 5.0
+# Every API call gives up after (connect, read) seconds: a hung API server must not hold a
+# job's lock (and with it every later event of that job) for ever.
+API_TIMEOUT = (5.0, 30.0)
+# One evaluation waits this long, in all, for the workers' /metrics.
+SCRAPE_DEADLINE_SECONDS = 5.0
 
 
 @dataclass
@@ -99,7 +105,9 @@ class Reconciler:
 
     def _reconcile_once(self, namespace: str, name: str) -> Outcome:
         try:
-            body = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            body = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=API_TIMEOUT
+            )
         except ApiException as exc:
             if exc.status == 404:
                 self.forget(namespace, name)
@@ -117,36 +125,55 @@ class Reconciler:
 
         pods = self._pods(job)
         now = self.clock()
-        scaled = None
+        early: list[Event] = []  # decided before the plan; posted with its Events
         if spec.managed:
             status = dict(status)
             scaled = follow_user_scale(spec, status, now)
-            status = self._evaluate(job, spec, status, pods, now)
+            early += [scaled] if scaled else []
+            status, evaluated = self._evaluate(job, spec, status, pods, now)
+            early += evaluated
         plan = decide(job, spec, status, body["metadata"].get("generation", 1), pods, now)
-        if scaled is not None:  # posted with the plan's, once the status is written
-            plan.events.insert(0, scaled)
+        plan.events[:0] = early
         if spec.managed and not Phase(plan.status["phase"]).finished:
             every = spec.scaling.evaluation_interval_seconds
             plan.requeue_after = min(plan.requeue_after or every, every)
+        # Status first, then pods: the status says what is about to be done and why
+        # (startTime, a counted restart, the new target), so an operator killed in between,
+        # or a write refused with 409, loses nothing and makes the next reconcile redo the
+        # same plan. Events are posted once the plan's status is stored, so a redo after a
+        # conflict does not post them twice.
+        written = plan.status != stored
+        if written:
+            body = self._write_status(body, plan.status)
         for pod in plan.delete:
             self._delete_pod(namespace, pod)
+        rejected = None
         if plan.create:
             # Only when workers are being created: the service is needed from then on, and
             # every other reconcile (pod events, resyncs) is spared a POST answered by 409.
-            self._ensure_service(job)
+            rejected = self._ensure_service(job)
+        limit = power_limit(spec, plan.status)
         for index in plan.create:
-            self._create_pod(job, spec, index, power_limit(spec, plan.status))
+            if rejected is not None:
+                break  # the next one would be refused for the same reason
+            rejected = self._create_pod(job, spec, index, limit)
         for pod_name, value in power_limit_patches(spec, plan.status, pods).items():
             if pod_name not in plan.delete:
                 self._annotate_pod(namespace, pod_name, POWER_LIMIT_ANNOTATION, value)
-        metrics.JOBS.set(namespace, name, plan.status.get("phase"))
-        written = False
-        if plan.status != stored:  # what evaluation and decision changed, together
-            self._write_status(body, plan.status)
-            written = True
         for event in plan.events:
             self.post_event(job, event)
             metrics.DECISIONS.labels(reason=event.reason).inc()
+        after = rejection_status(plan.status, rejected, now, body["metadata"].get("generation", 1))
+        if after != plan.status:
+            plan.status = after
+            if rejected is not None:
+                self.post_event(job, Event("Warning", rejected.reason, rejected.message))
+            try:
+                self._write_status(body, after)
+                written = True
+            except _Conflict:
+                pass  # the next reconcile tries the create again and says so again
+        metrics.JOBS.set(namespace, name, plan.status.get("phase"))
         if plan.delete_job:
             log.info("deleting %s/%s: ttlSecondsAfterFinished is up", namespace, name)
             self._delete_job(namespace, name)
@@ -159,33 +186,51 @@ class Reconciler:
         status: dict[str, Any],
         pods: list[PodView],
         now: dt.datetime,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], list[Event]]:
         """Every evaluationIntervalSeconds: read the workers' /metrics, account energy, ask
-        the policy. Returns the status the reconcile then decides from."""
+        the policy. Returns the status the reconcile then decides from, and the Events to post
+        once that status is stored."""
         phase = status.get("phase")
         stopped = bool((status.get("lastDecision") or {}).get("suspend"))
         if phase not in ("Running", "Resizing") and not stopped:
-            return status
+            return status, []
         window = (status.get("energy") or {}).get("window") or [[0.0]]
         if now.timestamp() - window[-1][0] < spec.scaling.evaluation_interval_seconds:
-            return status
-        readings = []
+            return status, []
+        # Every process that runs, including workers on their way out: a terminating pod's
+        # last reading still counts (it trains until SIGTERM and checkpoints after it).
+        targets, names, expected = [], {}, set()
         for pod in pods:
-            if not (pod.ready and pod.ip) or pod.terminating:
+            if not pod.ip or pod.phase != "Running":
                 continue
-            for local_rank in range(spec.nproc_per_node):
-                reading = scrape_trainer(pod.ip, METRICS_PORT + local_rank)
-                if reading is not None:
-                    readings.append((f"{pod.uid}/{local_rank}", reading))
+            for rank in range(spec.nproc_per_node):
+                targets.append(Target(f"{pod.uid}/{rank}", pod.ip, METRICS_PORT + rank))
+                names[targets[-1].key] = f"{pod.name} rank {rank}"
+                if pod.ready and pod.active:  # one on its way out may have stopped serving
+                    expected.add(targets[-1].key)
+        results = scrape_all(targets, SCRAPE_DEADLINE_SECONDS)
+        readings = []
+        for key, result in results.items():
+            if result.reading is not None:
+                uid, rank = key.split("/")
+                readings.append((counter_key(uid, int(rank), result.reading), result.reading))
         running = sum(1 for p in pods if p.ready and p.active)
-        steady = phase == "Running" and running == desired_replicas(spec, status)
+        unread = sorted(
+            f"{names[k]}: {r.error}" for k, r in results.items() if r.error and k in expected
+        )
+        # A round that missed a worker says nothing about the job's rate at this size.
+        steady = phase == "Running" and running == desired_replicas(spec, status) and not unread
         cluster = self._cluster_view()
-        result = evaluate(spec, status, readings, cluster, now, running, steady)
+        result = evaluate(
+            spec, status, readings, cluster, now, running, steady, alive={p.uid for p in pods}
+        )
         metrics.POLICY_DECISIONS.labels(reason=result.decision.reason).inc()
-        for event in result.events:
-            self.post_event(job, event)
-            metrics.DECISIONS.labels(reason=event.reason).inc()
-        return result.status
+        st = dict(result.status)
+        if unread:
+            st["metricsError"] = "; ".join(unread)[:1024]
+        else:
+            st.pop("metricsError", None)
+        return st, list(result.events)
 
     def _cluster_view(self) -> ClusterView:
         """Free and waiting GPUs, shared by every job's evaluation for a few seconds: it
@@ -196,8 +241,11 @@ class Reconciler:
             return cached[1]
         serialize = self.core.api_client.sanitize_for_serialization
         view = cluster_view(
-            [serialize(n) for n in self.core.list_node().items],
-            [serialize(p) for p in self.core.list_pod_for_all_namespaces().items],
+            [serialize(n) for n in self.core.list_node(_request_timeout=API_TIMEOUT).items],
+            [
+                serialize(p)
+                for p in self.core.list_pod_for_all_namespaces(_request_timeout=API_TIMEOUT).items
+            ],
         )
         now = time.monotonic()
         with self._guard:
@@ -225,49 +273,57 @@ class Reconciler:
 
     def _pods(self, job: JobRef) -> list[PodView]:
         items = self.core.list_namespaced_pod(
-            job.namespace, label_selector=selector_string(job)
+            job.namespace, label_selector=selector_string(job), _request_timeout=API_TIMEOUT
         ).items
         views = [view(self.core.api_client.sanitize_for_serialization(p)) for p in items]
-        return [v for v in views if v is not None]
+        # Only pods this job owns: a pod that merely carries the label (a namesake job's
+        # leftover, a hand-made pod) is neither counted, nor deleted, nor scraped.
+        return [v for v in views if v is not None and v.owner == job.uid]
 
-    def _ensure_service(self, job: JobRef) -> None:
+    def _ensure_service(self, job: JobRef) -> Rejection | None:
         try:
-            self.core.create_namespaced_service(job.namespace, worker_service(job))
+            self.core.create_namespaced_service(
+                job.namespace, worker_service(job), _request_timeout=API_TIMEOUT
+            )
         except ApiException as exc:
-            if exc.status != 409:
-                raise
+            if exc.status == 409:
+                return None
+            if exc.status is not None and 400 <= exc.status < 500:
+                return Rejection(f"service {job.name}", "ServiceRejected", _api_message(exc))
+            raise
+        return None
 
     def _create_pod(
         self, job: JobRef, spec: TrainingJobSpec, index: int, limit: float | None
-    ) -> None:
+    ) -> Rejection | None:
         try:
-            self.core.create_namespaced_pod(job.namespace, worker_pod(job, spec, index, limit))
+            self.core.create_namespaced_pod(
+                job.namespace,
+                worker_pod(job, spec, index, limit),
+                _request_timeout=API_TIMEOUT,
+            )
             metrics.PODS_CREATED.inc()
         except ApiException as exc:
             if exc.status == 409:
-                return  # created by an earlier reconcile (or an earlier operator)
-            # Rejected by admission (quota, PodSecurity, ...): say so on the job.
-            reason = exc.reason or "PodRejected"
-            self.post_event(
-                job,
-                Event(
-                    "Warning", "PodRejected", f"worker {index} was rejected: {_api_message(exc)}"
-                ),
-            )
-            log.warning(
-                "creating worker %s of %s/%s failed: %s %s",
-                index,
-                job.namespace,
-                job.name,
-                exc.status,
-                reason,
-            )
+                return None  # created by an earlier reconcile (or an earlier operator)
+            if exc.status is not None and 400 <= exc.status < 500:
+                # Refused by admission (quota, PodSecurity, an invalid field): on the job.
+                log.warning(
+                    "creating worker %s of %s/%s was refused: %s %s",
+                    index, job.namespace, job.name, exc.status, exc.reason,
+                )  # fmt: skip
+                return Rejection(f"worker {index}", "PodRejected", _api_message(exc))
+            raise
+        return None
 
     def _annotate_pod(self, namespace: str, name: str, key: str, value: str | None) -> None:
         """Set (or, with None, remove) one annotation: a merge patch touches nothing else."""
         try:
             self.core.patch_namespaced_pod(
-                name, namespace, {"metadata": {"annotations": {key: value}}}
+                name,
+                namespace,
+                {"metadata": {"annotations": {key: value}}},
+                _request_timeout=API_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status != 404:
@@ -275,7 +331,7 @@ class Reconciler:
 
     def _delete_pod(self, namespace: str, name: str) -> None:
         try:
-            self.core.delete_namespaced_pod(name, namespace)
+            self.core.delete_namespaced_pod(name, namespace, _request_timeout=API_TIMEOUT)
             metrics.PODS_DELETED.inc()
         except ApiException as exc:
             if exc.status != 404:
@@ -290,12 +346,14 @@ class Reconciler:
                 PLURAL,
                 name,
                 body=client.V1DeleteOptions(propagation_policy="Background"),
+                _request_timeout=API_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
-    def _write_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
+    def _write_status(self, body: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        """Replace the status; returns the stored object (its new resourceVersion)."""
         meta = body["metadata"]
         # A full replace of the status subresource, guarded by resourceVersion: fields the
         # plan dropped really disappear, and a concurrent change makes us decide again.
@@ -311,14 +369,20 @@ class Reconciler:
             "status": status,
         }
         try:
-            self.custom.replace_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], new_body
+            return self.custom.replace_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                meta["namespace"],
+                PLURAL,
+                meta["name"],
+                new_body,
+                _request_timeout=API_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status == 409:
                 raise _Conflict() from exc
             if exc.status == 404:
-                return
+                return body
             raise
 
     def post_event(self, job: JobRef, event: Event) -> None:
@@ -347,6 +411,7 @@ class Reconciler:
                     reporting_component=COMPONENT,
                     reporting_instance=COMPONENT,
                 ),
+                _request_timeout=API_TIMEOUT,
             )
         except ApiException as exc:  # an event is worth a log line, never a failed reconcile
             log.warning(
@@ -361,15 +426,6 @@ class Reconciler:
 
 class _Conflict(Exception):
     pass
-
-
-def scrape_trainer(ip: str, port: int) -> TrainerReading | None:
-    """One worker process's /metrics; None when it does not answer (yet)."""
-    try:
-        with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=2.0) as response:
-            return parse_trainer_metrics(response.read().decode())
-    except (OSError, ValueError):
-        return None
 
 
 def _api_message(exc: ApiException) -> str:

@@ -43,6 +43,7 @@ class PodView:
     failure: Failure | None
     ip: str | None = None
     power_limit: str | None = None  # the per-GPU power limit annotation, as set
+    owner: str | None = None  # UID of the controller that owns the pod (its TrainingJob)
 
     @property
     def finished(self) -> bool:
@@ -77,6 +78,10 @@ def view(pod: dict[str, Any]) -> PodView | None:
         failure=failure(status, conditions),
         ip=status.get("podIP"),
         power_limit=(meta.get("annotations") or {}).get(POWER_LIMIT_ANNOTATION),
+        owner=next(
+            (o.get("uid") for o in meta.get("ownerReferences") or [] if o.get("controller")),
+            None,
+        ),
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from joule.api.types import CleanPodPolicy, JobRef, Phase, TrainingJobSpec
 from joule.builders.labels import selector_string
 from joule.observe import Failure, PodView
+from joule.policy.types import OnBudgetExhausted
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,19 @@ class Plan:
     delete_job: bool = False
     # Seconds until a timer (startup timeout, deadline, TTL) fires; None: nothing pending.
     requeue_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """The API server refused to create one of the job's objects (admission, quota, an
+    invalid field): what, why, and its message."""
+
+    what: str  # "worker 1", "service j"
+    reason: str  # PodRejected | ServiceRejected
+    message: str
+
+
+REJECTED = ("PodRejected", "ServiceRejected")
 
 
 def fmt_time(t: dt.datetime) -> str:
@@ -62,10 +76,38 @@ def decide(
         _finished(spec, st, pods, now, plan)
         return _close(plan, st, job, spec, generation, pods, now)
 
+    budget_stop = bool((st.get("lastDecision") or {}).get("suspend"))
+    if budget_stop and not _budget_still_stops(spec, st):
+        # The budget was raised or removed (or no longer suspends): the stop is lifted here,
+        # not by the policy, which no longer runs at all for a job left without limits.
+        st["lastDecision"] = {**st["lastDecision"], "suspend": False}
+        budget_stop = False
+    if spec.suspend or budget_stop:
+        plan.delete = [p.name for p in pods if not p.terminating]
+        st.pop("attemptStartTime", None)
+        st.setdefault("suspendedSince", fmt_time(now))
+        if spec.suspend:
+            _set_phase(st, Phase.SUSPENDED, "Suspended", "spec.suspend is true; workers deleted")
+        else:
+            why = st["lastDecision"].get("message", "the energy budget is used up")
+            _set_phase(st, Phase.SUSPENDED, "BudgetExhausted", f"{why}; workers deleted")
+        if previous != Phase.SUSPENDED:
+            plan.events.append(
+                Event("Normal", "Suspended", f"suspended: deleting {len(plan.delete)} worker pods")
+            )
+        return _close(plan, st, job, spec, generation, pods, now)
+    since = parse_time(st.pop("suspendedSince", None))
+    if since is not None:  # the deadline did not run while the job was suspended
+        paused = float(st.get("suspendedSeconds", 0.0)) + (now - since).total_seconds()
+        st["suspendedSeconds"] = round(paused, 3)
+    if previous == Phase.SUSPENDED:
+        plan.events.append(Event("Normal", "Resumed", "resuming: recreating workers"))
+
     deadline = spec.active_deadline_seconds
     started = parse_time(st.get("startTime"))
     if deadline and started:
-        left = (started + dt.timedelta(seconds=deadline) - now).total_seconds()
+        end = started + dt.timedelta(seconds=deadline + float(st.get("suspendedSeconds", 0.0)))
+        left = (end - now).total_seconds()
         if left <= 0:
             _finish(
                 st,
@@ -79,26 +121,6 @@ def decide(
             return _close(plan, st, job, spec, generation, pods, now)
         plan.requeue_after = left
 
-    budget_stop = bool((st.get("lastDecision") or {}).get("suspend"))
-    if spec.suspend or budget_stop:
-        plan.delete = [p.name for p in pods if not p.terminating]
-        st.pop("attemptStartTime", None)
-        if spec.suspend:
-            _set_phase(st, Phase.SUSPENDED, "Suspended", "spec.suspend is true; workers deleted")
-        else:
-            why = st["lastDecision"].get("message", "the energy budget is used up")
-            _set_phase(st, Phase.SUSPENDED, "BudgetExhausted", f"{why}; workers deleted")
-        if previous != Phase.SUSPENDED:
-            plan.events.append(
-                Event("Normal", "Suspended", f"suspended: deleting {len(plan.delete)} worker pods")
-            )
-        return _close(plan, st, job, spec, generation, pods, now)
-    if previous == Phase.SUSPENDED:
-        plan.events.append(Event("Normal", "Resumed", "resuming: recreating workers"))
-
-    # A pod on its way out was deleted (by us: scale-down, suspend, gang release; or by
-    # someone else): however it exits, 143 after SIGTERM or 0, it neither failed nor finished
-    # the training. A real kubelet reports that terminal phase before the pod disappears.
     succeeded = [p for p in pods if p.phase == "Succeeded" and not p.terminating]
     if succeeded:
         # Training is over once a worker has exited 0; wait for the rest to exit too, but not
@@ -177,15 +199,54 @@ def decide(
         msg = f"resizing to {desired} workers ({sum(p.ready for p in wanted)} running)"
         if previous != Phase.RESIZING:
             plan.events.append(Event("Normal", "Resizing", msg))
-        _set_phase(
-            st,
-            Phase.RESIZING,
-            blocking.failure.reason if blocking and blocking.failure else "Resizing",
-            msg,
-        )
+        reason = blocking.failure.reason if blocking and blocking.failure else "Resizing"
+        refused = _refused(st)
+        if refused and reason == "Resizing":
+            reason, msg = refused
+        _set_phase(st, Phase.RESIZING, reason, msg)
     else:
         _starting(spec, st, wanted, desired, blocking, now, plan)
     return _close(plan, st, job, spec, generation, pods, now)
+
+
+def rejection_status(
+    st: dict[str, Any], rejected: Rejection | None, now: dt.datetime, generation: int
+) -> dict[str, Any]:
+    """The status after creating workers: a refusal is shown as ``podFailure``, the job's
+    reason and a Stalled condition, with the API server's own message (it stays while the
+    creates keep failing: ``decide`` keeps it); a create that went through clears it."""
+    shown = (st.get("podFailure") or {}).get("reason") in REJECTED
+    if rejected is None and not shown:
+        return st
+    new = dict(st)
+    if rejected is None:
+        new.pop("podFailure")
+        return new
+    message = f"{rejected.what} was refused by the API server: {rejected.message}"
+    new["podFailure"] = {"pod": rejected.what, "reason": rejected.reason, "message": message}
+    new["reason"], new["message"] = rejected.reason, message
+    new["conditions"] = conditions(new, generation, new.get("conditions", []), now)
+    return new
+
+
+def _refused(st: dict[str, Any]) -> tuple[str, str] | None:
+    """The refusal shown in status (reason, message), while no pod says more."""
+    failure = st.get("podFailure") or {}
+    if failure.get("reason") in REJECTED:
+        return failure["reason"], failure.get("message", "")
+    return None
+
+
+def _budget_still_stops(spec: TrainingJobSpec, st: dict[str, Any]) -> bool:
+    """Whether the energy budget still suspends the job: it is set, used up, and says
+    Suspend. Raising it, removing it or choosing another action resumes the job."""
+    budget = spec.energy.budget_joules
+    consumed = float((st.get("energy") or {}).get("consumedJoules", 0.0))
+    return (
+        budget is not None
+        and consumed >= budget
+        and spec.energy.on_budget_exhausted == OnBudgetExhausted.SUSPEND
+    )
 
 
 def power_limit(spec: TrainingJobSpec, st: dict[str, Any]) -> float | None:
@@ -285,7 +346,10 @@ def _starting(
             return
         plan.requeue_after = _min(plan.requeue_after, left)
     scheduled = sum(p.scheduled for p in wanted)
-    if scheduled == 0:
+    refused = _refused(st)
+    if scheduled == 0 and refused and reason is None:
+        _set_phase(st, Phase.PENDING, *refused)
+    elif scheduled == 0:
         _set_phase(
             st, Phase.PENDING, reason or "WaitingForScheduling", f"0/{desired} workers scheduled"
         )
@@ -447,6 +511,7 @@ def conditions(
         "InvalidImageName",
         "CreateContainerConfigError",
         "StartupTimeout",
+        *REJECTED,
     }
     want = {
         "Ready": (phase == Phase.RUNNING and reason != "Completing", reason, message),
@@ -462,6 +527,12 @@ def conditions(
         want["BudgetAtRisk"] = (bool(last.get("atRisk")), why, text)
         over = bool(last.get("overCap")) or why == "PowerCapExceeded"
         want["PowerCapExceeded"] = (over, why, text)
+        unread = st.get("metricsError")
+        want["MetricsUnavailable"] = (
+            bool(unread),
+            "WorkersUnreadable" if unread else "WorkersRead",
+            f"could not read /metrics of {unread}" if unread else "every worker answered",
+        )
     before = {c["type"]: c for c in old}
     out = []
     for ctype, (flag, why, text) in want.items():

@@ -1,0 +1,162 @@
+"""The Reconciler's order of writes: status first, then pods, then Events.
+
+An in-memory API stands in for the API server here only to stop the operator at an exact
+point between two calls (a crash there cannot be timed against a real server); what is
+checked is what a restarted operator reads back.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import itertools
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from joule.kube import Reconciler
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+class Crash(BaseException):
+    """The operator process dies here (BaseException: nothing in it catches this)."""
+
+
+class FakeApi:
+    def __init__(self):
+        self.job: dict | None = None
+        self.pods: dict[str, dict] = {}
+        self.events: list[str] = []
+        self.calls: list[str] = []
+        self.crash_on: str | None = None
+        self.conflicts = 0
+        self.rv = itertools.count(1)
+        self.api_client = self  # sanitize_for_serialization: objects are plain dicts here
+
+    def sanitize_for_serialization(self, obj):
+        return obj
+
+    def _call(self, what):
+        self.calls.append(what)
+        if self.crash_on == what:
+            self.crash_on = None
+            raise Crash(what)
+
+    # CustomObjectsApi
+    def get_namespaced_custom_object(self, group, version, ns, plural, name, **_):
+        self._call("get")
+        if self.job is None:
+            raise ApiException(status=404)
+        return copy.deepcopy(self.job)
+
+    def replace_namespaced_custom_object_status(self, group, version, ns, plural, name, body, **_):
+        self._call("status")
+        if self.conflicts:
+            self.conflicts -= 1
+            self.job["metadata"]["resourceVersion"] = str(next(self.rv))
+            raise ApiException(status=409)
+        if body["metadata"]["resourceVersion"] != self.job["metadata"]["resourceVersion"]:
+            raise ApiException(status=409)
+        self.job["status"] = copy.deepcopy(body["status"])
+        self.job["metadata"]["resourceVersion"] = str(next(self.rv))
+        return copy.deepcopy(self.job)
+
+    # CoreV1Api
+    def list_namespaced_pod(self, ns, label_selector, **_):
+        self._call("list")
+        return type("L", (), {"items": [copy.deepcopy(p) for p in self.pods.values()]})
+
+    def create_namespaced_pod(self, ns, pod, **_):
+        self._call("create")
+        name = pod["metadata"]["name"]
+        if name in self.pods:
+            raise ApiException(status=409)
+        pod = copy.deepcopy(pod)
+        pod["metadata"]["uid"] = f"uid-{name}-{len(self.calls)}"
+        pod["status"] = {"phase": "Pending"}
+        self.pods[name] = pod
+
+    def delete_namespaced_pod(self, name, ns, **_):
+        self._call("delete")
+        if self.pods.pop(name, None) is None:
+            raise ApiException(status=404)
+
+    def create_namespaced_service(self, ns, svc, **_):
+        self._call("service")
+
+    def create_namespaced_event(self, ns, event, **_):
+        self._call("event")
+        self.events.append(event.reason)
+
+    def patch_namespaced_pod(self, name, ns, body, **_):
+        self._call("patch")
+
+
+def reconciler(api: FakeApi) -> Reconciler:
+    r = Reconciler.__new__(Reconciler)
+    Reconciler.__init__(r, api_client_stub(), clock=lambda: T0)
+    r.core = r.custom = api
+    return r
+
+
+def api_client_stub():
+    from kubernetes import client
+
+    return client.ApiClient()
+
+
+def new_job(api: FakeApi, **spec) -> None:
+    api.job = {
+        "apiVersion": "joule.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": "j", "namespace": "ns", "uid": "job-uid", "generation": 1,
+                     "resourceVersion": "0"},
+        "spec": {"image": "x", "replicas": 2, **spec},
+    }  # fmt: skip
+
+
+def test_status_is_written_before_any_pod_is_created():
+    api = FakeApi()
+    new_job(api)
+    reconciler(api).reconcile("ns", "j")
+    first_create = api.calls.index("create")
+    assert "status" in api.calls[:first_create]
+    assert api.calls.index("event") > first_create
+
+
+def test_a_crash_between_status_and_pods_loses_no_start_time_and_counts_no_restart_twice():
+    api = FakeApi()
+    new_job(api, backoffLimit=3)
+    api.crash_on = "create"
+    with pytest.raises(Crash):
+        reconciler(api).reconcile("ns", "j")
+    assert api.pods == {}  # it died before creating anything...
+    started = api.job["status"]["startTime"]  # ...but the status it acted on is stored
+    assert api.job["status"]["attemptStartTime"] == started
+    reconciler(api).reconcile("ns", "j")  # a new operator
+    assert sorted(api.pods) == ["j-worker-0", "j-worker-1"]
+    assert api.job["status"]["startTime"] == started
+
+    # A worker fails; the operator dies before deleting it: the restart is already counted.
+    pod = api.pods["j-worker-1"]
+    pod["spec"]["nodeName"] = "n"
+    pod["status"] = {"phase": "Failed", "containerStatuses": [
+        {"state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}  # fmt: skip
+    api.crash_on = "delete"
+    with pytest.raises(Crash):
+        reconciler(api).reconcile("ns", "j")
+    assert api.job["status"]["restarts"] == 1
+    assert "WorkerFailed" not in api.events  # posted only once the pods are dealt with
+    reconciler(api).reconcile("ns", "j")
+    assert api.job["status"]["restarts"] == 1  # the same failure is not counted again
+    assert "j-worker-1" not in api.pods or api.pods["j-worker-1"]["status"]["phase"] != "Failed"
+
+
+def test_a_status_conflict_redoes_the_plan_without_posting_its_events_twice():
+    api = FakeApi()
+    new_job(api)
+    api.conflicts = 1
+    reconciler(api).reconcile("ns", "j")
+    assert api.events.count("CreatedWorkers") == 1
+    assert sorted(api.pods) == ["j-worker-0", "j-worker-1"]
