@@ -3,6 +3,8 @@
 import os
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +117,27 @@ def test_a_killed_saves_temporary_file_is_removed_by_the_next_save(tmp_path):
     assert checkpoint.list_steps(tmp_path) == [10, 30]
     assert checkpoint.load_latest(tmp_path)[0] == 30
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-step-000000030")]
+
+
+class Planted:
+    """An object whose unpickling runs a command: what a planted checkpoint would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_not_executed(tmp_path, caplog):
+    checkpoint.save(tmp_path, 10, {"step": 10, "w": torch.ones(3)})
+    marker = tmp_path.parent / f"{tmp_path.name}-pwned"
+    torch.save({"step": 20, "w": Planted(marker)}, checkpoint.path_for(tmp_path, 20))
+    with caplog.at_level("WARNING", logger="joule_trainer.checkpoint"):
+        step, state = checkpoint.load_latest(tmp_path)
+    assert not marker.exists()
+    assert step == 10 and torch.equal(state["w"], torch.ones(3))
+    assert "skipping unreadable checkpoint" in caplog.text and "step-000000020" in caplog.text
 
 
 def test_only_the_last_checkpoints_are_kept(tmp_path):

@@ -226,7 +226,7 @@ def test_resize_two_to_one_to_two_resumes_with_the_same_global_batch(tmp_path):
     import torch
 
     states = [
-        torch.load(path, weights_only=False)
+        torch.load(path, weights_only=True)
         for path in sorted((tmp_path / "ckpt").glob("step-*.pt"))[-3:]
     ]
     assert {s["global_batch"] for s in states} == {16}

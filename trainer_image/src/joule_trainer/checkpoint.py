@@ -3,8 +3,9 @@
 A checkpoint is written to a temporary file in the same folder, flushed and fsynced, then
 renamed into place: the name ``step-<N>.pt`` only ever points at a complete file. Loading
 walks the checkpoints newest first and skips any that does not load (a disk that lied, a
-file copied by hand), so a torn checkpoint is never used. The
-last ``keep`` are kept, and temporary files left by killed saves are removed by a later one.
+file copied by hand, a file that is not plain data), so a torn or planted checkpoint is never
+used. The last ``keep`` are kept, and temporary files left by killed saves are removed by a
+later save.
 """
 
 from __future__ import annotations
@@ -89,11 +90,17 @@ def list_steps(directory: Path) -> list[int]:
 
 
 def load_latest(directory: Path) -> tuple[int, dict[str, Any]] | None:
-    """The newest checkpoint that loads, as (step, state); None if there is none."""
+    """The newest checkpoint that loads, as (step, state); None if there is none.
+
+    ``weights_only=True``: a checkpoint may only hold tensors and plain data (dicts, lists,
+    tuples, numbers, strings, None), so a planted file cannot run code when it is unpickled;
+    one that holds anything else is skipped as unreadable. The trainer's state needs nothing
+    more (the Python RNG state is a tuple of ints), so no other type is allowlisted.
+    """
     for step in reversed(list_steps(directory)):
         path = path_for(directory, step)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # any unreadable file is skipped, never trusted
             log.warning("skipping unreadable checkpoint %s: %s", path, exc)
             continue
