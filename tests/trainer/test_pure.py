@@ -140,6 +140,30 @@ def test_a_checkpoint_that_would_run_code_is_refused_not_executed(tmp_path, capl
     assert "skipping unreadable checkpoint" in caplog.text and "step-000000020" in caplog.text
 
 
+def test_the_cuda_rng_state_is_saved_and_restored_where_there_is_cuda(tmp_path, monkeypatch):
+    from joule_trainer.train import restore_rng, rng_state
+
+    devices = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+    restored: list[list[torch.Tensor]] = []
+    count = 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: devices)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    checkpoint.save(tmp_path, 5, {"step": 5, "rng": rng_state()})
+    drawn = torch.rand(3)
+    _, state = checkpoint.load_latest(tmp_path)  # through the weights_only load
+    restore_rng(state["rng"])
+    assert torch.equal(torch.rand(3), drawn)  # the CPU generator too
+    assert len(restored) == 1
+    assert all(torch.equal(a, b) for a, b in zip(restored[0], devices, strict=True))
+    count = 4  # resumed on a machine with another number of GPUs: no pairing is right
+    restore_rng(state["rng"])
+    assert len(restored) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "cuda" not in rng_state()
+
+
 def test_only_the_last_checkpoints_are_kept(tmp_path):
     for step in range(1, 6):
         checkpoint.save(tmp_path, step, {"step": step}, keep=2)

@@ -193,8 +193,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        restore_rng(state["rng"])
         self.step = step
         self._log(
             event="resumed",
@@ -226,7 +225,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": rng_state(),
         }
         path = checkpoint.save(self.args.checkpoint_dir, self.step, state)
         self._log(event="checkpoint", step=self.step, path=str(path))
@@ -359,6 +358,31 @@ class Trainer:
         if self.tb:
             self.tb.close()
         dist.destroy_process_group()
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random generator the trainer draws from, as tensors and plain data
+    (what a weights_only load accepts). Saved by rank 0 and restored on every rank."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return  # saved without CUDA, or resumed on a machine without it
+    if len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    else:  # one state per device: with another count there is no right pairing
+        log.warning(
+            "CUDA RNG state not restored: saved for %d devices, %d here",
+            len(cuda),
+            torch.cuda.device_count(),
+        )
 
 
 def _round(value: float | None) -> float | None:
