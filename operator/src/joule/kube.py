@@ -24,6 +24,7 @@ from joule import metrics
 from joule.api.types import JobRef, Phase, SpecError, TrainingJobSpec
 from joule.builders import worker_pod, worker_service
 from joule.builders.labels import selector_string
+from joule.capacity import Capacity, capacity
 from joule.constants import (
     API_VERSION,
     COMPONENT,
@@ -35,7 +36,6 @@ from joule.constants import (
     VERSION,
 )
 from joule.observe import PodView, view
-from joule.policy import ClusterView
 from joule.reconcile import (
     Event,
     Plan,
@@ -47,7 +47,7 @@ from joule.reconcile import (
     power_limit_patches,
     rejection_status,
 )
-from joule.scaling import cluster_view, counter_key, evaluate
+from joule.scaling import counter_key, evaluate
 from joule.scrape import Target, scrape_all
 
 log = logging.getLogger("joule.reconcile")
@@ -79,7 +79,7 @@ class Reconciler:
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
-        self._cluster: tuple[float, ClusterView] | None = None
+        self._cluster: tuple[float, Capacity] | None = None
         self._last_wait: float | None = None  # when a pod last waited for GPUs (monotonic)
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
@@ -220,7 +220,9 @@ class Reconciler:
         )
         # A round that missed a worker says nothing about the job's rate at this size.
         steady = phase == "Running" and running == desired_replicas(spec, status) and not unread
-        cluster = self._cluster_view()
+        cluster = self._capacity().view_for(
+            spec.gpus_per_replica, spec.pod.get("nodeSelector"), spec.pod.get("tolerations") or ()
+        )
         result = evaluate(
             spec, status, readings, cluster, now, running, steady, alive={p.uid for p in pods}
         )
@@ -232,15 +234,15 @@ class Reconciler:
             st.pop("metricsError", None)
         return st, list(result.events)
 
-    def _cluster_view(self) -> ClusterView:
-        """Free and waiting GPUs, shared by every job's evaluation for a few seconds: it
-        lists every node and pod, which each of a hundred jobs need not do on its own."""
+    def _capacity(self) -> Capacity:
+        """Free GPUs per node and waiting GPUs, shared by every job's evaluation for a few
+        seconds: it lists every node and pod, which each of a hundred jobs need not do."""
         with self._guard:
             cached = self._cluster
         if cached and time.monotonic() - cached[0] < CLUSTER_VIEW_SECONDS:
             return cached[1]
         serialize = self.core.api_client.sanitize_for_serialization
-        view = cluster_view(
+        room = capacity(
             [serialize(n) for n in self.core.list_node(_request_timeout=API_TIMEOUT).items],
             [
                 serialize(p)
@@ -249,12 +251,12 @@ class Reconciler:
         )
         now = time.monotonic()
         with self._guard:
-            if view.waiting_gpus:
+            if room.waiting_gpus:
                 self._last_wait = now
             quiet = None if self._last_wait is None else now - self._last_wait
-            view = replace(view, quiet_seconds=quiet)
-            self._cluster = (now, view)
-        return view
+            room = replace(room, quiet_seconds=quiet)
+            self._cluster = (now, room)
+        return room
 
     def _invalid(
         self, body: dict[str, Any], job: JobRef, status: dict[str, Any], message: str

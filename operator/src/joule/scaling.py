@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from joule.api.types import TrainingJobSpec
-from joule.constants import LABEL_JOB
 from joule.policy import ClusterView, Decision, Observations, SizeStats, decide
 from joule.reconcile import Event, fmt_time, parse_time
 from joule.trainer_metrics import TrainerReading
 
-GPU = "nvidia.com/gpu"
 MAX_WINDOW_POINTS = 64
 HISTORY_SMOOTHING = 0.5  # weight of the newest interval in the per-size averages
 DEFAULT_LIMIT = "default"  # status.energy.limitHistory's key for "no limit set"
@@ -248,41 +246,3 @@ def evaluate(
                       f"{cap:.0f} W cap, at {decision.replicas} workers")
             )  # fmt: skip
     return Evaluation(st, decision, events)
-
-
-def cluster_view(
-    nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]
-) -> ClusterView:
-    """Free GPUs (allocatable on Ready, schedulable nodes minus what scheduled pods hold),
-    GPUs that unscheduled pods wait for, and how many jobs hold or want GPUs."""
-
-    def gpus(pod: Mapping[str, Any]) -> int:
-        total = 0
-        for c in pod.get("spec", {}).get("containers", []):
-            limits = c.get("resources", {}).get("limits", {}) or {}
-            total += int(limits.get(GPU, 0))
-        return total
-
-    capacity = 0
-    for node in nodes:
-        ready = any(
-            c.get("type") == "Ready" and c.get("status") == "True"
-            for c in node.get("status", {}).get("conditions", [])
-        )
-        if ready and not node.get("spec", {}).get("unschedulable"):
-            capacity += int(node.get("status", {}).get("allocatable", {}).get(GPU, 0))
-    held = waiting = 0
-    jobs = set()
-    for pod in pods:
-        if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") or not gpus(pod):
-            continue
-        meta = pod.get("metadata", {})
-        # A TrainingJob's workers are one job; any other GPU pod counts on its own.
-        jobs.add((meta.get("namespace"), meta.get("labels", {}).get(LABEL_JOB) or meta.get("name")))
-        if pod.get("spec", {}).get("nodeName"):
-            held += gpus(pod)
-        else:
-            waiting += gpus(pod)
-    return ClusterView(
-        free_gpus=max(capacity - held, 0), waiting_gpus=waiting, total_gpus=capacity, jobs=len(jobs)
-    )
