@@ -164,6 +164,28 @@ def test_the_cuda_rng_state_is_saved_and_restored_where_there_is_cuda(tmp_path, 
     assert "cuda" not in rng_state()
 
 
+def test_the_wait_for_the_final_checkpoint_is_bounded_when_rank_0_never_confirms():
+    """A dead rank 0 must not hold the other ranks (and their pods) past the grace period."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from joule_trainer.train import Trainer
+
+    logged: list[dict] = []
+    rank1 = SimpleNamespace(
+        world=2, rank=1, step=7, store=dist.HashStore(),
+        args=SimpleNamespace(final_save_timeout=0.3),
+        _log=lambda **fields: logged.append(fields),
+    )  # fmt: skip
+    began = time.monotonic()
+    Trainer._wait_for_final_save(rank1)  # type: ignore[arg-type]
+    assert time.monotonic() - began < 5
+    assert logged[-1]["event"] == "final_save_waited" and logged[-1]["ok"] is False
+    rank1.store.set("joule/final-save/7", "on disk")  # confirmed: the rank says it saw it
+    Trainer._wait_for_final_save(rank1)  # type: ignore[arg-type]
+    assert logged[-1]["ok"] is True and rank1.store.check(["joule/final-save/7/seen/1"])
+
+
 def test_only_the_last_checkpoints_are_kept(tmp_path):
     for step in range(1, 6):
         checkpoint.save(tmp_path, step, {"step": step}, keep=2)

@@ -32,13 +32,15 @@ def torchrun(
     endpoint: str | None = None,
     log: Path,
     env: dict | None = None,
+    program: list[str] | None = None,
 ) -> subprocess.Popen:
-    """torchrun as joule-launch starts it in a pod, from the operator's PET_* contract."""
+    """torchrun as joule-launch starts it in a pod, from the operator's PET_* contract;
+    ``program`` in place of the built-in trainer module."""
     pet = {"PET_NNODES": nnodes, "PET_NPROC_PER_NODE": str(nproc), "PET_MAX_RESTARTS": "3"}
     if endpoint:
         pet |= {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": endpoint, "PET_RDZV_ID": "test"}
     full_env = {**(env or ENV), **pet, "JOULE_MONITOR_INTERVAL": "0.5"}
-    argv = torchrun_argv(full_env, ["-m", "joule_trainer.train", *args])
+    argv = torchrun_argv(full_env, [*(program or ["-m", "joule_trainer.train"]), *args])
     out = open(log, "ab")  # noqa: SIM115 - handed to the child
     return subprocess.Popen(
         argv, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -144,6 +146,37 @@ def test_sigterm_writes_a_final_checkpoint_within_the_grace_period(tmp_path):
     assert took < 30, took  # the pod's grace period is 60 s
     assert (tmp_path / "ckpt" / f"step-{stop['step']:09d}.pt").is_file()
     assert stop["step"] >= 15
+
+
+def test_after_sigterm_every_rank_waits_for_rank_0s_last_checkpoint(tmp_path):
+    """A rank that left before rank 0's final save was on disk would let its torchrun agent
+    tear the group down, rank 0 mid-save. Rank 0's write takes 3 s here (a slow volume): the
+    other rank must leave only after it, and the checkpoint must be whole."""
+    from joule_trainer import checkpoint
+
+    log = tmp_path / "log"
+    env = {**ENV, "JOULE_TEST_SAVE_DELAY": "3"}
+    program = [str(Path(__file__).with_name("slow_save_trainer.py"))]
+    proc = torchrun(*common(tmp_path, 100000, every=100000), log=log, env=env, program=program)
+    try:
+        wait_event(log, lambda e: e["event"] == "step" and e["step"] >= 10, proc=proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stop = wait_event(log, lambda e: e["event"] == "sigterm")
+    saved = wait_event(log, lambda e: e["event"] == "checkpoint")
+    assert saved["step"] == stop["step"]
+    exited = {e["rank"]: e["ts"] for e in events(log) if e["event"] == "exited"}
+    assert set(exited) == {0, 1}, log.read_text()[-3000:]
+    assert min(exited.values()) >= saved["ts"]  # no rank left before the file was in place
+    waited = {e["rank"]: e for e in events(log) if e["event"] == "final_save_waited"}
+    assert set(waited) == {0, 1}, log.read_text()[-3000:]
+    assert all(e["ok"] and e["step"] == stop["step"] for e in waited.values())
+    assert waited[1]["waited_s"] >= 2.5  # rank 1 did wait through the slow write
+    found = checkpoint.load_latest(tmp_path / "ckpt")
+    assert found is not None and found[0] == stop["step"] and "model" in found[1]
 
 
 def test_metrics_endpoint_exposes_training_and_estimated_energy(tmp_path):

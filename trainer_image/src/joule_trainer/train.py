@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint-every-steps", type=int, default=50)
     p.add_argument("--checkpoint-every-seconds", type=float, default=300.0)
+    p.add_argument(
+        "--final-save-timeout",
+        type=float,
+        default=45.0,
+        help="seconds a rank waits for rank 0's last checkpoint after SIGTERM (within the "
+        "pod's 60 s grace period), so that a dead peer cannot hold the exit",
+    )
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument(
         "--metrics-port",
@@ -91,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def init_process_group(backend: str) -> None:
-    """Join the group torchrun formed.
+def init_process_group(backend: str) -> dist.Store:
+    """Join the group torchrun formed; returns its store (the final-save wait uses it).
 
     Under joule-launch every rendezvous round publishes a fresh MASTER_PORT and rank 0 hosts
     a fresh store there, so no key of an earlier round can be seen. When torchrun shares its
@@ -115,6 +123,7 @@ def init_process_group(backend: str) -> None:
             f"joule/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
         )
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+    return store
 
 
 class Trainer:
@@ -123,7 +132,7 @@ class Trainer:
         backend = os.environ.get("JOULE_DIST_BACKEND") or (
             "nccl" if torch.cuda.is_available() else "gloo"
         )
-        init_process_group(backend)
+        self.store = init_process_group(backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
@@ -304,6 +313,7 @@ class Trainer:
                 last_ckpt = time.monotonic()
             if self._stop_agreed():
                 self.save()
+                self._wait_for_final_save()
                 self._log(event="sigterm", step=self.step)
                 return EXIT_SIGTERM
         self.save()
@@ -315,6 +325,42 @@ class Trainer:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def _wait_for_final_save(self) -> None:
+        """No rank leaves before rank 0's last checkpoint is on disk.
+
+        A rank that exits (143, a failure to torchrun) lets its agent tear down the local
+        group, rank 0 with it if it is there, mid-save. So rank 0 announces the save in the
+        store and every other rank waits for that, then says it saw it; rank 0 waits for
+        those answers, as it hosts the store and must not take it down before they are read.
+        The store, not a collective: it works whatever the backend and takes a timeout, so a
+        dead peer delays the exit by at most ``--final-save-timeout``. Only here: at the end
+        of training every rank exits 0, and torchrun's own exit barrier holds the group.
+        """
+        if self.world == 1:
+            return
+        saved = f"joule/final-save/{self.step}"
+        timeout = timedelta(seconds=self.args.final_save_timeout)
+        began = time.monotonic()
+        try:
+            if self.rank == 0:
+                self.store.set(saved, "on disk")
+                self.store.wait([f"{saved}/seen/{r}" for r in range(1, self.world)], timeout)
+            else:
+                self.store.wait([saved], timeout)
+                self.store.set(f"{saved}/seen/{self.rank}", "1")
+            error = None
+        except RuntimeError as exc:  # DistStoreError (timeout), DistNetworkError (peer gone)
+            error = str(exc).splitlines()[0]
+            log.warning("rank %d: final checkpoint not confirmed: %s", self.rank, error)
+        self._log(
+            event="final_save_waited",
+            every_rank=True,
+            rank=self.rank,
+            step=self.step,
+            ok=error is None,
+            waited_s=round(time.monotonic() - began, 3),
+        )
 
     def _observe(self, loss: float, elapsed: float) -> None:
         m = self.metrics
@@ -349,8 +395,9 @@ class Trainer:
         self.metrics.record(reading)
         return reading
 
-    def _log(self, **fields: Any) -> None:
-        if getattr(self, "rank", 0) == 0:
+    def _log(self, every_rank: bool = False, **fields: Any) -> None:
+        """One JSON line on stdout; from rank 0 only unless ``every_rank``."""
+        if every_rank or getattr(self, "rank", 0) == 0:
             print(json.dumps({"ts": round(time.time(), 3), **fields}), flush=True)
 
     def close(self) -> None:
