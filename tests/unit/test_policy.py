@@ -354,3 +354,20 @@ def test_does_not_oscillate_on_constant_input(case):
     reversals = sum(1 for a, b in itertools.pairwise(moves) if (a > 0) != (b > 0))
     assert reversals <= 1, seen
     assert len(set(settings_seen[-4:])) == 1, settings_seen  # settled
+
+
+def test_the_cap_holds_during_a_resize_too():
+    capped = spec(power_cap_watts=1000.0, min_gpu_power_limit_watts=100.0)
+    # Growing 4 -> 6, nothing measured at 6 yet, and the window's average is over the cap:
+    # growth stops at the 4 workers running.
+    d = decide(capped, obs(n=6, thr=0.0, watts=1200.0, running=4), FREE)
+    assert (d.replicas, d.reason, d.power_cap_exceeded) == (4, "PowerCapExceeded", True)
+    # At the same size (a replaced worker, not yet measured): the per-GPU limit comes down.
+    d = decide(capped, obs(n=4, thr=0.0, watts=1200.0, running=4), FREE)
+    assert d.reason == "PowerLimitLowered" and d.gpu_power_limit_watts < 300
+    # A shrink under way already lowers the power: it is left to finish.
+    d = decide(capped, obs(n=2, thr=0.0, watts=1200.0, running=4), FREE)
+    assert (d.replicas, d.reason) == (2, "PowerCapExceeded")
+    # Under the cap, mid-resize is as before: nothing measured, nothing moves.
+    d = decide(capped, obs(n=6, thr=0.0, watts=900.0, running=4), FREE)
+    assert (d.replicas, d.reason) == (6, "NoMeasurement")

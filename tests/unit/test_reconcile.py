@@ -323,3 +323,26 @@ def test_unreadable_workers_show_as_a_condition():
     st.pop("metricsError")
     cond = {c["type"]: c for c in conditions(st, 1, [], T0)}
     assert cond["MetricsUnavailable"]["status"] == "False"
+
+
+def test_growth_that_cannot_finish_falls_back_to_the_size_reached_with_a_reason():
+    s = spec(replicas=2, elastic={"minReplicas": 1, "maxReplicas": 4},
+             scaling={"policy": "Throughput"}, startupTimeoutSeconds=120)  # fmt: skip
+    st = {"phase": "Running", "targetReplicas": 4, "lastScaleTime": fmt_time(T0),
+          "specReplicas": 2}  # fmt: skip
+    unschedulable = Failure("Unschedulable", "0/4 nodes are available: 4 Insufficient gpu")
+    pods = [pod(0), pod(1), pod(2), pod(3, phase="Pending", scheduled=False, failure=unschedulable)]
+    growing = run(s, pods, st, after(60))
+    assert growing.status["phase"] == "Resizing" and growing.status["reason"] == "Unschedulable"
+    assert growing.requeue_after == 60  # wakes up when the growth runs out of time
+    late = run(s, pods, growing.status, after(120))
+    assert late.status["targetReplicas"] == 3
+    assert late.delete == ["j-worker-3"]  # the worker that never fit lets go of its claim
+    assert "resizing to 3" in late.status["message"]  # until worker 3 is gone
+    event = next(e for e in late.events if e.reason == "ResizeTimeout")
+    assert "Unschedulable" in event.message and "back to 3" in event.message
+    assert late.status["lastScaleTime"] == fmt_time(after(120))  # the cooldown starts again
+    # A Fixed job without limits is not the operator's to resize: it keeps waiting.
+    fixed_spec = spec(replicas=4, startupTimeoutSeconds=120)
+    fixed = run(fixed_spec, pods, {"phase": "Resizing"}, after(999))
+    assert fixed.status["phase"] == "Resizing" and "ResizeTimeout" not in reasons(fixed)

@@ -213,8 +213,10 @@ def test_mid_resize_the_policy_keeps_the_size_it_is_on_the_way_to():
     # must not be read as the new size's, nor the old size taken back.
     spec, st, readings = capped_two_workers(replicas=1)
     result = evaluate(spec, st, readings, ClusterView(0), at(10), 2, False)
-    assert (result.decision.replicas, result.decision.reason) == (1, "NoMeasurement")
-    assert result.status["targetReplicas"] == 1 and not result.events
+    # Over the cap mid-shrink: said, and the shrink under way is left to bring it down.
+    assert (result.decision.replicas, result.decision.reason) == (1, "PowerCapExceeded")
+    assert result.status["targetReplicas"] == 1
+    assert [e.reason for e in result.events] == ["PowerCapExceeded"]
     assert result.status["energy"]["consumedJoules"] == 300  # the accounting goes on
 
 

@@ -203,10 +203,43 @@ def decide(
         refused = _refused(st)
         if refused and reason == "Resizing":
             reason, msg = refused
+        ready = sum(p.ready for p in wanted)
+        left = _resize_time_left(spec, st, ready, desired, now)
+        if left is not None and left <= 0:
+            # Growth that cannot finish (no node fits, a refused pod): keep the size reached
+            # rather than hold the job Resizing for ever. The cooldown starts again now.
+            back = max(ready, spec.bounds[0])
+            st["targetReplicas"] = back
+            st["lastScaleTime"] = fmt_time(now)
+            if st.get("energy"):
+                st["energy"] = {k: v for k, v in st["energy"].items() if k != "limitHistory"}
+            why = f"{reason}: {msg}" if reason != "Resizing" else msg
+            event = Event(
+                "Warning",
+                "ResizeTimeout",
+                f"growing to {desired} workers did not finish in startupTimeoutSeconds="
+                f"{spec.startup_timeout_seconds} ({why}): back to {back}",
+            )
+            again = decide(job, spec, st, generation, pods, now)
+            again.events.insert(0, event)
+            return again
+        if left is not None:
+            plan.requeue_after = _min(plan.requeue_after, left)
         _set_phase(st, Phase.RESIZING, reason, msg)
     else:
         _starting(spec, st, wanted, desired, blocking, now, plan)
     return _close(plan, st, job, spec, generation, pods, now)
+
+
+def _resize_time_left(
+    spec: TrainingJobSpec, st: dict[str, Any], ready: int, desired: int, now: dt.datetime
+) -> float | None:
+    """Seconds a managed job's growth has left to finish (startupTimeoutSeconds from the
+    scale decision); None when no such growth is under way."""
+    since = parse_time(st.get("lastScaleTime"))
+    if not spec.managed or since is None or ready >= desired:
+        return None
+    return spec.startup_timeout_seconds - (now - since).total_seconds()
 
 
 def rejection_status(

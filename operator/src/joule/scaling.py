@@ -181,6 +181,7 @@ def evaluate(
     # policy then only watches the budget, and keeps the size it is on the way to.
     obs = Observations(
         replicas=running if steady else current,
+        running=running,
         throughput=rates["throughput"] if rates and steady else 0.0,
         watts=energy.get("averageWatts", 0.0),
         consumed_joules=energy["consumedJoules"],

@@ -122,6 +122,32 @@ def _lower_limit(spec: JobPolicySpec, obs: Observations, cap: float) -> Decision
     )
 
 
+def _over_cap_unmeasured(spec: JobPolicySpec, obs: Observations, cap: float, cur: int) -> Decision:
+    """Over the cap while nothing is measured at the size the job is on its way to (a
+    resize, a replaced worker). The cap is the window's average and holds all the same:
+    growth stops at the workers already running; at the same size the per-GPU limit is
+    lowered where allowed; a shrink under way is already lowering the power."""
+    running = cur if obs.running is None else obs.running
+    msg = f"average power {obs.watts:.1f} W over the {cap:.0f} W cap"
+    if running <= 0 or running > cur:
+        return Decision(cur, "PowerCapExceeded", f"{msg}; shrinking to {cur} workers",
+                        power_cap_exceeded=True)  # fmt: skip
+    if running < cur:
+        n = max(running, spec.min_replicas)
+        return Decision(n, "PowerCapExceeded", f"{msg}: growth to {cur} stopped at {n} workers",
+                        power_cap_exceeded=True)  # fmt: skip
+    if obs.power_limit_time is not None:
+        since = (obs.now - obs.power_limit_time).total_seconds()
+        if since < spec.energy.window_seconds:  # the average still holds the old power
+            late = f"{msg}; the per-GPU limit set {since:.0f}s ago is not yet in the whole window"
+            return Decision(cur, "PowerCapExceeded", late, power_cap_exceeded=True)
+    lowered = _lower_limit(spec, obs, cap)
+    if lowered is not None:
+        return lowered
+    return Decision(cur, "PowerCapExceeded", f"{msg}; waiting for a measurement at {cur} workers",
+                    power_cap_exceeded=True)  # fmt: skip
+
+
 def _raise_limit(spec: JobPolicySpec, obs: Observations, d: Decision) -> Decision:
     """Give back a limit lowered for the cap once the job runs well under it."""
     current = obs.gpu_power_limit_watts
@@ -172,6 +198,8 @@ def _decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Dec
             )
 
     if obs.replicas == 0 or obs.throughput <= 0:
+        if energy.power_cap_watts is not None and obs.watts > energy.power_cap_watts:
+            return _over_cap_unmeasured(spec, obs, energy.power_cap_watts, cur)
         return keep("NoMeasurement", "waiting for the workers' first measurements")
 
     sizes = range(lo, hi + 1)

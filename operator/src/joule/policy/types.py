@@ -82,6 +82,9 @@ class Observations:
     power_limit_time: dt.datetime | None = None  # when it set it
     # At the current size: what each per-GPU limit tried gave (None: the default limit).
     limit_history: Mapping[float | None, SizeStats] = field(default_factory=dict)
+    # Workers training now, where it differs from ``replicas`` (mid-resize: ``replicas`` is
+    # the size the job is on its way to); None: the same.
+    running: int | None = None
 
 
 @dataclass(frozen=True)
