@@ -276,3 +276,20 @@ def test_gpu_series_carry_what_nvml_measured(monkeypatch):
         "joule_trainer_gpu_utilization_ratio": pytest.approx(0.62),
         "joule_trainer_gpu_memory_used_bytes": 5 * 2**30,
     }
+
+
+def test_the_exposition_carries_the_process_start_time_the_operator_keys_counters_by():
+    """A process restarted in place counts its energy from zero; the operator tells it from
+    the process before by process_start_time_seconds, not only by a counter going down."""
+    from joule_trainer.metrics import TrainerMetrics
+
+    from joule.trainer_metrics import parse_trainer_metrics
+
+    meter = EstimatedMeter(watts_per_core=10)
+    metrics = TrainerMetrics.create("job", "0", 0, "none", meter.source)
+    metrics.steps.inc()
+    metrics.record(meter.read())
+    reading = parse_trainer_metrics(exposition(metrics))
+    boot = time.time() - time.monotonic()  # roughly: the process started after boot
+    assert reading is not None and reading.started is not None
+    assert boot - 5 < reading.started <= time.time()

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 from joule_trainer.energy.api import Reading
 
@@ -43,6 +50,9 @@ class TrainerMetrics:
     @classmethod
     def create(cls, job: str, replica: str, rank: int, gpu: str, source: str) -> TrainerMetrics:
         reg = CollectorRegistry()
+        # process_start_time_seconds and friends: the operator tells a restarted process
+        # (torchrun restarts crashed ones in place) from the one before by its start time.
+        ProcessCollector(registry=reg)
         base = {"job": job, "replica": replica, "rank": str(rank), "gpu": gpu}
         names = list(base)
 
