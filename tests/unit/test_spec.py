@@ -34,3 +34,18 @@ def test_defaults_match_the_crd():
 def test_bad_specs_name_the_field(spec, message):
     with pytest.raises(SpecError, match=message):
         TrainingJobSpec.parse(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"replicas": 1025}, r"spec.replicas must be <= 1024"),
+        ({"elastic": {"minReplicas": 1, "maxReplicas": 1025}}, r"maxReplicas must be <= 1024"),
+        ({"gpusPerReplica": 65}, r"spec.gpusPerReplica must be <= 64"),
+        ({"scaling": {"cooldownSeconds": 86401}}, r"spec.scaling.cooldownSeconds must be <="),
+        ({"energy": {"windowSeconds": 5}}, r"spec.energy.windowSeconds must be >= 10"),
+    ],
+)
+def test_out_of_range_integers_name_the_field_and_the_bound(spec, message):
+    with pytest.raises(SpecError, match=message):
+        TrainingJobSpec.parse({"image": "x", **spec})

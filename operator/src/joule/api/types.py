@@ -3,6 +3,8 @@
 The CRD schema and its CEL rules reject bad input at `kubectl apply`; ``TrainingJobSpec.parse``
 checks the same things again (and applies the same defaults) so that the operator never acts
 on a spec the API server would not have accepted, for example one stored before a CRD upgrade.
+The limits below are the CRD's own; tests/unit/test_crd_spec.py reads the CRD and checks that
+each one agrees, so neither can change alone.
 """
 
 from __future__ import annotations
@@ -52,6 +54,39 @@ class CleanPodPolicy(enum.StrEnum):
 
 class SpecError(ValueError):
     """The spec is invalid; the message names the field."""
+
+
+# Most worker pods a job may have (spec.replicas and spec.elastic's maximum).
+MAX_REPLICAS = 1024
+
+
+@dataclass(frozen=True)
+class IntField:
+    """Bounds and default of one integer field, as in the CRD schema."""
+
+    minimum: int
+    maximum: int | None = None
+    default: int | None = None
+
+
+INT_FIELDS: dict[str, IntField] = {
+    "spec.replicas": IntField(1, MAX_REPLICAS, 1),
+    "spec.elastic.minReplicas": IntField(1, MAX_REPLICAS),
+    "spec.elastic.maxReplicas": IntField(1, MAX_REPLICAS),
+    "spec.gpusPerReplica": IntField(0, 64, 1),
+    "spec.backoffLimit": IntField(0, None, 3),
+    "spec.activeDeadlineSeconds": IntField(1),
+    "spec.ttlSecondsAfterFinished": IntField(0),
+    "spec.startupTimeoutSeconds": IntField(1, None, 300),
+    "spec.scaling.evaluationIntervalSeconds": IntField(5, 3600, 30),
+    "spec.scaling.cooldownSeconds": IntField(0, 86400, 120),
+    "spec.scaling.minGainPercent": IntField(1, 100, 5),
+    "spec.energy.powerCapWatts": IntField(1),
+    "spec.energy.windowSeconds": IntField(10, 86400, 300),
+    "spec.energy.gpuPowerLimitWatts": IntField(1),
+    "spec.energy.minGpuPowerLimitWatts": IntField(1),
+    "spec.target.samples": IntField(1),
+}
 
 
 @dataclass(frozen=True)
@@ -107,12 +142,12 @@ class TrainingJobSpec:
         image = spec.get("image")
         if not isinstance(image, str) or not image:
             raise SpecError("spec.image is required")
-        replicas = _int(spec, "replicas", 1, minimum=1)
+        replicas = _int(spec, "spec.replicas")
         elastic = spec.get("elastic")
         min_r = max_r = None
         if elastic is not None:
-            min_r = _int(elastic, "minReplicas", None, minimum=1, path="spec.elastic.")
-            max_r = _int(elastic, "maxReplicas", None, minimum=1, path="spec.elastic.")
+            min_r = _int(elastic, "spec.elastic.minReplicas")
+            max_r = _int(elastic, "spec.elastic.maxReplicas")
             if min_r is None or max_r is None:
                 raise SpecError("spec.elastic needs minReplicas and maxReplicas")
             if min_r > max_r:
@@ -149,13 +184,13 @@ class TrainingJobSpec:
             replicas=replicas,
             min_replicas=min_r,
             max_replicas=max_r,
-            gpus_per_replica=_int(spec, "gpusPerReplica", 1, minimum=0),
-            backoff_limit=_int(spec, "backoffLimit", 3, minimum=0),
-            active_deadline_seconds=_int(spec, "activeDeadlineSeconds", None, minimum=1),
-            ttl_seconds_after_finished=_int(spec, "ttlSecondsAfterFinished", None, minimum=0),
+            gpus_per_replica=_int(spec, "spec.gpusPerReplica"),
+            backoff_limit=_int(spec, "spec.backoffLimit"),
+            active_deadline_seconds=_int(spec, "spec.activeDeadlineSeconds"),
+            ttl_seconds_after_finished=_int(spec, "spec.ttlSecondsAfterFinished"),
             clean_pod_policy=clean,
             suspend=bool(spec.get("suspend", False)),
-            startup_timeout_seconds=_int(spec, "startupTimeoutSeconds", 300, minimum=1),
+            startup_timeout_seconds=_int(spec, "spec.startupTimeoutSeconds"),
             scaling=scaling,
             energy=energy,
             target=_target(spec.get("target") or {}),
@@ -163,16 +198,18 @@ class TrainingJobSpec:
         )
 
 
-def _int(
-    data: dict[str, Any], key: str, default: int | None, minimum: int, path: str = "spec."
-) -> Any:
-    value = data.get(key, default)
+def _int(data: dict[str, Any], path: str) -> Any:
+    """The integer field at ``path`` (a key of INT_FIELDS) of ``data``, its parent object."""
+    bounds = INT_FIELDS[path]
+    value = data.get(path.rpartition(".")[2], bounds.default)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"{path}{key} must be an integer, got {value!r}")
-    if value < minimum:
-        raise SpecError(f"{path}{key} must be >= {minimum}, got {value}")
+        raise SpecError(f"{path} must be an integer, got {value!r}")
+    if value < bounds.minimum:
+        raise SpecError(f"{path} must be >= {bounds.minimum}, got {value}")
+    if bounds.maximum is not None and value > bounds.maximum:
+        raise SpecError(f"{path} must be <= {bounds.maximum}, got {value}")
     return value
 
 
@@ -226,22 +263,22 @@ def _scaling(d: dict[str, Any], elastic: bool) -> Scaling:
     p = "spec.scaling."
     return Scaling(
         policy=policy,
-        evaluation_interval_seconds=float(_int(d, "evaluationIntervalSeconds", 30, 5, p)),
-        cooldown_seconds=float(_int(d, "cooldownSeconds", 120, 0, p)),
-        min_gain=_int(d, "minGainPercent", 5, 1, p) / 100,
+        evaluation_interval_seconds=float(_int(d, p + "evaluationIntervalSeconds")),
+        cooldown_seconds=float(_int(d, p + "cooldownSeconds")),
+        min_gain=_int(d, p + "minGainPercent") / 100,
     )
 
 
 def _energy(d: dict[str, Any]) -> Energy:
     p = "spec.energy."
-    cap = _int(d, "powerCapWatts", None, 1, p)
+    cap = _int(d, p + "powerCapWatts")
     limit, floor = _watts(d, "gpuPowerLimitWatts"), _watts(d, "minGpuPowerLimitWatts")
     if floor is not None and limit is not None and floor > limit:
         raise SpecError(f"{p}minGpuPowerLimitWatts must not be above gpuPowerLimitWatts")
 
     return Energy(
         power_cap_watts=float(cap) if cap is not None else None,
-        window_seconds=float(_int(d, "windowSeconds", 300, 10, p)),
+        window_seconds=float(_int(d, p + "windowSeconds")),
         budget_joules=parse_energy(d["budget"]) if "budget" in d else None,
         on_budget_exhausted=_choice(
             OnBudgetExhausted, d.get("onBudgetExhausted", "Suspend"), p + "onBudgetExhausted"
@@ -252,7 +289,7 @@ def _energy(d: dict[str, Any]) -> Energy:
 
 
 def _watts(d: dict[str, Any], key: str) -> float | None:
-    value = _int(d, key, None, 1, "spec.energy.")
+    value = _int(d, "spec.energy." + key)
     return float(value) if value is not None else None
 
 
@@ -265,5 +302,5 @@ def _target(d: dict[str, Any]) -> Target:
             raise SpecError(f"spec.target.deadline {d['deadline']!r} is not RFC 3339") from None
         if deadline.tzinfo is None:
             deadline = deadline.replace(tzinfo=dt.UTC)
-    samples = _int(d, "samples", None, 1, "spec.target.")
+    samples = _int(d, "spec.target.samples")
     return Target(samples=float(samples) if samples is not None else None, deadline=deadline)
