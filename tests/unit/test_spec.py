@@ -3,6 +3,7 @@
 import pytest
 
 from joule.api import CleanPodPolicy, SpecError, TrainingJobSpec
+from joule.api.types import MAX_NAME_LENGTH
 
 
 def test_defaults_match_the_crd():
@@ -49,3 +50,25 @@ def test_bad_specs_name_the_field(spec, message):
 def test_out_of_range_integers_name_the_field_and_the_bound(spec, message):
     with pytest.raises(SpecError, match=message):
         TrainingJobSpec.parse({"image": "x", **spec})
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("a" * (MAX_NAME_LENGTH + 1), "metadata.name must be at most 51 characters"),
+        ("a" * 70, "metadata.name must be at most 51 characters"),
+        ("1job", "must be a DNS-1035 label"),
+        ("Job", "must be a DNS-1035 label"),
+        ("job-", "must be a DNS-1035 label"),
+        ("my.job", "must be a DNS-1035 label"),  # a valid object name, but no Service name
+        ("", "must be a DNS-1035 label"),
+    ],
+)
+def test_a_name_no_service_or_worker_pod_could_carry_is_refused(name, message):
+    with pytest.raises(SpecError, match=message):
+        TrainingJobSpec.parse({"image": "x"}, name=name)
+
+
+@pytest.mark.parametrize("name", ["a", "llm-7b", "j0", "a" * MAX_NAME_LENGTH])
+def test_dns_1035_names_up_to_the_limit_are_accepted(name):
+    TrainingJobSpec.parse({"image": "x"}, name=name)

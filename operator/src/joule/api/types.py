@@ -58,6 +58,12 @@ class SpecError(ValueError):
 
 # Most worker pods a job may have (spec.replicas and spec.elastic's maximum).
 MAX_REPLICAS = 1024
+# The job's name is its headless Service's name (a DNS-1035 label) and the stem of its pods'
+# names and hostnames, <name>-worker-<index> (DNS-1123 labels): with index up to
+# MAX_REPLICAS - 1 = 1023, the longest is <name>-worker-1023, 12 characters more than the name,
+# and a label has 63 at most.
+MAX_NAME_LENGTH = 51
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,21 @@ INT_FIELDS: dict[str, IntField] = {
     "spec.energy.minGpuPowerLimitWatts": IntField(1),
     "spec.target.samples": IntField(1),
 }
+
+
+def check_name(name: str) -> None:
+    """Refuse a job name its Service or worker pods could not carry (see MAX_NAME_LENGTH)."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise SpecError(
+            f"metadata.name must be at most {MAX_NAME_LENGTH} characters, not {len(name)}: "
+            f"worker pods are named <name>-worker-<index> (index up to {MAX_REPLICAS - 1}), "
+            "and a pod's hostname must fit 63"
+        )
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise SpecError(
+            f"metadata.name {name!r} must be a DNS-1035 label: lowercase letters, digits and "
+            "'-', starting with a letter and ending with a letter or digit"
+        )
 
 
 @dataclass(frozen=True)
@@ -138,7 +159,11 @@ class TrainingJobSpec:
         return max(self.gpus_per_replica, 1)
 
     @classmethod
-    def parse(cls, spec: dict[str, Any]) -> TrainingJobSpec:
+    def parse(cls, spec: dict[str, Any], name: str | None = None) -> TrainingJobSpec:
+        """``name``: the job's metadata.name, checked too where given (the CRD checks it at
+        create time only, so a job created before that rule reaches the operator as it is)."""
+        if name is not None:
+            check_name(name)
         image = spec.get("image")
         if not isinstance(image, str) or not image:
             raise SpecError("spec.image is required")
