@@ -22,6 +22,11 @@ def reasons(core, namespace: str, name: str) -> list[str]:
     return [e.reason for e in items.items]
 
 
+def posted(core, namespace: str, name: str, reason: str) -> None:
+    """Wait for an Event: the operator posts them just after the status they explain."""
+    wait_for(lambda: reason in reasons(core, namespace, name), timeout=15, what=f"a {reason} Event")
+
+
 def condition(st: dict, kind: str) -> str | None:
     return next((c["status"] for c in st.get("conditions", []) if c["type"] == kind), None)
 
@@ -50,7 +55,7 @@ def test_a_job_over_its_power_cap_is_scaled_down_and_says_why(
     assert st["energy"]["source"] == "estimated" and st["energy"]["consumedJoules"] > 0
     wait_for(lambda: len(running_pods(core, namespace, "capped")) == 1, timeout=60,
              what="one worker left")  # fmt: skip
-    assert "PowerCapExceeded" in reasons(core, namespace, "capped")
+    posted(core, namespace, "capped", "PowerCapExceeded")
 
 
 @pytest.mark.timeout(400)
@@ -73,7 +78,7 @@ def test_over_its_cap_a_job_first_runs_at_a_lower_power_limit_and_keeps_its_work
     st = wait_for(lowered, timeout=240, interval=1.0, what="a lowered power limit")
     limit = st["energy"]["gpuPowerLimitWatts"]
     assert 1 <= limit < 10
-    assert "PowerLimitLowered" in reasons(core, namespace, "limited")
+    posted(core, namespace, "limited", "PowerLimitLowered")
     assert st["targetReplicas"] == 2
 
     def annotated():
@@ -102,7 +107,7 @@ def test_over_its_cap_a_job_first_runs_at_a_lower_power_limit_and_keeps_its_work
     kubectl("scale", "-n", namespace, "tj/limited", "--replicas=1")
     wait_for(lambda: len(running_pods(core, namespace, "limited")) == 1, timeout=90,
              what="one worker after kubectl scale")  # fmt: skip
-    assert "ScaledByUser" in reasons(core, namespace, "limited")
+    posted(core, namespace, "limited", "ScaledByUser")
     wait_for(lambda: status(api, namespace, "limited").get("phase") == "Running", timeout=90,
              what="training at one worker")  # fmt: skip
     time.sleep(15)  # three evaluations
@@ -139,7 +144,7 @@ def test_a_job_that_used_its_budget_is_suspended_and_its_energy_kept(
         timeout=90,
         what="the workers to be deleted",
     )
-    assert "BudgetExhausted" in reasons(core, namespace, "budget")
+    posted(core, namespace, "budget", "BudgetExhausted")
     # The accounting survives: the consumed energy stays in status while suspended.
     assert status(api, namespace, "budget")["energy"]["consumedJoules"] >= 150
     with pytest.raises(client.ApiException):
