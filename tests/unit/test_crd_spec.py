@@ -13,7 +13,9 @@ from joule.api import JobRef, SpecError, TrainingJobSpec
 from joule.api.types import (
     INT_FIELDS,
     MAX_NAME_LENGTH,
+    MAX_QUANTITY_LENGTH,
     MAX_REPLICAS,
+    MAX_RESOURCES,
     NAME_PATTERN,
 )
 from joule.builders.pod import pod_name
@@ -87,6 +89,23 @@ def test_the_crds_name_rules_are_the_parsers():
     assert str(MAX_NAME_LENGTH) in rules[0]["message"]
     # Declared so that the rules' cost is bounded; the API server's own limit is 253.
     assert root_schema()["properties"]["metadata"]["properties"]["name"]["maxLength"] == 253
+
+
+def test_quantity_bounds_are_the_parsers():
+    resources = spec_schema()["properties"]["resources"]["properties"]
+    for kind in ("requests", "limits"):
+        assert resources[kind]["maxProperties"] == MAX_RESOURCES
+        assert resources[kind]["additionalProperties"]["maxLength"] == MAX_QUANTITY_LENGTH
+        rules = resources[kind]["additionalProperties"]["x-kubernetes-validations"]
+        assert any("isQuantity(" in r["rule"] for r in rules)
+    shm = spec_schema()["properties"]["sharedMemory"]
+    assert shm["maxLength"] == MAX_QUANTITY_LENGTH
+    assert any("isQuantity(" in r["rule"] for r in shm["x-kubernetes-validations"])
+
+
+def test_the_shared_memory_default_is_a_valid_quantity():
+    default = spec_schema()["properties"]["sharedMemory"]["default"]
+    TrainingJobSpec.parse({"image": "x", "sharedMemory": default})
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,11 @@
 """The operator's own check of a spec matches the CRD's rules and defaults."""
 
+from decimal import Decimal
+
 import pytest
 
 from joule.api import CleanPodPolicy, SpecError, TrainingJobSpec
-from joule.api.types import MAX_NAME_LENGTH
+from joule.api.types import MAX_NAME_LENGTH, parse_quantity
 
 
 def test_defaults_match_the_crd():
@@ -72,3 +74,78 @@ def test_a_name_no_service_or_worker_pod_could_carry_is_refused(name, message):
 @pytest.mark.parametrize("name", ["a", "llm-7b", "j0", "a" * MAX_NAME_LENGTH])
 def test_dns_1035_names_up_to_the_limit_are_accepted(name):
     TrainingJobSpec.parse({"image": "x"}, name=name)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"sharedMemory": "lots"}, r"spec.sharedMemory must be a positive quantity"),
+        ({"sharedMemory": 0}, r"spec.sharedMemory must be a positive quantity"),
+        ({"sharedMemory": "-1Gi"}, r"spec.sharedMemory must be a positive quantity"),
+        ({"resources": {"requests": {"cpu": "abc"}}}, r"spec.resources.requests\[cpu\] must be"),
+        ({"resources": {"limits": {"cpu": "abc"}}}, r"spec.resources.limits\[cpu\] must be"),
+        ({"resources": {"requests": {"memory": "12 gigs"}}}, r"requests\[memory\] must be"),
+        ({"resources": {"requests": {"memory": "12GB"}}}, r"requests\[memory\] must be"),
+        ({"resources": {"limits": {"cpu": "-1"}}}, r"limits\[cpu\] must be a non-negative"),
+        ({"resources": {"limits": {"cpu": True}}}, r"limits\[cpu\] must be"),
+        ({"resources": {"limits": {"cpu": 1.5}}}, r"limits\[cpu\] must be"),  # schema: int|str
+        ({"resources": {"limits": {"memory": "1" * 65}}}, r"at most 64 characters"),
+        (
+            {"resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "1500m"}}},
+            r"spec.resources.requests\[cpu\] must not be more than its limit",
+        ),
+        (
+            {"resources": {"requests": {f"example.com/r{i}": 1 for i in range(17)}}},
+            "at most 16 resources",
+        ),
+        ({"resources": {"limits": {"nvidia.com/gpu": 1}}}, "set GPUs with spec.gpusPerReplica"),
+    ],
+)
+def test_a_bad_quantity_is_refused_with_its_field(spec, message):
+    with pytest.raises(SpecError, match=message):
+        TrainingJobSpec.parse({"image": "x", **spec})
+
+
+def test_good_quantities_pass_through_to_the_pod_unchanged():
+    resources = {
+        "requests": {"cpu": "500m", "memory": "12Gi", "example.com/foo": 1},
+        "limits": {"cpu": "1.5", "memory": "12Gi", "ephemeral-storage": "1e3"},
+    }
+    s = TrainingJobSpec.parse({"image": "x", "resources": resources, "sharedMemory": "16Gi"})
+    assert s.pod["resources"] == resources and s.pod["sharedMemory"] == "16Gi"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("500m", Decimal("0.5")),
+        ("1.5", Decimal("1.5")),
+        ("12Gi", Decimal(12 * 2**30)),
+        ("2k", Decimal(2000)),
+        ("1e3", Decimal(1000)),
+        ("1E-3", Decimal("0.001")),
+        (".5", Decimal("0.5")),
+        ("5.", Decimal(5)),
+        ("+1", Decimal(1)),
+        ("100u", Decimal("0.0001")),
+        ("3n", Decimal("3e-9")),
+        ("1Ei", Decimal(2**60)),
+        ("2E", Decimal("2e18")),  # exa, not an exponent
+        (4, Decimal(4)),
+        # Kubernetes' parser lets the digits go missing, and so must ours to agree with it.
+        ("Gi", Decimal(0)),
+        (".", Decimal(0)),
+        ("-", Decimal(0)),
+    ],
+)
+def test_quantities_are_read_as_kubernetes_reads_them(text, value):
+    assert parse_quantity(text) == value
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["abc", "12 gigs", "12GB", "1K", "1ki", "1e", "1e1.5", " 1", "1 ", "--1", "", "1.2.3",
+     "1Gi1", "0x10", "Ei", "-.e-20", "1e99999999999999999999", True, None, 1.5],
+)  # fmt: skip
+def test_things_that_are_not_quantities(text):
+    assert parse_quantity(text) is None

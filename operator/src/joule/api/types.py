@@ -13,6 +13,7 @@ import datetime as dt
 import enum
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from joule.policy.types import (
@@ -64,6 +65,10 @@ MAX_REPLICAS = 1024
 # and a label has 63 at most.
 MAX_NAME_LENGTH = 51
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Bounds on resources.requests/limits, which also keep the CRD's CEL rules over these maps
+# within the API server's cost budget.
+MAX_RESOURCES = 16
+MAX_QUANTITY_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,9 @@ class TrainingJobSpec:
             "checkpoint", "nodeSelector", "tolerations", "affinity", "priorityClassName",
             "schedulerName", "serviceAccountName", "podLabels", "podAnnotations",
         )  # fmt: skip
+        _resources(spec.get("resources") or {})
+        if "sharedMemory" in spec:
+            _quantity(spec["sharedMemory"], "spec.sharedMemory", positive=True)
         scaling = _scaling(spec.get("scaling") or {}, elastic is not None)
         energy = _energy(spec.get("energy") or {})
         reason_to_lower = (
@@ -236,6 +244,75 @@ def _int(data: dict[str, Any], path: str) -> Any:
     if bounds.maximum is not None and value > bounds.maximum:
         raise SpecError(f"{path} must be <= {bounds.maximum}, got {value}")
     return value
+
+
+# Kubernetes' quantity grammar, as k8s.io/apimachinery's resource.ParseQuantity (CEL's
+# isQuantity) reads it: a signed decimal number, then a binary-SI suffix, a decimal-SI suffix
+# or a decimal exponent. ParseQuantity lets the digits go missing ("Gi", "." and "-" are 0).
+_QUANTITY = re.compile(
+    r"(?P<number>[+-]?[0-9]*(?:\.[0-9]*)?)"
+    r"(?:(?P<binary>Ki|Mi|Gi|Ti|Pi|Ei)|(?P<decimal>[numkMGTPE])|[eE](?P<exponent>[+-]?[0-9]+))?"
+)
+_BINARY = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
+_DECIMAL = {"n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+
+
+def parse_quantity(value: Any) -> Decimal | None:
+    """The value of a Kubernetes quantity ("500m", "1.5", "12Gi", 4), or None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return Decimal(value)
+    if not isinstance(value, str) or not value or len(value) > MAX_QUANTITY_LENGTH:
+        return None
+    m = _QUANTITY.fullmatch(value)
+    if not m:
+        return None
+    text = m["number"]
+    digits = any(c.isdigit() for c in text)
+    number = Decimal(text) if digits else Decimal(0)
+    binary = m["binary"]
+    exponent = _DECIMAL[m["decimal"]] if m["decimal"] else int(m["exponent"] or 0)
+    if not digits and (binary in ("Pi", "Ei") or exponent < -9):
+        return None  # ParseQuantity's slow path, taken for these, finds no number to read
+    if not -(2**63) <= exponent < 2**63:
+        return None  # nor does it take an exponent beyond int64
+    if binary:
+        return number * 2 ** _BINARY[binary]
+    # Beyond 10^±1000 no comparison this is used for changes (Decimal's own range is smaller).
+    return number.scaleb(max(-1000, min(1000, exponent)))
+
+
+def _quantity(value: Any, path: str, positive: bool = False) -> Decimal:
+    q = parse_quantity(value)
+    if q is None or q < 0 or (positive and q == 0):
+        sign = "positive" if positive else "non-negative"
+        raise SpecError(
+            f"{path} must be a {sign} quantity such as 500m, 1.5, 4 or 12Gi "
+            f"(at most {MAX_QUANTITY_LENGTH} characters), not {value!r}"
+        )
+    return q
+
+
+def _resources(resources: dict[str, Any]) -> None:
+    """What the pod's validation would refuse, refused here (as the CRD does) instead."""
+    found: dict[str, dict[str, Decimal]] = {}
+    for kind in ("requests", "limits"):
+        values = resources.get(kind) or {}
+        if len(values) > MAX_RESOURCES:
+            raise SpecError(f"spec.resources.{kind} may name at most {MAX_RESOURCES} resources")
+        if "nvidia.com/gpu" in values:
+            raise SpecError("set GPUs with spec.gpusPerReplica, not in resources")
+        found[kind] = {
+            name: _quantity(q, f"spec.resources.{kind}[{name}]") for name, q in values.items()
+        }
+    for name, request in found["requests"].items():
+        limit = found["limits"].get(name)
+        if limit is not None and request > limit:
+            raise SpecError(
+                f"spec.resources.requests[{name}] must not be more than its limit "
+                f"({resources['requests'][name]} > {resources['limits'][name]})"
+            )
 
 
 @dataclass(frozen=True)
