@@ -62,6 +62,13 @@ def start(
     return ProcessRecord(name, proc.pid, start_time, str(log_path), health_url)
 
 
+def record(name: str, pid: int, log: str = "") -> ProcessRecord | None:
+    """The identity (pid + start time) of a process running now, for one this module did not
+    start (another's child, a process found in /proc); None if it is gone."""
+    started = _start_time(pid)
+    return None if started is None else ProcessRecord(name, pid, started, log)
+
+
 def alive(record: ProcessRecord) -> bool:
     started = _start_time(record.pid)
     return started is not None and started == record.start_time and not _zombie(record.pid)
