@@ -1,5 +1,8 @@
 """`joule demo`: the control plane, the CRD, the operator and a local node, all on this
-machine; the examples applied; a live view until Ctrl-C; everything torn down on exit."""
+machine; the examples applied; a live view until Ctrl-C; everything torn down on exit.
+
+Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all tear down the same way.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ DEMO_CLUSTER = "demo"
 # examples/demo/ keeps its checkpoints here (hostPath), the demo its logs and the workers'
 # logs: cleared when a demo starts, kept after it ends for reading.
 DEMO_DATA = Path("/tmp/joule-demo")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 Say = Callable[[str], None]
 
 
@@ -46,6 +50,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Interrupts:
+    """SIGINT (Ctrl-C), SIGTERM (`kill`, a CI timeout) and SIGHUP (the terminal closed) all
+    end the demo the same way: a KeyboardInterrupt where it is, then the teardown.
+
+    Only the first one interrupts. Closing a terminal sends SIGHUP twice (the kernel to the
+    foreground group, the shell to its jobs), and a second interrupt inside the teardown would
+    cut it short and leave everything running.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            # An ignored signal stays ignored: `nohup make demo` means to outlive the terminal.
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
 
 
 class Child:
@@ -89,6 +118,22 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def _quiet(say: Say) -> Say:
+    """Output that cannot fail: after SIGHUP the terminal is gone and every write to it is
+    EIO, which must not stop the teardown half way."""
+
+    def safe(message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            say(message)
+
+    return safe
+
+
+def _print(text: str = "") -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(text, flush=True)
+
+
 def scrape(url: str) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=1.0) as response:
@@ -98,8 +143,9 @@ def scrape(url: str) -> str | None:
 
 
 class Demo:
-    def __init__(self, options: Options, say: Say) -> None:
-        self.options, self.say = options, say
+    def __init__(self, options: Options, say: Say, interrupts: Interrupts | None = None) -> None:
+        self.options, self.say = options, _quiet(say)
+        self.interrupts = interrupts or Interrupts()
         self.settings = ClusterSettings(name=DEMO_CLUSTER, nodes=0)
         self.children: list[Child] = []
         self.started = time.monotonic()
@@ -193,9 +239,9 @@ class Demo:
             ]
             text = render(rows, elapsed, endpoints)
             if tty:
-                print("\x1b[H\x1b[2J" + text, flush=True)
+                _print("\x1b[H\x1b[2J" + text)
             elif time.monotonic() - last_plain >= 10:
-                print(text + "\n", flush=True)
+                _print(text + "\n")
                 last_plain = time.monotonic()
             for child in self.children:
                 if not child.alive():
@@ -206,7 +252,7 @@ class Demo:
                 and phases
                 and all(p in ("Succeeded", "Failed") for p in phases)
             ):
-                print(text, flush=True)
+                _print(text)
                 return 0 if all(p == "Succeeded" for p in phases) else 1
             if self.options.timeout and elapsed > self.options.timeout:
                 self.say(f"--timeout {self.options.timeout:.0f}s reached")
@@ -214,6 +260,7 @@ class Demo:
             time.sleep(self.options.refresh)
 
     def down(self) -> None:
+        self.interrupts.stopping = True  # from here on, no signal cuts the teardown short
         self.say("stopping: node agent (SIGTERM to every worker), operator, control plane")
         for child in reversed(self.children):
             child.stop(timeout=30)
@@ -221,19 +268,15 @@ class Demo:
         self.say(f"stopped; nothing left running (logs kept in {DEMO_DATA})")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM (a CI timeout, `kill`) tears down as Ctrl-C does."""
-    raise KeyboardInterrupt
-
-
 def run_demo(options: Options, say: Say) -> int:
-    demo = Demo(options, say)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupts = Interrupts()
+    interrupts.install()
+    demo = Demo(options, say, interrupts)
     try:
         demo.up()
         return demo.watch()
     except KeyboardInterrupt:
-        print(flush=True)
+        _print()
         return 0
     finally:
         demo.down()
