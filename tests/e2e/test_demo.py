@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import pytest
 import yaml
+from kubernetes import client, config
 
 from joule.cluster import ClusterSettings, process
 from joule.cluster.process import ProcessRecord
@@ -204,6 +205,14 @@ class Demos:
         self.started.append(proc)
         return proc, log
 
+    def orphan(self, home: Path) -> ProcessRecord:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"],
+            env={**os.environ, "HOME": str(home)},
+        )
+        self.started.append(proc)
+        return identity(proc.pid)
+
     def cleanup(self) -> None:
         for proc in self.started:
             if proc.poll() is None:
@@ -220,6 +229,15 @@ def demos(tmp_path: Path) -> Iterator[Demos]:
     made = Demos(tmp_path)
     yield made
     made.cleanup()
+
+
+def job_uid(name: str) -> str:
+    kubeconfig = str(ClusterSettings(name="demo").kubeconfig)
+    with config.new_client_from_config(config_file=kubeconfig) as api:
+        job = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            "joule.dev", "v1alpha1", "default", "trainingjobs", name
+        )
+    return str(job["metadata"]["uid"])
 
 
 def identity(pid: int) -> ProcessRecord:
@@ -245,5 +263,42 @@ def test_a_closed_terminal_sighup_tears_the_demo_down_as_ctrl_c_does(demos: Demo
     text = log.read_text()
     assert "stopped; nothing left running" in text, text[-4000:]
     assert [r for r in started if process.alive(r)] == []
+    assert demo_operators() == demo_node_agents() == workers(SEED) == []
+    assert demo_cluster_down()
+
+
+@pytest.mark.timeout(420)
+def test_a_demo_killed_outright_is_cleaned_up_by_the_next_one(demos: Demos) -> None:
+    first, log = demos.start()
+    # Up first: until then the checkpoints of an earlier run may still be there.
+    wait_for(lambda: "workers are starting" in log.read_text(), 180, "the examples", log)
+    checkpoints = DEMO_DATA / "checkpoints" / "long"
+    wait_for(lambda: list(checkpoints.glob("*.pt")), 240, "a first checkpoint", log)
+    old_uid = job_uid("long")
+    old = [identity(p) for p in demo_operators() + demo_node_agents()]
+    assert len(old) == 2, old
+    old_workers = [identity(p) for p in workers(SEED)]
+    first.kill()  # nothing tears down: operator, node agent and worker outlive it
+    first.wait()
+    # And a worker whose node agent died before it (killed with its process group, OOM): only
+    # its home in the node agent's pod directory says whose it is.
+    orphan = demos.orphan(DEMO_DATA / "node" / "pods" / "default_gone_0")
+    assert all(process.alive(r) for r in [*old, *old_workers, orphan])
+
+    second, log = demos.start()
+    wait_for(lambda: "workers are starting" in log.read_text(), 180, "the examples", log)
+    assert [r for r in old if process.alive(r)] == [], "the old operator or node agent runs on"
+    assert [r for r in [*old_workers, orphan] if process.alive(r)] == []
+    assert "stopped what a previous demo left running" in log.read_text()
+    assert len(demo_operators()) == 1 and len(demo_node_agents()) == 1
+    new_uid = job_uid("long")
+    assert new_uid != old_uid  # a new job, not the old one applied over
+    started = wait_for(lambda: trainer_events("start"), 180, "the new worker to train", log)
+    assert [e["step"] for e in started] == [0]  # from scratch, not from the old checkpoint
+    assert trainer_events("resumed") == []
+    assert len(demo_operators()) == 1 and len(demo_node_agents()) == 1
+
+    second.send_signal(signal.SIGINT)
+    assert second.wait(120) == 0, log.read_text()[-4000:]
     assert demo_operators() == demo_node_agents() == workers(SEED) == []
     assert demo_cluster_down()

@@ -1,7 +1,9 @@
 """`joule demo`: the control plane, the CRD, the operator and a local node, all on this
 machine; the examples applied; a live view until Ctrl-C; everything torn down on exit.
 
-Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all tear down the same way.
+Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all tear down the same way. What a demo that
+died anyway left behind (operator, node agent, workers, the previous run's jobs and
+checkpoints) is stopped and cleared by the next start, so every demo starts fresh.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
 
-from joule.cluster import ClusterInfo, ClusterSettings, down, up
+from joule.cluster import ClusterInfo, ClusterSettings, down, process, up
 from joule.cluster.lifecycle import kubectl
+from joule.cluster.process import ProcessRecord
 from joule.constants import COMPONENT, GROUP, KIND, LABEL_JOB, METRICS_PORT, PLURAL, VERSION
+from joule.demo import leftovers
 from joule.demo.view import job_row, render
 from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
 
@@ -33,6 +37,9 @@ DEMO_CLUSTER = "demo"
 # examples/demo/ keeps its checkpoints here (hostPath), the demo its logs and the workers'
 # logs: cleared when a demo starts, kept after it ends for reading.
 DEMO_DATA = Path("/tmp/joule-demo")
+# What the running demo started (pid + start time), for the next demo if this one dies.
+STATE_FILE = DEMO_DATA / "demo.json"
+PODS_DIR = DEMO_DATA / "node" / "pods"  # the node agent's pod directories: its workers' HOME
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 Say = Callable[[str], None]
 
@@ -58,11 +65,14 @@ class Interrupts:
 
     Only the first one interrupts. Closing a terminal sends SIGHUP twice (the kernel to the
     foreground group, the shell to its jobs), and a second interrupt inside the teardown would
-    cut it short and leave everything running.
+    cut it short and leave everything running. Inside ``deferred()`` (a process started but not
+    yet recorded) the interrupt waits until the block ends.
     """
 
     def __init__(self) -> None:
         self.stopping = False
+        self.deferring = False
+        self.pending = False
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
@@ -73,31 +83,46 @@ class Interrupts:
     def _handle(self, signum: int, frame: object) -> None:
         if self.stopping:
             return
+        if self.deferring:
+            self.pending = True
+            return
         self.stopping = True
         raise KeyboardInterrupt
 
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending and not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+
 
 class Child:
-    """A `joule` subcommand in a process of its own, with its output in a log file."""
+    """A `joule` subcommand in a process of its own, with its output in a log file. Its own
+    session: Ctrl-C or a closed terminal reaches the demo only, which stops the children in
+    order (the node agent's workers first get SIGTERM and write a checkpoint)."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.name, self.log = name, log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
+        # Read at once: the pid is ours (unreaped) until we wait for it, so this is its start.
+        record = process.record(name, self.proc.pid, str(log))
+        self.record = record or ProcessRecord(name, self.proc.pid, -1, str(log))
 
     def alive(self) -> bool:
         return self.proc.poll() is None
-
-    def stop(self, timeout: float) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def _joule(*args: str) -> list[str]:
@@ -148,30 +173,83 @@ class Demo:
         self.interrupts = interrupts or Interrupts()
         self.settings = ClusterSettings(name=DEMO_CLUSTER, nodes=0)
         self.children: list[Child] = []
+        self.state = leftovers.DemoState()
+        self.owns_cluster = False  # not until no other demo runs: its cluster is not ours to stop
         self.started = time.monotonic()
         self.first_step_s: float | None = None
 
+    def clear_previous(self) -> None:
+        """Stop what an earlier demo left running and clear its data, before anything starts:
+        a second operator and node agent beside the old ones run every pod twice, and old
+        workers keep writing checkpoints into the new run's directory."""
+        previous = leftovers.load(STATE_FILE)
+        me = process.record("demo", os.getpid())
+        if previous.demo and process.alive(previous.demo):
+            raise RuntimeError(
+                f"another `joule demo` is running (pid {previous.demo.pid}); stop it first "
+                f"(Ctrl-C in its terminal, or kill {previous.demo.pid})"
+            )
+        # The node agent first gets SIGTERM and stops its workers itself; the scan then finds
+        # workers whose agent died before them (SIGKILL of the whole group, OOM).
+        stopped = leftovers.stop(previous.children, grace_seconds=30)
+        stopped += leftovers.stop(leftovers.workers(PODS_DIR), grace_seconds=10)
+        if stopped:
+            self.say(f"stopped what a previous demo left running: {leftovers.describe(stopped)}")
+        # Old checkpoints go too: the new jobs would resume from them (or find themselves
+        # already finished) instead of training from step 0.
+        shutil.rmtree(DEMO_DATA, ignore_errors=True)
+        (DEMO_DATA / "logs").mkdir(parents=True)
+        self.state = leftovers.DemoState(demo=me)
+        leftovers.save(STATE_FILE, self.state)
+        self.owns_cluster = True
+
+    def delete_previous_jobs(self) -> None:
+        """The previous demo's TrainingJobs, their pods and Services, gone before the examples
+        are applied again: applied over an old job, an example would keep its old pods, status
+        and step. Pods are force-deleted (no node agent runs to confirm a graceful delete; their
+        processes are already stopped), Services at once rather than by the garbage collector,
+        which could otherwise remove a new job's Service of the same name later."""
+        info = self.info
+        jobs = _kubectl(info, "get", PLURAL, "-A", "-o", "name").split()
+        if not jobs:
+            return
+        self.say(f"deleting the previous demo's jobs: {', '.join(j.split('/')[-1] for j in jobs)}")
+        _kubectl(info, "delete", PLURAL, "-A", "--all", "--wait=true")
+        _kubectl(
+            info, "delete", "pods", "-A", "-l", LABEL_JOB,
+            "--grace-period=0", "--force", "--wait=true",
+        )  # fmt: skip
+        _kubectl(info, "delete", "services", "-A", "-l", LABEL_JOB, "--wait=true")
+
+    def start_child(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        with self.interrupts.deferred():  # started and recorded, or neither
+            child = Child(name, argv, env, log)
+            self.children.append(child)
+            self.state.children.append(child.record)
+            leftovers.save(STATE_FILE, self.state)
+
     def up(self) -> None:
         say = self.say
+        self.clear_previous()
         info = up(self.settings, progress=say)
         self.info = info
-        shutil.rmtree(DEMO_DATA, ignore_errors=True)
         logs = DEMO_DATA / "logs"
-        logs.mkdir(parents=True)
         env = {**os.environ, "KUBECONFIG": str(info.kubeconfig)}
         say("installing the TrainingJob CRD")
         _kubectl(info, "apply", "-f", str(ROOT / "crds"))
         _kubectl(info, "wait", "--for=condition=Established", "crd/trainingjobs.joule.dev")
+        if info.already_running:
+            self.delete_previous_jobs()
         self.operator_port = free_port()
         say(f"starting the operator (log: {logs / 'operator.log'})")
         op_env = {**env, "JOULE_METRICS_PORT": str(self.operator_port), "JOULE_LOG_FORMAT": "plain"}
-        self.children.append(Child("operator", _joule("operator"), op_env, logs / "operator.log"))
+        self.start_child("operator", _joule("operator"), op_env, logs / "operator.log")
         say(f"starting the local node agent (log: {logs / 'node-agent.log'})")
         agent_argv = _joule(
             "node-agent", "--name", "local", "--gpus", str(self.options.gpus),
             "--state-dir", str(DEMO_DATA / "node"),
         )  # fmt: skip
-        self.children.append(Child("node-agent", agent_argv, env, logs / "node-agent.log"))
+        self.start_child("node-agent", agent_argv, env, logs / "node-agent.log")
         self.api = config.new_client_from_config(config_file=str(info.kubeconfig))
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
@@ -193,14 +271,15 @@ class Demo:
         return self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
 
     def last_events(self) -> dict[str, str]:
-        """Each job's newest Event from the operator: what it last did, and why."""
+        """Each job's newest Event from the operator, by the job's uid: what it last did, and
+        why (a previous demo's job of the same name keeps its Events for an hour)."""
         events = self.core.list_event_for_all_namespaces(
             field_selector=f"involvedObject.kind={KIND}"
         ).items
         ours = [e for e in events if e.reporting_component == COMPONENT]
         newest: dict[str, str] = {}
         for e in sorted(ours, key=lambda e: e.last_timestamp or e.metadata.creation_timestamp):
-            newest[e.involved_object.name] = f"{e.reason}: {e.message}"
+            newest[e.involved_object.uid] = f"{e.reason}: {e.message}"
         return newest
 
     def readings(self) -> tuple[dict[str, list[TrainerReading]], list[str]]:
@@ -234,7 +313,7 @@ class Demo:
                 self.say(f"first training step {elapsed:.1f}s after `joule demo` started")
             said = self.last_events()
             rows = [
-                job_row(j, readings.get(j["metadata"]["name"], []), said.get(j["metadata"]["name"]))
+                job_row(j, readings.get(j["metadata"]["name"], []), said.get(j["metadata"]["uid"]))
                 for j in jobs
             ]
             text = render(rows, elapsed, endpoints)
@@ -261,10 +340,15 @@ class Demo:
 
     def down(self) -> None:
         self.interrupts.stopping = True  # from here on, no signal cuts the teardown short
+        if not self.owns_cluster:
+            return
         self.say("stopping: node agent (SIGTERM to every worker), operator, control plane")
-        for child in reversed(self.children):
-            child.stop(timeout=30)
+        # The node agent's own shutdown gives workers 10 s, then kills them; the scan catches
+        # any it could not (the agent killed on its grace period's expiry).
+        leftovers.stop([c.record for c in reversed(self.children)], grace_seconds=30)
+        leftovers.stop(leftovers.workers(PODS_DIR), grace_seconds=10)
         down(self.settings)
+        STATE_FILE.unlink(missing_ok=True)  # a failure above keeps it, for the next demo
         self.say(f"stopped; nothing left running (logs kept in {DEMO_DATA})")
 
 
