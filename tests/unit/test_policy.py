@@ -159,6 +159,18 @@ def test_a_cap_breach_lowers_the_gpu_power_limit_before_the_workers():
     assert (d.replicas, d.reason, d.gpu_power_limit_watts) == (3, "PowerCapExceeded", 200.0)
 
 
+def test_a_limit_the_gpus_draw_past_is_not_lowered_to_itself():
+    """GPUs drawing more than their limit (it does not hold) while over the cap: the limit
+    that would bring the job under it is not below the one in force. It used to be 'lowered'
+    to the same value, with an Event, every window; now the workers go."""
+    job = spec(power_cap_watts=1000.0, min_gpu_power_limit_watts=200.0)
+    # 260 W each under a 230 W limit; 95 % of the cap is 237.5 W a GPU, not below 230 W.
+    over = obs(watts=1040.0, gpu_power_limit_watts=230.0,
+               power_limit_time=NOW - dt.timedelta(hours=1))  # fmt: skip
+    d = decide(job, over, FREE)
+    assert (d.replicas, d.reason, d.gpu_power_limit_watts) == (3, "PowerCapExceeded", 230.0)
+
+
 def test_without_a_floor_the_power_limit_is_never_touched():
     d = decide(spec(power_cap_watts=1000.0), obs(), FREE)
     assert (d.replicas, d.reason, d.gpu_power_limit_watts) == (3, "PowerCapExceeded", None)
@@ -177,23 +189,36 @@ def test_a_lowered_limit_is_given_back_well_under_the_cap():
 def test_energy_efficient_searches_the_power_limit_with_the_fewest_joules_per_sample():
     job = JobPolicySpec(4, 4, 1, Scaling(policy=Policy.ENERGY_EFFICIENT),
                         Energy(min_gpu_power_limit_watts=200.0))  # fmt: skip
-    # 4 GPUs drawing 300 W each at their default limit: try 10 % lower.
+    # Limits are tried on a grid from the floor up, 200 x 1.1^k: 242, 266.2, 292.8, ...
+    # 4 GPUs drawing 300 W each at their default limit: the first grid point well below.
     d = decide(job, obs(), FREE)
-    assert (d.replicas, d.reason, d.gpu_power_limit_watts) == (4, "PowerLimitTuned", 270.0)
-    # 270 W gave fewer joules per sample (1080 W for 380/s): one more step down.
-    at_270 = obs(thr=380.0, watts=1080.0, gpu_power_limit_watts=270.0,
+    assert (d.replicas, d.reason, d.gpu_power_limit_watts) == (4, "PowerLimitTuned", 266.2)
+    # 266.2 W gave fewer joules per sample (1080 W for 380/s): one more step down.
+    at_266 = obs(thr=380.0, watts=1080.0, gpu_power_limit_watts=266.2,
                  limit_history={None: SizeStats(400.0, 1200.0)})  # fmt: skip
-    assert decide(job, at_270, FREE).gpu_power_limit_watts == 240.0
-    # 240 W was slower than it saved (3.0 J/sample vs 2.84 at 270 W): back, and stay.
-    before = {None: SizeStats(400.0, 1200.0), 270.0: SizeStats(380.0, 1080.0)}
-    at_240 = obs(thr=300.0, watts=900.0, gpu_power_limit_watts=240.0, limit_history=before)
-    d = decide(job, at_240, FREE)
-    assert (d.reason, d.gpu_power_limit_watts) == ("PowerLimitTuned", 270.0)
+    assert decide(job, at_266, FREE).gpu_power_limit_watts == 242.0
+    # 242 W was slower than it saved (3.0 J/sample vs 2.84 at 266.2 W): back, and stay.
+    before = {None: SizeStats(400.0, 1200.0), 266.2: SizeStats(380.0, 1080.0)}
+    at_242 = obs(thr=300.0, watts=900.0, gpu_power_limit_watts=242.0, limit_history=before)
+    d = decide(job, at_242, FREE)
+    assert (d.reason, d.gpu_power_limit_watts) == ("PowerLimitTuned", 266.2)
     settled = replace(
-        at_270, limit_history={**at_240.limit_history, 240.0: SizeStats(300.0, 900.0)}
+        at_266, limit_history={**at_242.limit_history, 242.0: SizeStats(300.0, 900.0)}
     )
     d = decide(job, settled, FREE)
-    assert (d.reason, d.gpu_power_limit_watts) == ("Steady", 270.0)
+    assert (d.reason, d.gpu_power_limit_watts) == ("Steady", 266.2)
+
+
+def test_a_noisy_draw_does_not_make_an_untried_limit_out_of_one_already_tried():
+    """The limit to try next came from the measured draw, so noise made a new candidate
+    every evaluation and the search changed the limit every minute. On the grid, the draw
+    moving by a few percent names the same limit, which was tried already."""
+    job = JobPolicySpec(4, 4, 1, Scaling(policy=Policy.ENERGY_EFFICIENT),
+                        Energy(min_gpu_power_limit_watts=200.0))  # fmt: skip
+    tried = {None: SizeStats(400.0, 1200.0), 266.2: SizeStats(330.0, 1060.0)}  # worse there
+    for watts in (1160.0, 1200.0, 1240.0):
+        d = decide(job, obs(watts=watts, limit_history=tried), FREE)
+        assert d.gpu_power_limit_watts is None and d.reason != "PowerLimitTuned", watts
 
 
 def test_a_power_limit_too_slow_for_the_deadline_is_given_up():

@@ -202,10 +202,10 @@ def test_what_each_power_limit_gave_is_learned_only_from_intervals_entirely_unde
     })  # fmt: skip
     st = {"targetReplicas": 2, "energy": e}
     result = evaluate(spec, st, [("a/0", reading(900, 3500))], ClusterView(0), at(40), 2, True)
-    # 12.5 W gave 0.25 J/sample against 0.3 at the default: the search goes one step lower,
-    # from what each GPU draws now (10 W) by 10 % of its draw at the default (15 W).
+    # 12.5 W gave 0.25 J/sample against 0.3 at the default: the search goes one step lower
+    # than what each GPU draws now (10 W), on the grid from the 5 W floor: 5 x 1.1^6.
     assert result.decision.reason == "PowerLimitTuned"
-    assert result.status["energy"]["gpuPowerLimitWatts"] == 8.5
+    assert result.status["energy"]["gpuPowerLimitWatts"] == 8.9
 
 
 def test_mid_resize_the_policy_keeps_the_size_it_is_on_the_way_to():

@@ -108,9 +108,9 @@ def _lower_limit(spec: JobPolicySpec, obs: Observations, cap: float) -> Decision
         return None
     per_gpu = _per_gpu_watts(spec, obs)
     new = max(floor, per_gpu * CAP_TARGET * cap / obs.watts)
-    if current is not None:
-        new = min(new, current)
     new = round(new, 1)
+    if current is not None and new >= current:
+        return None  # not lower than the limit in force: only fewer workers help
     if new >= per_gpu * 0.99:  # GPUs already draw no more than this: only fewer help
         return None
     msg = (
@@ -354,15 +354,24 @@ def _tune_limit(
         return go(best, f"{jps(best):.3g} J/sample there vs {jps(current):.3g} now")
     if current != best:
         return d
-    per = _gpus(spec, obs)
-    reference = seen[None].watts / per if None in seen else _per_gpu_watts(spec, obs)
-    draw = now.watts / per
+    draw = now.watts / _gpus(spec, obs)
     start = draw if current is None else min(current, draw)
-    lower = round(start - LIMIT_STEP * reference, 1)
-    tried = any(limit is not None and abs(limit - lower) < 0.5 for limit in seen)
-    if lower >= floor and not tried:
+    lower = limit_below(floor, start)
+    if lower is not None and lower not in seen:
         return go(lower, f"trying a lower limit; {jps(current):.3g} J/sample now")
     return d
+
+
+def limit_below(floor: float, watts: float) -> float | None:
+    """The next limit to try below ``watts``: a point of a fixed grid, floor x (1 + step)^k.
+    A grid anchored at the floor (the spec's, so it never moves) makes a limit tried once
+    the same limit when it comes up again: candidates taken from a measured draw differed by
+    its noise every time, so the search never ran out of untried limits and changed the
+    limit every evaluation. None: at the floor already."""
+    if watts <= floor * (1 + LIMIT_STEP / 2):
+        return None
+    k = math.floor(math.log(watts / floor) / math.log(1 + LIMIT_STEP) - 0.5)
+    return round(floor * (1 + LIMIT_STEP) ** max(k, 0), 1)
 
 
 def _worth_restart_time(
