@@ -3,7 +3,15 @@
 Every strategy sees the same jobs in the same order on the same cluster. Jobs queue FIFO and
 start when their first allocation fits. Each evaluation interval a strategy may resize a
 running job (the job then makes no progress for its restart time, GPUs held) or change its
-power limit. Joule's strategy is ``joule.policy.decide`` unchanged, fed noisy measurements.
+power limit. Jobs run 5 % faster or slower and draw 3 % more or less power than the model
+says, afresh every interval and the same for every strategy, as real jobs do.
+
+Joule's strategy is the operator's own evaluation, not a copy of it: each interval the
+simulated workers expose cumulative energy and sample counters (per process, with its start
+time, reset by a restart) and ``joule.scaling.evaluate`` accounts them into the job's status,
+learns its rates and asks ``joule.policy.decide``; the size and power limit the workers then
+run at are read back from that status with the reconciler's own ``desired_replicas`` and
+``power_limit``.
 """
 
 from __future__ import annotations
@@ -14,19 +22,12 @@ import random
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from joule.policy import (
-    ClusterView,
-    Energy,
-    JobPolicySpec,
-    Observations,
-    OnBudgetExhausted,
-    Policy,
-    Scaling,
-    SizeStats,
-    Target,
-    decide,
-)
+from joule.api.types import TrainingJobSpec
+from joule.policy import ClusterView
+from joule.reconcile import desired_replicas, fmt_time, power_limit
+from joule.scaling import counter_key, evaluate
 from joule.sim.model import (
     IDLE_FRACTION,
     JobSpec,
@@ -35,6 +36,7 @@ from joule.sim.model import (
     power_factor,
     speed,
 )
+from joule.trainer_metrics import TrainerReading
 
 STEP_SECONDS = 10.0
 EVAL_SECONDS = 60.0
@@ -62,11 +64,16 @@ class Job:
     windows: int = 0
     windows_over: int = 0
     last_scale: float | None = None
-    limit: float | None = None  # per-GPU power limit (W) Joule's policy set; None: default
-    limit_time: float | None = None
-    limit_history: dict[float | None, SizeStats] = field(default_factory=dict)  # at this size
-    history: dict[int, SizeStats] = field(default_factory=dict)
     util_log: list[tuple[float, int]] = field(default_factory=list)  # HPA's desired sizes
+    # This interval's deviation from the model: (speed, power) factors.
+    noise: tuple[float, float] = (1.0, 1.0)
+    # What the workers' processes count since they last (re)started, all workers together.
+    proc_start: float = 0.0
+    proc_joules: float = 0.0
+    proc_samples: float = 0.0
+    # Joule only: the TrainingJob as the operator parses it, and the status it keeps.
+    manifest: TrainingJobSpec | None = None
+    status: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gpus(self) -> int:
@@ -137,7 +144,7 @@ def simulate(
                 break
             queue.pop(0)
             job.n, job.f, job.start = n, f, now
-            job.window_start = now
+            job.window_start = job.proc_start = now
             job.restart_until = now + job.spec.kind.restart_seconds  # the first start, too
             running.append(job)
             free -= job.gpus
@@ -147,8 +154,6 @@ def simulate(
                 last_wait = now
             quiet = None if last_wait is None else now - last_wait
             for job in running:
-                if now < job.restart_until:
-                    continue
                 free = gpus - sum(j.gpus for j in running)
                 view = ClusterView(free, waiting, quiet, gpus, len(running) + len(queue))
                 n, f = strategy(job, now, view, rng)
@@ -156,16 +161,22 @@ def simulate(
                     job.rescales += 1
                     job.last_scale = now
                     job.restart_until = now + job.spec.kind.restart_seconds
+                    job.proc_start, job.proc_joules, job.proc_samples = now, 0.0, 0.0
                 job.n, job.f = n, f
+                job.noise = _noise(seed, job.spec.id, now)
             next_eval = now + EVAL_SECONDS
         for job in list(running):
             kind = job.spec.kind
-            watts = kind.watts(job.n, job.f)
+            speed_noise, power_noise = job.noise
+            watts = kind.watts(job.n, job.f) * power_noise
             if now < job.restart_until:
                 watts *= IDLE_FRACTION  # held, loading, not training
             else:
-                job.done += kind.throughput(job.n, job.f) * STEP_SECONDS
+                progress = kind.throughput(job.n, job.f) * speed_noise * STEP_SECONDS
+                job.done += progress
+                job.proc_samples += progress
             job.energy += watts * STEP_SECONDS
+            job.proc_joules += watts * STEP_SECONDS
             job.window_energy += watts * STEP_SECONDS
             job.gpu_seconds += job.gpus * STEP_SECONDS
             if now + STEP_SECONDS - job.window_start >= WINDOW_SECONDS:
@@ -199,7 +210,26 @@ def simulate(
     )
 
 
+def _noise(seed: int, job: int, now: float) -> tuple[float, float]:
+    """The same deviations for every strategy: drawn from the seed, the job and the time."""
+    r = random.Random(seed * 1_000_003 + job * 7_919 + int(now))
+    return noisy(1.0, r), noisy(1.0, r, 0.03)
+
+
 # -- strategies ----------------------------------------------------------------------------
+
+
+def between_restarts(strategy: Strategy) -> Strategy:
+    """A strategy that only looks at jobs that train: it leaves one restarting alone."""
+
+    def wrapped(
+        job: Job, now: float, cluster: ClusterView, rng: random.Random
+    ) -> tuple[int, float]:
+        if now < job.restart_until:
+            return job.n, job.f
+        return strategy(job, now, cluster, rng)
+
+    return wrapped
 
 
 def static_max(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tuple[int, float]:
@@ -214,6 +244,7 @@ def best_power_limit(min_speed: float = 0.0) -> float:
     return min(ok, key=lambda f: power_factor(f) / speed(f))
 
 
+@between_restarts
 def hpa(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tuple[int, float]:
     """Kubernetes' HPA on a utilisation metric: target 80 %, 10 % tolerance, 300 s
     stabilisation for scale-down. Utilisation is modelled as the per-worker efficiency."""
@@ -229,6 +260,7 @@ def hpa(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tuple
     return min(desired, fits), job.f
 
 
+@between_restarts
 def pollux(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tuple[int, float]:
     """Goodput-greedy (Pollux-like, energy-blind): take a free worker when it adds >= 5 %
     throughput, give one back when waiting jobs cannot start and it adds < 20 %."""
@@ -243,63 +275,65 @@ def pollux(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tu
 
 
 def joule(job: Job, now: float, cluster: ClusterView, rng: random.Random) -> tuple[int, float]:
-    """joule.policy.decide, unchanged, on noisy measurements. EnergyEfficient where the job
-    has a deadline to trade against, Throughput otherwise; caps and budgets always apply."""
-    s, kind = job.spec, job.spec.kind
-    thr = noisy(kind.throughput(job.n, job.f), rng)
-    watts = noisy(kind.watts(job.n, job.f), rng, 0.03)
-    job.history[job.n] = smooth(job.history.get(job.n), thr, watts)
-    job.limit_history[job.limit] = smooth(job.limit_history.get(job.limit), thr, watts)
-    spec = JobPolicySpec(
-        kind.min_workers,
-        kind.max_workers,
-        kind.gpus_per_worker,
-        Scaling(
-            policy=Policy.ENERGY_EFFICIENT if s.deadline else Policy.THROUGHPUT,
-            evaluation_interval_seconds=EVAL_SECONDS,
-            cooldown_seconds=600.0,
-        ),
-        Energy(
-            power_cap_watts=s.power_cap,
-            budget_joules=s.budget,
-            on_budget_exhausted=OnBudgetExhausted.WARN,
-            min_gpu_power_limit_watts=MIN_LIMIT_FRACTION * kind.gpu_watts,
-        ),
-        Target(
-            samples=kind.samples,
-            deadline=EPOCH + dt.timedelta(seconds=s.arrival + s.deadline) if s.deadline else None,
-        ),
+    """The operator's evaluation, on the simulated workers' counters: EnergyEfficient where
+    the job has a deadline to trade against, Throughput otherwise; caps and budgets always
+    apply. It runs mid-restart too, as the operator's does (accounting, cap and budget)."""
+    kind = job.spec.kind
+    if job.manifest is None:
+        job.manifest = TrainingJobSpec.parse(manifest(job.spec))
+    started = EPOCH.timestamp() + job.proc_start
+    readings = []
+    for i in range(job.n):  # one process per worker; pod w<i>, local rank 0
+        reading = TrainerReading(
+            rank=i, steps=1.0, samples=job.proc_samples / job.n, throughput=0.0, loss=None,
+            watts=None, joules=job.proc_joules / job.n, source="simulated", started=started,
+        )  # fmt: skip
+        readings.append((counter_key(f"w{i}", 0, reading), reading))
+    steady = now >= job.restart_until  # every worker ready and training at this size
+    result = evaluate(
+        job.manifest,
+        job.status,
+        readings,
+        cluster,
+        EPOCH + dt.timedelta(seconds=now),
+        job.n,
+        steady,
+        alive={f"w{i}" for i in range(job.n)},
     )
-    obs = Observations(
-        replicas=job.n,
-        throughput=job.history[job.n].throughput,
-        watts=job.history[job.n].watts,
-        consumed_joules=job.energy,
-        samples_done=job.done,
-        now=EPOCH + dt.timedelta(seconds=now),
-        history=dict(job.history),
-        restart_seconds=kind.restart_seconds,
-        last_scale_time=at(job.last_scale),
-        gpu_power_limit_watts=job.limit,
-        power_limit_time=at(job.limit_time),
-        limit_history=dict(job.limit_history),
-    )
-    d = decide(spec, obs, cluster)
-    if d.replicas != job.n:
-        job.limit_history = {}  # what a limit gives depends on the size
-    if d.gpu_power_limit_watts != job.limit:
-        job.limit, job.limit_time = d.gpu_power_limit_watts, now
-    return d.replicas, limit_fraction(kind, job.limit)
+    job.status = result.status
+    n = desired_replicas(job.manifest, job.status)
+    return n, limit_fraction(kind, power_limit(job.manifest, job.status))
 
 
-def smooth(old: SizeStats | None, throughput: float, watts: float) -> SizeStats:
-    if old is None:
-        return SizeStats(throughput, watts)
-    return SizeStats(0.5 * throughput + 0.5 * old.throughput, 0.5 * watts + 0.5 * old.watts)
-
-
-def at(seconds: float | None) -> dt.datetime | None:
-    return None if seconds is None else EPOCH + dt.timedelta(seconds=seconds)
+def manifest(s: JobSpec) -> dict[str, Any]:
+    """The TrainingJob spec a user would write for a simulated job."""
+    kind = s.kind
+    energy: dict[str, Any] = {"onBudgetExhausted": "Warn", "windowSeconds": int(WINDOW_SECONDS)}
+    if s.power_cap is not None or s.budget is not None or s.deadline:  # a reason to lower it
+        energy["minGpuPowerLimitWatts"] = math.ceil(MIN_LIMIT_FRACTION * kind.gpu_watts)
+    if s.power_cap is not None:
+        energy["powerCapWatts"] = int(s.power_cap)
+    if s.budget is not None:
+        energy["budget"] = s.budget
+    target: dict[str, Any] = {"samples": int(kind.samples)}
+    if s.deadline:
+        target["deadline"] = fmt_time(EPOCH + dt.timedelta(seconds=s.arrival + s.deadline))
+    return {
+        "image": "simulated",
+        # Start small and let the policy grow the job into free GPUs: a job that asks for
+        # its maximum waits for all of it (gang start), and one that got it in a busy
+        # cluster gives most of it back to the jobs that wait.
+        "replicas": kind.min_workers,
+        "gpusPerReplica": kind.gpus_per_worker,
+        "elastic": {"minReplicas": kind.min_workers, "maxReplicas": kind.max_workers},
+        "scaling": {
+            "policy": "EnergyEfficient" if s.deadline else "Throughput",
+            "evaluationIntervalSeconds": int(EVAL_SECONDS),
+            "cooldownSeconds": 600,
+        },
+        "energy": energy,
+        "target": target,
+    }
 
 
 def oracle_plan(s: JobSpec) -> tuple[int, float]:
@@ -333,7 +367,8 @@ def strategies() -> dict[str, tuple[Strategy, Callable[[JobSpec], tuple[int, flo
         "hpa": (hpa, lambda s: ((s.kind.min_workers + s.kind.max_workers) // 2, 1.0, True)),
         "pollux": (pollux, lambda s: (s.kind.max_workers, 1.0, True)),
         "static+powerlimit": (static_max, lambda s: (s.kind.max_workers, tuned, False)),
-        "joule": (joule, lambda s: (s.kind.max_workers, 1.0, True)),
+        # The operator starts a job at spec.replicas, all workers or none (gang start).
+        "joule": (joule, lambda s: (manifest(s)["replicas"], 1.0, False)),
         "oracle": (static_max, lambda s: (*oracle_plan(s), True)),
     }
 
