@@ -11,7 +11,7 @@ import yaml
 from joule.api import JobRef, TrainingJobSpec
 from joule.observe import Failure, PodView
 from joule.policy import ClusterView
-from joule.reconcile import decide, follow_user_scale
+from joule.reconcile import follow_user_scale, plan
 from joule.scaling import evaluate
 from joule.trainer_metrics import TrainerReading
 
@@ -54,12 +54,12 @@ def statuses() -> list[dict[str, Any]]:
     fixed = TrainingJobSpec.parse({"image": "x", "replicas": 2})
     managed = TrainingJobSpec.parse(managed_body())
     out = []
-    new = decide(JOB, fixed, {}, 1, [], T0).status
-    running = decide(JOB, fixed, new, 1, [pod(0), pod(1)], T0).status
+    new = plan(JOB, fixed, {}, 1, [], T0).status
+    running = plan(JOB, fixed, new, 1, [pod(0), pod(1)], T0).status
     oom = Failure("OOMKilled", "exited with code 137", 137)
-    failing = decide(JOB, fixed, running, 1, [pod(0), pod(1, "Failed", oom)], T0).status
-    completing = decide(JOB, fixed, running, 1, [pod(0, "Succeeded"), pod(1)], T0).status
-    done = decide(JOB, fixed, completing, 1, [pod(0, "Succeeded"), pod(1, "Succeeded")], T0)
+    failing = plan(JOB, fixed, running, 1, [pod(0), pod(1, "Failed", oom)], T0).status
+    completing = plan(JOB, fixed, running, 1, [pod(0, "Succeeded"), pod(1)], T0).status
+    done = plan(JOB, fixed, completing, 1, [pod(0, "Succeeded"), pod(1, "Succeeded")], T0)
     out += [new, running, failing, completing, done.status]
 
     st = dict(running)
@@ -69,7 +69,7 @@ def statuses() -> list[dict[str, Any]]:
                                                   "estimated")) for i in (0, 1)]  # fmt: skip
         now = T0 + dt.timedelta(seconds=t)
         st = evaluate(managed, st, readings, ClusterView(4, 0), now, 2, True).status
-        st = decide(JOB, managed, st, 1, [pod(0), pod(1)], now).status
+        st = plan(JOB, managed, st, 1, [pod(0), pod(1)], now).status
         out.append(st)
     follow_user_scale(TrainingJobSpec.parse({**managed_body(), "replicas": 1}), st, T0)
     out.append(st)

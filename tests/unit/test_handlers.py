@@ -4,7 +4,7 @@ import time
 
 from joule.config import OperatorConfig
 from joule.handlers import Scheduler
-from joule.kube import Outcome
+from joule.lifecycle import Outcome
 from joule.reconcile import Plan
 
 

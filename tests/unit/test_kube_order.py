@@ -14,7 +14,8 @@ import itertools
 import pytest
 from kubernetes.client.rest import ApiException
 
-from joule.kube import Reconciler
+from joule.kube import JobApi
+from joule.lifecycle import Reconciler
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -93,17 +94,16 @@ class FakeApi:
         self._call("patch")
 
 
-def reconciler(api: FakeApi) -> Reconciler:
-    r = Reconciler.__new__(Reconciler)
-    Reconciler.__init__(r, api_client_stub(), clock=lambda: T0)
-    r.core = r.custom = api
-    return r
-
-
-def api_client_stub():
+def job_api(api: FakeApi) -> JobApi:
     from kubernetes import client
 
-    return client.ApiClient()
+    edge = JobApi(client.ApiClient(), clock=lambda: T0)
+    edge.core = edge.custom = api
+    return edge
+
+
+def reconciler(api: FakeApi) -> Reconciler:
+    return Reconciler(job_api(api))
 
 
 def new_job(api: FakeApi, **spec) -> None:
@@ -160,3 +160,78 @@ def test_a_status_conflict_redoes_the_plan_without_posting_its_events_twice():
     reconciler(api).reconcile("ns", "j")
     assert api.events.count("CreatedWorkers") == 1
     assert sorted(api.pods) == ["j-worker-0", "j-worker-1"]
+
+
+def running_managed_job(api: FakeApi) -> None:
+    new_job(api, replicas=2, elastic={"minReplicas": 1, "maxReplicas": 2},
+            scaling={"policy": "Throughput", "evaluationIntervalSeconds": 30},
+            energy={"powerCapWatts": 10})  # fmt: skip
+    reconciler(api).reconcile("ns", "j")
+    for pod in api.pods.values():  # both workers run and are ready
+        pod["spec"]["nodeName"] = "n"
+        pod["status"] = {"phase": "Running", "podIP": "127.0.0.9",
+                         "conditions": [{"type": "Ready", "status": "True"}]}  # fmt: skip
+    reconciler(api).reconcile("ns", "j")
+    assert api.job["status"]["phase"] == "Running"
+
+
+def add_cluster_reads(api: FakeApi) -> None:
+    empty = type("L", (), {"items": []})
+    api.list_node = lambda **_: empty
+    api.list_pod_for_all_namespaces = lambda **_: empty
+
+
+def test_the_scaling_loop_writes_a_target_and_touches_no_pod(monkeypatch):
+    from joule.autoscaler import Autoscaler
+    from joule.scrape import Result
+    from joule.trainer_metrics import TrainerReading
+
+    api = FakeApi()
+    running_managed_job(api)
+    add_cluster_reads(api)
+    over = TrainerReading(0, 10, 100, 10.0, 1.0, 30.0, 3000.0, "estimated", started=1.0)
+
+    def read(targets, deadline):
+        return {t.key: Result(over) for t in targets}
+
+    monkeypatch.setattr("joule.autoscaler.scrape_all", read)
+    api.calls.clear()
+    scaler = Autoscaler(job_api(api))
+    after = scaler.evaluate("ns", "j")
+    assert after == 30  # due again in one evaluationIntervalSeconds
+    assert not {"create", "delete", "patch"} & set(api.calls)  # pods are the lifecycle's
+    energy = api.job["status"]["energy"]
+    assert energy["consumedJoules"] == 6000 and "lastDecision" in api.job["status"]
+    assert scaler.evaluate("ns", "j") == 30  # not due yet: nothing read, nothing written
+    assert api.calls.count("status") == 1
+
+
+def test_a_hung_worker_does_not_hold_the_jobs_lifecycle(monkeypatch):
+    import threading
+    import time
+
+    from joule.autoscaler import Autoscaler
+
+    api = FakeApi()
+    running_managed_job(api)
+    add_cluster_reads(api)
+    release = threading.Event()
+
+    def hung(targets, deadline):
+        release.wait(10)
+        return {}
+
+    monkeypatch.setattr("joule.autoscaler.scrape_all", hung)
+    scaler = Autoscaler(job_api(api))
+    evaluation = threading.Thread(target=scaler.evaluate, args=("ns", "j"))
+    evaluation.start()
+    try:
+        time.sleep(0.2)  # the evaluation now waits on the workers
+        api.pods.pop("j-worker-1")  # a worker is gone: the lifecycle must replace it now
+        began = time.monotonic()
+        reconciler(api).reconcile("ns", "j")
+        assert time.monotonic() - began < 1.0
+        assert "j-worker-1" in api.pods
+    finally:
+        release.set()
+        evaluation.join(10)

@@ -1,10 +1,10 @@
-"""decide(): from a job and its pods to a plan, rule by rule, with no cluster."""
+"""plan(): from a job and its pods to a plan, rule by rule, with no cluster."""
 
 import datetime as dt
 
 from joule.api import JobRef, TrainingJobSpec
 from joule.observe import Failure, PodView
-from joule.reconcile import decide, fmt_time
+from joule.reconcile import fmt_time, plan
 
 JOB = JobRef("j", "ns", "uid")
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -30,7 +30,7 @@ def pod(
 
 
 def run(s, pods, status=None, now=T0):
-    return decide(JOB, s, status or {}, 1, pods, now)
+    return plan(JOB, s, status or {}, 1, pods, now)
 
 
 def reasons(plan):

@@ -3,7 +3,10 @@
 Three triggers feed the same level-triggered ``Reconciler.reconcile``: watch events of a job
 (including the initial listing when the operator starts), events of its pods, and a resync
 thread that reconciles jobs whose startup timeout, deadline or TTL is due, or that have not
-been looked at for ``resync_seconds``.
+been looked at for ``resync_seconds``. The same thread runs the energy and scaling loop
+(``Autoscaler.evaluate``) for jobs whose evaluation is due, apart from their reconciles: a
+slow evaluation never delays a job's lifecycle, and its status write comes back as a watch
+event that the reconciler acts on.
 
 kopf's change handlers and timers are deliberately not used: change handlers retry a failed
 handler with backoff and hold every later change of the job behind it, and both they and
@@ -22,9 +25,10 @@ from typing import Any
 
 import kopf
 
+from joule.autoscaler import Autoscaler
 from joule.config import OperatorConfig
 from joule.constants import GROUP, LABEL_JOB, PLURAL, VERSION
-from joule.kube import Reconciler
+from joule.lifecycle import Reconciler
 
 log = logging.getLogger("joule.handlers")
 Key = tuple[str, str]
@@ -33,13 +37,18 @@ Key = tuple[str, str]
 class Scheduler:
     """Remembers the jobs the operator knows, when each is next due, and runs reconciles."""
 
-    def __init__(self, reconciler: Reconciler, config: OperatorConfig) -> None:
+    def __init__(
+        self, reconciler: Reconciler, config: OperatorConfig, autoscaler: Autoscaler | None = None
+    ) -> None:
         self.reconciler = reconciler
+        self.autoscaler = autoscaler
         self.config = config
         self.due: dict[Key, float] = {}
         self.seen: dict[Key, float] = {}
         self.known: set[Key] = set()
         self.inflight: set[Key] = set()
+        self.evaluation_due: dict[Key, float] = {}
+        self.evaluating: set[Key] = set()
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="resync")
@@ -64,14 +73,24 @@ class Scheduler:
                 self.due.pop(key, None)
             else:
                 self.due[key] = now + max(after, 0.0)
+            self._set_evaluation(key, outcome.evaluate_after, now)
+
+    def _set_evaluation(self, key: Key, after: float | None, now: float) -> None:
+        """Called with the lock held."""
+        if after is None:
+            self.evaluation_due.pop(key, None)
+        else:
+            self.evaluation_due[key] = now + max(after, 0.0)
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)
         with self.lock:
-            for table in (self.due, self.seen):
+            for table in (self.due, self.seen, self.evaluation_due):
                 table.pop(key, None)
             self.known.discard(key)
         self.reconciler.forget(namespace, name)
+        if self.autoscaler is not None:
+            self.autoscaler.forget(namespace, name)
 
     def _loop(self) -> None:
         while not self.stop.wait(self.config.tick_seconds):
@@ -85,8 +104,29 @@ class Scheduler:
                     )
                 ]  # fmt: skip
                 self.inflight.update(ready)
+                evaluate = [
+                    k for k, at in self.evaluation_due.items()
+                    if now >= at and k not in self.evaluating
+                ]  # fmt: skip
+                self.evaluating.update(evaluate)
             for key in ready:
                 self.pool.submit(self._resync, key)
+            for key in evaluate:
+                self.pool.submit(self._evaluate, key)
+
+    def _evaluate(self, key: Key) -> None:
+        after: float | None = None
+        try:
+            if self.autoscaler is not None:
+                after = self.autoscaler.evaluate(*key)
+        except Exception:  # retried after one evaluation interval
+            log.exception("evaluating %s/%s failed", *key)
+            after = 30.0
+        finally:
+            with self.lock:
+                self.evaluating.discard(key)
+                if key in self.known:
+                    self._set_evaluation(key, after, time.monotonic())
 
     def _resync(self, key: Key) -> None:
         try:
@@ -98,8 +138,10 @@ class Scheduler:
                 self.inflight.discard(key)
 
 
-def register(reconciler: Reconciler, config: OperatorConfig) -> Scheduler:
-    scheduler = Scheduler(reconciler, config)
+def register(
+    reconciler: Reconciler, config: OperatorConfig, autoscaler: Autoscaler | None = None
+) -> Scheduler:
+    scheduler = Scheduler(reconciler, config, autoscaler)
 
     @kopf.on.startup()
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -1,6 +1,6 @@
 """The heart of the operator: from the job and its observed pods to what to do. Pure.
 
-``decide`` is level-triggered: it looks only at the current spec, the last written status and
+``plan`` is level-triggered: it looks only at the current spec, the last written status and
 the pods that exist now, never at what happened in between. Running it twice in a row, or
 after an operator restart, plans nothing new: pods have deterministic names (a second create
 is refused by the API server) and failures are counted by pod UID (a failure already counted
@@ -60,7 +60,7 @@ def parse_time(s: str | None) -> dt.datetime | None:
     return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
-def decide(
+def plan(
     job: JobRef,
     spec: TrainingJobSpec,
     status: dict[str, Any],
@@ -69,12 +69,12 @@ def decide(
     now: dt.datetime,
 ) -> Plan:
     st = dict(status)
-    plan = Plan()
+    out = Plan()
     previous = Phase(st["phase"]) if st.get("phase") in Phase._value2member_map_ else None
 
     if previous is not None and previous.finished:
-        _finished(spec, st, pods, now, plan)
-        return _close(plan, st, job, spec, generation, pods, now)
+        _finished(spec, st, pods, now, out)
+        return _close(out, st, job, spec, generation, pods, now)
 
     budget_stop = bool((st.get("lastDecision") or {}).get("suspend"))
     if budget_stop and not _budget_still_stops(spec, st):
@@ -83,7 +83,7 @@ def decide(
         st["lastDecision"] = {**st["lastDecision"], "suspend": False}
         budget_stop = False
     if spec.suspend or budget_stop:
-        plan.delete = [p.name for p in pods if not p.terminating]
+        out.delete = [p.name for p in pods if not p.terminating]
         st.pop("attemptStartTime", None)
         st.setdefault("suspendedSince", fmt_time(now))
         if spec.suspend:
@@ -92,16 +92,16 @@ def decide(
             why = st["lastDecision"].get("message", "the energy budget is used up")
             _set_phase(st, Phase.SUSPENDED, "BudgetExhausted", f"{why}; workers deleted")
         if previous != Phase.SUSPENDED:
-            plan.events.append(
-                Event("Normal", "Suspended", f"suspended: deleting {len(plan.delete)} worker pods")
+            out.events.append(
+                Event("Normal", "Suspended", f"suspended: deleting {len(out.delete)} worker pods")
             )
-        return _close(plan, st, job, spec, generation, pods, now)
+        return _close(out, st, job, spec, generation, pods, now)
     since = parse_time(st.pop("suspendedSince", None))
     if since is not None:  # the deadline did not run while the job was suspended
         paused = float(st.get("suspendedSeconds", 0.0)) + (now - since).total_seconds()
         st["suspendedSeconds"] = round(paused, 3)
     if previous == Phase.SUSPENDED:
-        plan.events.append(Event("Normal", "Resumed", "resuming: recreating workers"))
+        out.events.append(Event("Normal", "Resumed", "resuming: recreating workers"))
 
     deadline = spec.active_deadline_seconds
     started = parse_time(st.get("startTime"))
@@ -115,11 +115,11 @@ def decide(
                 "DeadlineExceeded",
                 f"the job ran longer than activeDeadlineSeconds={deadline}",
                 now,
-                plan,
+                out,
             )
-            _finished(spec, st, pods, now, plan, also_running=True)
-            return _close(plan, st, job, spec, generation, pods, now)
-        plan.requeue_after = left
+            _finished(spec, st, pods, now, out, also_running=True)
+            return _close(out, st, job, spec, generation, pods, now)
+        out.requeue_after = left
 
     succeeded = [p for p in pods if p.phase == "Succeeded" and not p.terminating]
     if succeeded:
@@ -129,9 +129,9 @@ def decide(
         if not lingering:
             st.pop("completingSince", None)
             _finish(
-                st, Phase.SUCCEEDED, "Succeeded", f"{len(succeeded)} workers exited 0", now, plan
+                st, Phase.SUCCEEDED, "Succeeded", f"{len(succeeded)} workers exited 0", now, out
             )
-            _finished(spec, st, pods, now, plan)
+            _finished(spec, st, pods, now, out)
         else:
             since = parse_time(st.get("completingSince")) or now
             st["completingSince"] = fmt_time(since)
@@ -143,39 +143,39 @@ def decide(
                 f"{len(succeeded)} workers finished; waiting for the others to exit",
             )
             if waited >= COMPLETION_GRACE_SECONDS:
-                plan.delete = [p.name for p in lingering if not p.terminating]
+                out.delete = [p.name for p in lingering if not p.terminating]
                 names = ", ".join(p.name for p in lingering)
-                plan.events.append(
+                out.events.append(
                     Event("Warning", "CompletionTimeout",
                           f"training ended {waited:.0f}s ago and {names} did not exit: deleting")
                 )  # fmt: skip
             else:
-                plan.requeue_after = COMPLETION_GRACE_SECONDS - waited
-        return _close(plan, st, job, spec, generation, pods, now)
+                out.requeue_after = COMPLETION_GRACE_SECONDS - waited
+        return _close(out, st, job, spec, generation, pods, now)
 
-    if _count_failures(spec, st, pods, now, plan):
-        return _close(plan, st, job, spec, generation, pods, now)
+    if _count_failures(spec, st, pods, now, out):
+        return _close(out, st, job, spec, generation, pods, now)
 
     desired = desired_replicas(spec, st)
     present = {p.index for p in pods}
-    plan.create = [i for i in range(desired) if i not in present]
+    out.create = [i for i in range(desired) if i not in present]
     # Shrink from the highest index down, so worker 0 (the rendezvous host) stays.
     surplus = sorted(
         (p for p in pods if p.index >= desired and not p.terminating), key=lambda p: -p.index
     )
-    plan.delete += [p.name for p in surplus]
-    if plan.create and not st.get("attemptStartTime"):
+    out.delete += [p.name for p in surplus]
+    if out.create and not st.get("attemptStartTime"):
         st["attemptStartTime"] = fmt_time(now)
-    if plan.create and not st.get("startTime"):
+    if out.create and not st.get("startTime"):
         st["startTime"] = fmt_time(now)
         if deadline:
-            plan.requeue_after = float(deadline)
-    if plan.create:
-        names = ", ".join(str(i) for i in plan.create)
-        plan.events.append(Event("Normal", "CreatedWorkers", f"creating workers {names}"))
+            out.requeue_after = float(deadline)
+    if out.create:
+        names = ", ".join(str(i) for i in out.create)
+        out.events.append(Event("Normal", "CreatedWorkers", f"creating workers {names}"))
     if surplus:
         names = ", ".join(str(p.index) for p in surplus)
-        plan.events.append(
+        out.events.append(
             Event(
                 "Normal", "RemovedWorkers", f"scaling down to {desired}: removing workers {names}"
             )
@@ -191,14 +191,14 @@ def decide(
         st.pop("attemptStartTime", None)
         st.pop("podFailure", None)
         if previous != Phase.RUNNING:
-            plan.events.append(Event("Normal", "Running", f"all {desired} workers are running"))
+            out.events.append(Event("Normal", "Running", f"all {desired} workers are running"))
         _set_phase(st, Phase.RUNNING, "AllWorkersRunning", f"{desired} workers running")
     elif previous in (Phase.RUNNING, Phase.RESIZING) and (
-        surplus or plan.create or len(wanted) != desired or not all(p.ready for p in wanted)
+        surplus or out.create or len(wanted) != desired or not all(p.ready for p in wanted)
     ):
         msg = f"resizing to {desired} workers ({sum(p.ready for p in wanted)} running)"
         if previous != Phase.RESIZING:
-            plan.events.append(Event("Normal", "Resizing", msg))
+            out.events.append(Event("Normal", "Resizing", msg))
         reason = blocking.failure.reason if blocking and blocking.failure else "Resizing"
         refused = _refused(st)
         if refused and reason == "Resizing":
@@ -220,15 +220,15 @@ def decide(
                 f"growing to {desired} workers did not finish in startupTimeoutSeconds="
                 f"{spec.startup_timeout_seconds} ({why}): back to {back}",
             )
-            again = decide(job, spec, st, generation, pods, now)
+            again = plan(job, spec, st, generation, pods, now)
             again.events.insert(0, event)
             return again
         if left is not None:
-            plan.requeue_after = _min(plan.requeue_after, left)
+            out.requeue_after = _min(out.requeue_after, left)
         _set_phase(st, Phase.RESIZING, reason, msg)
     else:
-        _starting(spec, st, wanted, desired, blocking, now, plan)
-    return _close(plan, st, job, spec, generation, pods, now)
+        _starting(spec, st, wanted, desired, blocking, now, out)
+    return _close(out, st, job, spec, generation, pods, now)
 
 
 def _resize_time_left(
@@ -247,7 +247,7 @@ def rejection_status(
 ) -> dict[str, Any]:
     """The status after creating workers: a refusal is shown as ``podFailure``, the job's
     reason and a Stalled condition, with the API server's own message (it stays while the
-    creates keep failing: ``decide`` keeps it); a create that went through clears it."""
+    creates keep failing: ``plan`` keeps it); a create that went through clears it."""
     shown = (st.get("podFailure") or {}).get("reason") in REJECTED
     if rejected is None and not shown:
         return st

@@ -15,7 +15,9 @@ def run_operator(config: OperatorConfig) -> None:
     from prometheus_client import start_http_server
 
     from joule import handlers, metrics
-    from joule.kube import Reconciler
+    from joule.autoscaler import Autoscaler
+    from joule.kube import JobApi
+    from joule.lifecycle import Reconciler
 
     try:
         kube_config.load_incluster_config()
@@ -28,8 +30,8 @@ def run_operator(config: OperatorConfig) -> None:
     logging.getLogger("joule").setLevel(logging.INFO)
     # kopf logs every handler run at INFO; our reconcile logs what was decided instead.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    reconciler = Reconciler(client.ApiClient())
-    handlers.register(reconciler, config)
+    api = JobApi(client.ApiClient())
+    handlers.register(Reconciler(api), config, Autoscaler(api))
     metrics.register()
     if config.metrics_port:
         start_http_server(config.metrics_port, addr="0.0.0.0")

@@ -1,0 +1,127 @@
+"""The energy and scaling loop: reads a job's workers, accounts their energy, asks the policy,
+and writes the target (size, per-GPU power limit) to the job's status.
+
+It runs every ``evaluationIntervalSeconds`` for jobs with a scaling policy or an energy
+limit, apart from the lifecycle reconciler (``lifecycle``) and under a lock of its own, so a
+slow or hung worker costs this loop one scrape deadline and never holds the job's pods. It
+changes no pod: the status write it makes is a watch event, and the lifecycle reconciler then
+makes the pods match the new target.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from typing import Any
+
+from joule import metrics
+from joule.api.types import JobRef, SpecError, TrainingJobSpec
+from joule.constants import METRICS_PORT
+from joule.kube import Conflict, JobApi
+from joule.lifecycle import next_evaluation
+from joule.observe import PodView
+from joule.reconcile import Event, desired_replicas
+from joule.scaling import counter_key, evaluate
+from joule.scrape import Target, scrape_all
+
+log = logging.getLogger("joule.autoscaler")
+# One evaluation waits this long, in all, for the workers' /metrics.
+SCRAPE_DEADLINE_SECONDS = 5.0
+
+
+class Autoscaler:
+    """Evaluates one job at a time per job (a lock each), any number in parallel."""
+
+    def __init__(self, api: JobApi) -> None:
+        self.api = api
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._locks.pop((namespace, name), None)
+
+    def evaluate(self, namespace: str, name: str) -> float | None:
+        """Evaluate the job if it is due; returns the seconds until it is due again (None:
+        not while it stays as it is: no policy or limit, not running, or gone)."""
+        with self._guard:
+            lock = self._locks.setdefault((namespace, name), threading.Lock())
+        with lock:
+            for _ in range(2):  # a conflict: the lifecycle wrote meanwhile; once more, fresh
+                try:
+                    return self._evaluate_once(namespace, name)
+                except Conflict:
+                    metrics.RECONCILE_CONFLICTS.inc()
+            return 0.0
+
+    def _evaluate_once(self, namespace: str, name: str) -> float | None:
+        api = self.api
+        body = api.get_job(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        job = JobRef.from_body(body)
+        try:
+            spec = TrainingJobSpec.parse(body.get("spec") or {}, name=job.name)
+        except SpecError:
+            return None  # the lifecycle reconciler says why in status
+        status = body.get("status") or {}
+        now = api.clock()
+        due = next_evaluation(spec, status, now)
+        if due is None or due > 0:
+            return due
+        pods = api.pods(job)
+        new, events = self._assess(job, spec, status, pods, now)
+        api.write_status(body, new)
+        for event in events:
+            api.post_event(job, event)
+            metrics.DECISIONS.labels(reason=event.reason).inc()
+        return next_evaluation(spec, new, now)
+
+    def _assess(
+        self,
+        job: JobRef,
+        spec: TrainingJobSpec,
+        status: dict[str, Any],
+        pods: list[PodView],
+        now: dt.datetime,
+    ) -> tuple[dict[str, Any], list[Event]]:
+        """Read the workers' /metrics, account energy, ask the policy: the new status and
+        the Events that explain it (posted once it is stored)."""
+        # Every process that runs, including workers on their way out: a terminating pod's
+        # last reading still counts (it trains until SIGTERM and checkpoints after it).
+        targets, names, expected = [], {}, set()
+        for pod in pods:
+            if not pod.ip or pod.phase != "Running":
+                continue
+            for rank in range(spec.nproc_per_node):
+                targets.append(Target(f"{pod.uid}/{rank}", pod.ip, METRICS_PORT + rank))
+                names[targets[-1].key] = f"{pod.name} rank {rank}"
+                if pod.ready and pod.active:  # one on its way out may have stopped serving
+                    expected.add(targets[-1].key)
+        results = scrape_all(targets, SCRAPE_DEADLINE_SECONDS)
+        readings = []
+        for key, result in results.items():
+            if result.reading is not None:
+                uid, rank = key.split("/")
+                readings.append((counter_key(uid, int(rank), result.reading), result.reading))
+        running = sum(1 for p in pods if p.ready and p.active)
+        unread = sorted(
+            f"{names[k]}: {r.error}" for k, r in results.items() if r.error and k in expected
+        )
+        # A round that missed a worker says nothing about the job's rate at this size.
+        phase = status.get("phase")
+        steady = phase == "Running" and running == desired_replicas(spec, status) and not unread
+        cluster = self.api.capacity().view_for(
+            spec.gpus_per_replica, spec.pod.get("nodeSelector"), spec.pod.get("tolerations") or ()
+        )
+        result = evaluate(
+            spec, status, readings, cluster, now, running, steady, alive={p.uid for p in pods}
+        )
+        metrics.POLICY_DECISIONS.labels(reason=result.decision.reason).inc()
+        st = dict(result.status)
+        if unread:
+            st["metricsError"] = "; ".join(unread)[:1024]
+        else:
+            st.pop("metricsError", None)
+        return st, list(result.events)

@@ -1,0 +1,169 @@
+"""The lifecycle reconciler: makes a job's pods match its spec and the target in its status.
+
+It reads the job and its pods, asks ``reconcile.plan`` (pure) what to do, writes the status
+that explains it, then creates and deletes pods and posts Events, in that order. It never
+reads the workers' metrics or asks the scaling policy: the energy and scaling loop
+(``autoscaler``) does, and writes what it chose (``status.targetReplicas``, the per-GPU power
+limit) for this reconciler to act on, as KubeRay keeps its autoscaler apart from its cluster
+reconciler. A slow worker therefore never holds a job's lifecycle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from joule import metrics
+from joule.api.types import JobRef, SpecError, TrainingJobSpec
+from joule.constants import POWER_LIMIT_ANNOTATION
+from joule.kube import Conflict, JobApi
+from joule.reconcile import (
+    Event,
+    Plan,
+    follow_user_scale,
+    plan,
+    power_limit,
+    power_limit_patches,
+    rejection_status,
+)
+
+log = logging.getLogger("joule.reconcile")
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did, for the caller (and tests)."""
+
+    plan: Plan | None
+    status_written: bool
+    gone: bool = False  # the job no longer exists: forget it everywhere
+    # Seconds until the energy and scaling loop should next look at the job (None: never,
+    # as for a job without a policy or energy limit, or one that has finished).
+    evaluate_after: float | None = None
+
+
+class Reconciler:
+    """Reconciles TrainingJobs one at a time per job (a lock each), any number in parallel."""
+
+    def __init__(self, api: JobApi) -> None:
+        self.api = api
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._locks.pop((namespace, name), None)
+
+    def reconcile(self, namespace: str, name: str) -> Outcome:
+        with self.lock(namespace, name):
+            for _ in range(3):  # a status conflict means we decided on stale data: redo
+                started = time.monotonic()
+                try:
+                    return self._reconcile_once(namespace, name)
+                except Conflict:
+                    metrics.RECONCILE_CONFLICTS.inc()
+                    continue
+                finally:
+                    metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+            return Outcome(None, False)
+
+    def _reconcile_once(self, namespace: str, name: str) -> Outcome:
+        api = self.api
+        body = api.get_job(namespace, name)
+        if body is None:
+            self.forget(namespace, name)
+            metrics.JOBS.set(namespace, name, None)
+            return Outcome(None, False, gone=True)
+        if body["metadata"].get("deletionTimestamp"):
+            return Outcome(None, False)  # the garbage collector takes the children
+        job = JobRef.from_body(body)
+        stored = body.get("status") or {}
+        try:
+            spec = TrainingJobSpec.parse(body.get("spec") or {}, name=job.name)
+        except SpecError as exc:
+            return self._invalid(body, job, stored, str(exc))
+
+        pods = api.pods(job)
+        now = api.clock()
+        status = dict(stored)
+        scaled = follow_user_scale(spec, status, now)
+        generation = body["metadata"].get("generation", 1)
+        p = plan(job, spec, status, generation, pods, now)
+        if scaled is not None:
+            p.events.insert(0, scaled)
+        # Status first, then pods: the status says what is about to be done and why
+        # (startTime, a counted restart, the new target), so an operator killed in between,
+        # or a write refused with 409, loses nothing and makes the next reconcile redo the
+        # same plan. Events are posted once the plan's status is stored, so a redo after a
+        # conflict does not post them twice.
+        written = p.status != stored
+        if written:
+            body = api.write_status(body, p.status)
+        for pod in p.delete:
+            api.delete_pod(namespace, pod)
+        rejected = None
+        if p.create:
+            # Only when workers are being created: the service is needed from then on, and
+            # every other reconcile (pod events, resyncs) is spared a POST answered by 409.
+            rejected = api.ensure_service(job)
+        limit = power_limit(spec, p.status)
+        for index in p.create:
+            if rejected is not None:
+                break  # the next one would be refused for the same reason
+            rejected = api.create_pod(job, spec, index, limit)
+        for pod_name, value in power_limit_patches(spec, p.status, pods).items():
+            if pod_name not in p.delete:
+                api.annotate_pod(namespace, pod_name, POWER_LIMIT_ANNOTATION, value)
+        for event in p.events:
+            api.post_event(job, event)
+            metrics.DECISIONS.labels(reason=event.reason).inc()
+        after = rejection_status(p.status, rejected, now, generation)
+        if after != p.status:
+            p.status = after
+            if rejected is not None:
+                api.post_event(job, Event("Warning", rejected.reason, rejected.message))
+            try:
+                api.write_status(body, after)
+                written = True
+            except Conflict:
+                pass  # the next reconcile tries the create again and says so again
+        metrics.JOBS.set(namespace, name, p.status.get("phase"))
+        if p.delete_job:
+            log.info("deleting %s/%s: ttlSecondsAfterFinished is up", namespace, name)
+            api.delete_job(namespace, name)
+        return Outcome(p, written, evaluate_after=next_evaluation(spec, p.status, now))
+
+    def _invalid(
+        self, body: dict[str, Any], job: JobRef, status: dict[str, Any], message: str
+    ) -> Outcome:
+        """A spec the schema should have refused: say so in status, touch no pod."""
+        new = {
+            **status,
+            "phase": status.get("phase", "Pending"),
+            "reason": "InvalidSpec",
+            "message": message,
+        }
+        if new != status:
+            self.api.write_status(body, new)
+            self.api.post_event(job, Event("Warning", "InvalidSpec", message))
+        return Outcome(None, new != status)
+
+
+def next_evaluation(
+    spec: TrainingJobSpec, status: dict[str, Any], now: dt.datetime
+) -> float | None:
+    """Seconds until the energy and scaling loop is due for this job: every
+    evaluationIntervalSeconds while it runs, if it has a policy or an energy limit."""
+    if not spec.managed or status.get("phase") not in ("Running", "Resizing"):
+        return None
+    window = (status.get("energy") or {}).get("window") or [[0.0]]
+    due = window[-1][0] + spec.scaling.evaluation_interval_seconds
+    return max(due - now.timestamp(), 0.0)
