@@ -16,12 +16,13 @@ import threading
 from typing import Any
 
 from joule import metrics
+from joule.api.events import Event
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.constants import METRICS_PORT
 from joule.kube import Conflict, JobApi
 from joule.lifecycle import next_evaluation
 from joule.observe import PodView
-from joule.reconcile import Event, desired_replicas
+from joule.reconcile import desired_replicas
 from joule.scaling import counter_key, evaluate
 from joule.scrape import Target, scrape_all
 

@@ -23,13 +23,14 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from joule import metrics
+from joule.api.events import Event
 from joule.api.types import JobRef, TrainingJobSpec
 from joule.builders import worker_pod, worker_service
 from joule.builders.labels import selector_string
 from joule.capacity import Capacity, capacity
 from joule.constants import API_VERSION, COMPONENT, GROUP, KIND, PLURAL, VERSION
 from joule.observe import PodView, view
-from joule.reconcile import Event, Rejection
+from joule.reconcile import Rejection
 
 log = logging.getLogger("joule.kube")
 CLUSTER_VIEW_SECONDS = 5.0

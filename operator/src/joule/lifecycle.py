@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from joule import metrics
+from joule.api.events import Event
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.constants import POWER_LIMIT_ANNOTATION
 from joule.kube import Conflict, JobApi
 from joule.reconcile import (
-    Event,
     Plan,
     follow_user_scale,
     plan,

@@ -13,17 +13,11 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from joule.api.events import Event, fmt_time, parse_time
+from joule.api.scaling import OnBudgetExhausted
 from joule.api.types import CleanPodPolicy, JobRef, Phase, TrainingJobSpec
 from joule.builders.labels import selector_string
 from joule.observe import Failure, PodView
-from joule.policy.types import OnBudgetExhausted
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
 
 
 @dataclass
@@ -48,16 +42,6 @@ class Rejection:
 
 
 REJECTED = ("PodRejected", "ServiceRejected")
-
-
-def fmt_time(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(s: str | None) -> dt.datetime | None:
-    if not s:
-        return None
-    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
 def plan(

@@ -19,9 +19,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from joule.api.events import Event, fmt_time, parse_time
 from joule.api.types import TrainingJobSpec
 from joule.policy import ClusterView, Decision, Observations, SizeStats, decide
-from joule.reconcile import Event, fmt_time, parse_time
 from joule.trainer_metrics import TrainerReading
 
 MAX_WINDOW_POINTS = 64

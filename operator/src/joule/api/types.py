@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from joule.policy.types import (
+from joule.api.scaling import (
     Energy,
     JobPolicySpec,
     OnBudgetExhausted,

@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from joule.api.events import fmt_time
 from joule.api.types import TrainingJobSpec
 from joule.policy import ClusterView
-from joule.reconcile import desired_replicas, fmt_time, power_limit
+from joule.reconcile import desired_replicas, power_limit
 from joule.scaling import counter_key, evaluate
 from joule.sim.model import (
     IDLE_FRACTION,
