@@ -14,6 +14,7 @@ import itertools
 import pytest
 from kubernetes.client.rest import ApiException
 
+from joule.builders.bookkeeping import read_bookkeeping
 from joule.kube import JobApi
 from joule.lifecycle import Reconciler
 
@@ -32,6 +33,7 @@ class FakeApi:
         self.calls: list[str] = []
         self.crash_on: str | None = None
         self.conflicts = 0
+        self.configmap: dict | None = None
         self.rv = itertools.count(1)
         self.api_client = self  # sanitize_for_serialization: objects are plain dicts here
 
@@ -92,6 +94,26 @@ class FakeApi:
 
     def patch_namespaced_pod(self, name, ns, body, **_):
         self._call("patch")
+
+    def read_namespaced_config_map(self, name, ns, **_):
+        self._call("read-cm")
+        if self.configmap is None:
+            raise ApiException(status=404)
+        return copy.deepcopy(self.configmap)
+
+    def create_namespaced_config_map(self, ns, body, **_):
+        self._call("cm")
+        if self.configmap is not None:
+            raise ApiException(status=409)
+        self.configmap = {**copy.deepcopy(body), "metadata": {**body["metadata"],
+                          "resourceVersion": str(next(self.rv))}}  # fmt: skip
+
+    def replace_namespaced_config_map(self, name, ns, body, **_):
+        self._call("cm")
+        if body["metadata"]["resourceVersion"] != self.configmap["metadata"]["resourceVersion"]:
+            raise ApiException(status=409)
+        self.configmap = {**copy.deepcopy(body), "metadata": {**body["metadata"],
+                          "resourceVersion": str(next(self.rv))}}  # fmt: skip
 
 
 def job_api(api: FakeApi) -> JobApi:
@@ -202,8 +224,45 @@ def test_the_scaling_loop_writes_a_target_and_touches_no_pod(monkeypatch):
     assert not {"create", "delete", "patch"} & set(api.calls)  # pods are the lifecycle's
     energy = api.job["status"]["energy"]
     assert energy["consumedJoules"] == 6000 and "lastDecision" in api.job["status"]
+    # Per-worker counters are bookkeeping: in the job's ConfigMap, with the total, not status.
+    assert "counters" not in energy and "window" not in energy
+    kept = read_bookkeeping(api.configmap)
+    assert len(kept["counters"]) == 2 and kept["consumedJoules"] == 6000
+    assert api.configmap["metadata"]["ownerReferences"][0]["uid"] == "job-uid"
     assert scaler.evaluate("ns", "j") == 30  # not due yet: nothing read, nothing written
     assert api.calls.count("status") == 1
+
+
+def test_a_crash_between_the_bookkeeping_and_the_status_neither_loses_nor_doubles_a_joule(
+    monkeypatch,
+):
+    from joule.autoscaler import Autoscaler
+    from joule.scrape import Result
+    from joule.trainer_metrics import TrainerReading
+
+    api = FakeApi()
+    running_managed_job(api)
+    add_cluster_reads(api)
+    joules = {"now": 1000.0}
+
+    def read(targets, deadline):
+        r = TrainerReading(0, 10, 100, 10.0, 1.0, 30.0, joules["now"], "estimated", started=1.0)
+        return {t.key: Result(r) for t in targets}
+
+    monkeypatch.setattr("joule.autoscaler.scrape_all", read)
+    Autoscaler(job_api(api)).evaluate("ns", "j")  # 2 x 1000 J
+    joules["now"] = 1500.0
+    later = job_api(api)
+    later.clock = lambda: T0 + dt.timedelta(seconds=60)
+    api.crash_on = "status"  # dies right after writing the bookkeeping
+    with pytest.raises(Crash):
+        Autoscaler(later).evaluate("ns", "j")
+    assert api.job["status"]["energy"]["consumedJoules"] == 2000  # status: one round behind
+    joules["now"] = 1600.0
+    again = job_api(api)
+    again.clock = lambda: T0 + dt.timedelta(seconds=120)
+    Autoscaler(again).evaluate("ns", "j")
+    assert api.job["status"]["energy"]["consumedJoules"] == 3200  # 2 x 1600: exact
 
 
 def test_a_hung_worker_does_not_hold_the_jobs_lifecycle(monkeypatch):

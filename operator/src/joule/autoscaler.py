@@ -5,7 +5,8 @@ It runs every ``evaluationIntervalSeconds`` for jobs with a scaling policy or an
 limit, apart from the lifecycle reconciler (``lifecycle``) and under a lock of its own, so a
 slow or hung worker costs this loop one scrape deadline and never holds the job's pods. It
 changes no pod: the status write it makes is a watch event, and the lifecycle reconciler then
-makes the pods match the new target.
+makes the pods match the new target. Per-worker counters and measured rates are kept in a
+ConfigMap the job owns (``builders.bookkeeping``); status shows the totals.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from joule.kube import Conflict, JobApi
 from joule.lifecycle import next_evaluation
 from joule.observe import PodView
 from joule.reconcile import desired_replicas
-from joule.scaling import counter_key, evaluate
+from joule.scaling import counter_key, evaluate, merge_energy, split_energy
 from joule.scrape import Target, scrape_all
 
 log = logging.getLogger("joule.autoscaler")
@@ -72,7 +73,14 @@ class Autoscaler:
         if due is None or due > 0:
             return due
         pods = api.pods(job)
-        new, events = self._assess(job, spec, status, pods, now)
+        kept, version = api.bookkeeping(job)
+        merged = {**status, "energy": merge_energy(status.get("energy") or {}, kept)}
+        new, events = self._assess(job, spec, merged, pods, now)
+        shown, kept = split_energy(new.get("energy") or {})
+        new["energy"] = shown
+        # The bookkeeping first: it holds the counters with the joules they added, so a
+        # crash before the status write only leaves status one evaluation behind.
+        api.write_bookkeeping(job, kept, version)
         api.write_status(body, new)
         for event in events:
             api.post_event(job, event)

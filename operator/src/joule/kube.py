@@ -26,6 +26,11 @@ from joule import metrics
 from joule.api.events import Event
 from joule.api.types import JobRef, TrainingJobSpec
 from joule.builders import worker_pod, worker_service
+from joule.builders.bookkeeping import (
+    bookkeeping_configmap,
+    bookkeeping_name,
+    read_bookkeeping,
+)
 from joule.builders.labels import selector_string
 from joule.capacity import Capacity, capacity
 from joule.constants import API_VERSION, COMPONENT, GROUP, KIND, PLURAL, VERSION
@@ -99,6 +104,39 @@ class JobApi:
         # Only pods this job owns: a pod that merely carries the label (a namesake job's
         # leftover, a hand-made pod) is neither counted, nor deleted, nor scraped.
         return [v for v in views if v is not None and v.owner == job.uid]
+
+    def bookkeeping(self, job: JobRef) -> tuple[dict[str, Any], str | None]:
+        """The job's energy bookkeeping and its resourceVersion (None: not made yet)."""
+        try:
+            cm = self.core.read_namespaced_config_map(
+                bookkeeping_name(job), job.namespace, _request_timeout=API_TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return {}, None
+            raise
+        cm = self.core.api_client.sanitize_for_serialization(cm)
+        return read_bookkeeping(cm), cm["metadata"]["resourceVersion"]
+
+    def write_bookkeeping(
+        self, job: JobRef, state: dict[str, Any], resource_version: str | None
+    ) -> None:
+        """Create or replace it, guarded: written by someone else since it was read (or
+        created meanwhile): Conflict, and the evaluation starts again from a fresh read."""
+        body = bookkeeping_configmap(job, state, resource_version)
+        try:
+            if resource_version is None:
+                self.core.create_namespaced_config_map(
+                    job.namespace, body, _request_timeout=API_TIMEOUT
+                )
+            else:
+                self.core.replace_namespaced_config_map(
+                    bookkeeping_name(job), job.namespace, body, _request_timeout=API_TIMEOUT
+                )
+        except ApiException as exc:
+            if exc.status == 409:
+                raise Conflict() from exc
+            raise
 
     def ensure_service(self, job: JobRef) -> Rejection | None:
         try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from joule import metrics
-from joule.api.events import Event
+from joule.api.events import Event, parse_time
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.constants import POWER_LIMIT_ANNOTATION
 from joule.kube import Conflict, JobApi
@@ -164,6 +164,8 @@ def next_evaluation(
     evaluationIntervalSeconds while it runs, if it has a policy or an energy limit."""
     if not spec.managed or status.get("phase") not in ("Running", "Resizing"):
         return None
-    window = (status.get("energy") or {}).get("window") or [[0.0]]
-    due = window[-1][0] + spec.scaling.evaluation_interval_seconds
-    return max(due - now.timestamp(), 0.0)
+    last = parse_time((status.get("energy") or {}).get("evaluatedAt"))
+    if last is None:
+        return 0.0
+    due = last + dt.timedelta(seconds=spec.scaling.evaluation_interval_seconds)
+    return max((due - now).total_seconds(), 0.0)

@@ -29,6 +29,25 @@ HISTORY_SMOOTHING = 0.5  # weight of the newest interval in the per-size average
 DEFAULT_LIMIT = "default"  # status.energy.limitHistory's key for "no limit set"
 
 
+# status.energy keys that are the controller's bookkeeping: kept in the job's ConfigMap
+# (builders.bookkeeping), with the totals they add up to, and not in status.
+BOOKKEEPING = ("counters", "sampleCounters", "window", "history", "limitHistory", "measuredScale")
+TOTALS = ("consumedJoules", "samples")
+
+
+def merge_energy(shown: Mapping[str, Any], kept: Mapping[str, Any]) -> dict[str, Any]:
+    """status.energy and the bookkeeping as one record for ``evaluate``. The bookkeeping's
+    totals win: a counter and what it added are written together there."""
+    return {**shown, **kept}
+
+
+def split_energy(energy: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An evaluated record as (status.energy, the bookkeeping to keep)."""
+    kept = {k: v for k, v in energy.items() if k in BOOKKEEPING or k in TOTALS}
+    shown = {k: v for k, v in energy.items() if k not in BOOKKEEPING}
+    return shown, kept
+
+
 @dataclass(frozen=True)
 class Evaluation:
     status: dict[str, Any]  # the job's status with energy, targetReplicas, decision updated
@@ -104,6 +123,7 @@ def account(
     window = _thin([*window, [t, consumed, done]], MAX_WINDOW_POINTS)
     out: dict[str, Any] = {
         **energy,
+        "evaluatedAt": fmt_time(now),
         "consumedJoules": round(consumed, 3),
         "samples": done,
         "counters": joule_counters,
