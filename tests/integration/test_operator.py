@@ -7,6 +7,7 @@ status the way a kubelet would.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -343,3 +344,58 @@ def test_status_and_spec_stay_apart_for_gitops(kubectl, jobs, namespace):
 def test_examples_folder_is_valid_yaml():
     for path in Path(ROOT / "examples").rglob("*.yaml"):
         assert yaml.safe_load(path.read_text())["kind"] == "TrainingJob"
+
+
+def test_a_worker_deleted_by_a_scale_down_is_not_counted_as_a_failure(
+    kubectl, jobs, core, namespace
+):
+    """A real kubelet reports a deleted pod as Failed (exit 143 after SIGTERM) before it is
+    gone; kwok removes it at once. A finalizer holds the pod in Terminating here, so that the
+    operator sees what it sees on a real node."""
+    apply_job(kubectl, namespace, "sd", replicas=2, backoffLimit=0,
+              elastic={"minReplicas": 1, "maxReplicas": 2})  # fmt: skip
+    wait_phase(jobs, namespace, "sd", "Running")
+    hold = {"metadata": {"finalizers": ["joule.dev/test-hold"]}}
+    core.patch_namespaced_pod("sd-worker-1", namespace, hold)
+    kubectl("scale", "tj/sd", "-n", namespace, "--replicas=1")
+    wait_for(
+        lambda: core.read_namespaced_pod("sd-worker-1", namespace).metadata.deletion_timestamp,
+        what="worker 1 to be terminating",
+    )
+    finish_pod(core, namespace, "sd-worker-1", 143, reason="Error")  # SIGTERM, as kubelets do
+    time.sleep(3)  # the operator reconciles on that pod event
+    body = job(jobs, namespace, "sd")
+    assert body["status"]["phase"] == "Running"  # at its new size, not Failed
+    assert body["status"]["restarts"] == 0 and "podFailure" not in body["status"]
+    core.patch_namespaced_pod("sd-worker-1", namespace, {"metadata": {"finalizers": None}})
+    body = wait_phase(jobs, namespace, "sd", "Running")
+    assert body["status"]["restarts"] == 0
+    assert "WorkerFailed" not in events_of(core, namespace, "sd")
+
+
+def test_a_worker_the_api_server_refuses_shows_stalled_with_its_message(
+    kubectl, jobs, core, namespace
+):
+    quota = client.V1ResourceQuota(
+        metadata=client.V1ObjectMeta(name="no-pods"),
+        spec=client.V1ResourceQuotaSpec(hard={"pods": "0"}),
+    )
+    core.create_namespaced_resource_quota(namespace, quota)
+    wait_for(
+        lambda: core.read_namespaced_resource_quota("no-pods", namespace).status.hard or {},
+        what="the quota to be counted",
+    )
+    apply_job(kubectl, namespace, "refused", replicas=1)
+
+    def stalled():
+        st = job(jobs, namespace, "refused").get("status") or {}
+        cond = {c["type"]: c for c in st.get("conditions", [])}
+        return st if cond.get("Stalled", {}).get("status") == "True" else None
+
+    st = wait_for(stalled, what="a Stalled condition")
+    assert st["reason"] == "PodRejected"
+    assert "exceeded quota" in st["podFailure"]["message"]
+    assert "PodRejected" in events_of(core, namespace, "refused")
+    # Room at last: the refusal clears and the worker runs.
+    core.delete_namespaced_resource_quota("no-pods", namespace)
+    wait_phase(jobs, namespace, "refused", "Running", timeout=60)
