@@ -275,3 +275,17 @@ def test_the_average_power_spans_the_whole_window_however_many_evaluations_it_ho
     # The last hour: 20 min at 100 W and 40 min at 200 W.
     assert abs(e["averageWatts"] - (20 * 100 + 40 * 200) / 60) < 2
     assert len(e["window"]) <= 64
+
+
+def test_a_size_is_learned_only_from_intervals_steady_at_that_size_from_their_start():
+    # Workers starting: not yet serving /metrics, so this round read nothing.
+    e = account({}, [], at(0), 600, 1, False, alive={"a"})
+    # Serving now, 10 s after the last round, having trained 20 s: 100/s really.
+    e = account(e, [("a/0", reading(300, 2000))], at(10), 600, 1, True, alive={"a"})
+    assert "1" not in e["history"]  # the interval began mid-start: 200/s would be wrong
+    e = account(e, [("a/0", reading(450, 3000))], at(20), 600, 1, True, alive={"a"})
+    assert e["history"]["1"] == {"throughput": 100.0, "watts": 15.0}
+    # Resized to 2 between two rounds, both steady: the interval mixed the sizes.
+    two = [("a/0", reading(600, 4000)), ("b/0", reading(150, 1000))]
+    e = account(e, two, at(30), 600, 2, True, alive={"a", "b"})
+    assert "2" not in e["history"]

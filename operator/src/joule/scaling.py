@@ -120,7 +120,11 @@ def account(
     if older:  # keep one point at or before the window's start, so rates span all of it
         window.insert(0, older[-1])
     previous = window[-1] if window else None
-    window = _thin([*window, [t, consumed, done]], MAX_WINDOW_POINTS)
+    # The 4th value: the size the job ran steadily at when the point was taken (0: not
+    # steady). An interval teaches a size's rate only if it was steady at that size from
+    # its start: one that began while workers were still starting (their counters not yet
+    # readable) made a size look several times slower than it is.
+    window = _thin([*window, [t, consumed, done, replicas if steady else 0]], MAX_WINDOW_POINTS)
     out: dict[str, Any] = {
         **energy,
         "evaluatedAt": fmt_time(now),
@@ -136,7 +140,8 @@ def account(
     if t - first[0] > 0:
         out["averageWatts"] = round((consumed - first[1]) / (t - first[0]), 3)
     history = dict(energy.get("history", {}))
-    if steady and previous is not None and t - previous[0] > 0:
+    from_steady = previous is not None and len(previous) > 3 and previous[3] == replicas
+    if steady and from_steady and previous is not None and t - previous[0] > 0:
         interval = t - previous[0]
         thr = (done - previous[2]) / interval
         watts = (consumed - previous[1]) / interval
