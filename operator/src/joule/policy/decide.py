@@ -510,6 +510,6 @@ def _energy_efficient(
     restart_cost = obs.restart_seconds * stats[cur].watts
     must = cur not in eligible  # the deadline forces it
     if must or (gain >= spec.scaling.min_gain and saved > restart_cost):
-        why = f"{jps_best:.2f} J/sample at {best} workers vs {jps_cur:.2f} at {cur}{note}"
+        why = f"{jps_best:.3g} J/sample at {best} workers vs {jps_cur:.3g} at {cur}{note}"
         return Decision(best, "EnergyEfficient", why, **flags)
     return Decision(cur, "Steady", f"a resize to {best} would save too little", **flags)
