@@ -138,6 +138,21 @@ def test_a_size_that_misses_the_deadline_is_left_even_for_more_joules():
     assert d.replicas > 2 and d.reason == "EnergyEfficient"
 
 
+def test_a_lost_deadline_does_not_spend_a_budget_at_risk():
+    # No size does 1M samples in 100 s. 4 workers need 3 J/sample x 1M = 3 MJ of the 2.95 MJ
+    # left; 2 workers need 2.61 MJ, inside it with the 10 % margin. The budget is a limit,
+    # the lost deadline only a wish: the fastest size the budget pays for, not the fastest.
+    job = JobPolicySpec(
+        1, 8, 1, Scaling(policy=Policy.ENERGY_EFFICIENT), Energy(budget_joules=2_950_000.0),
+        Target(samples=1_000_000, deadline=NOW + dt.timedelta(seconds=100)),
+    )  # fmt: skip
+    d = decide(job, obs(), FREE)
+    assert d.budget_at_risk and (d.replicas, d.reason) == (2, "EnergyEfficient")
+    # With no budget the lost deadline still asks for the fastest size.
+    free = replace(job, energy=Energy())
+    assert decide(free, obs(), FREE).replicas == 8
+
+
 def test_a_resize_that_cannot_repay_its_restart_is_not_made():
     job = JobPolicySpec(1, 8, 1, Scaling(policy=Policy.THROUGHPUT), Energy(), Target(samples=2000))
     d = decide(job, obs(restart_seconds=60.0), FREE)  # 5 s of work left

@@ -285,7 +285,11 @@ def _decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Dec
         )
     if policy == Policy.ENERGY_EFFICIENT or at_risk:
         sizes_now = [cur] if limited and not at_risk else candidates
-        d = _energy_efficient(spec, obs, stats, sizes_now, cur, horizon, remaining_samples, flags)
+        # Sizes the remaining budget pays for (with the margin; the present one unless at risk).
+        payable = [n for n in sizes_now if n in affordable or (n == cur and not at_risk)]
+        d = _energy_efficient(
+            spec, obs, stats, sizes_now, payable, cur, horizon, remaining_samples, flags
+        )
         if d.replicas == cur and tuning:
             return _tune_limit(spec, obs, _needed_rate(spec, obs, remaining_samples), d)
         return d
@@ -475,6 +479,7 @@ def _energy_efficient(
     obs: Observations,
     stats: dict[int, SizeStats],
     candidates: list[int],
+    payable: list[int],
     cur: int,
     horizon: float,
     remaining_samples: float | None,
@@ -495,9 +500,13 @@ def _energy_efficient(
         meeting = [n for n in candidates if finishes(n, 1.0 if n == cur else 1 - DEADLINE_MARGIN)]
         if meeting:
             eligible = meeting
+        elif payable:
+            # A lost deadline is a wish, a budget a limit: the fastest size it pays for.
+            eligible = [max(payable, key=lambda n: stats[n].throughput)]
+            paid = "" if payable == candidates else " the budget pays for"
+            note = f" (the deadline cannot be met; fastest size{paid})"
         else:
-            eligible = [max(candidates, key=lambda n: stats[n].throughput)]
-            note = " (the deadline cannot be met; fastest size)"
+            note = " (the deadline cannot be met, nor the budget kept)"
     best = min(eligible, key=lambda n: (_joules_per_sample(stats[n]), n))
     if best == cur:
         return Decision(
