@@ -91,6 +91,28 @@ def test_growth_never_predicts_power_over_the_cap():
     assert d.replicas == 4
 
 
+def test_power_is_predicted_from_the_rate_measured_at_a_size_not_the_window_average():
+    # One worker has trained for an interval at 300 W, but the window's average still holds
+    # the restart's idle GPUs (150 W). Four workers would draw 1200 W, over the cap: growth
+    # stops at three, where predicting from the average would have gone to six.
+    measured = obs(n=1, thr=100.0, watts=150.0, history={1: SizeStats(100.0, 300.0)})
+    assert predict(measured, 4).watts == 1200.0
+    d = decide(spec(power_cap_watts=1000.0), measured, FREE)
+    assert (d.replicas, d.reason) == (3, "ScaleUp")
+    # Four workers measured at 1200 W are over a 1000 W cap before the window shows it.
+    grown = obs(watts=900.0, history={4: SizeStats(400.0, 1200.0)})
+    d = decide(spec(power_cap_watts=1000.0), grown, FREE)
+    assert (d.replicas, d.reason) == (3, "PowerCapExceeded")
+    assert "4 workers draw 1200.0 W, over the 1000 W cap" in d.message
+
+
+def test_growth_leaves_a_margin_under_the_cap():
+    # 5 workers are predicted at 1500 W: under the 1550 W cap, but within the noise of it
+    # (over 95 % of it), so a measurement there would soon take the worker away again.
+    assert decide(spec(power_cap_watts=1550.0), obs(), FREE).replicas == 4
+    assert decide(spec(power_cap_watts=1600.0), obs(), FREE).replicas == 5
+
+
 def test_budget_exhausted_does_what_the_spec_says():
     spent = replace(obs(), consumed_joules=1000.0)
     for action, replicas, suspend in (

@@ -39,7 +39,7 @@ from joule.policy.types import (
 DEFAULT_SCALING_EXPONENT = 0.8  # throughput ~ workers^0.8 until two sizes are measured
 NO_TARGET_HORIZON_SECONDS = 3600.0  # how far ahead gains count when no target is given
 LOW_UTILIZATION = 0.4  # below: input-bound, more workers would only wait
-CAP_TARGET = 0.95  # a lowered power limit aims at this fraction of the cap
+CAP_TARGET = 0.95  # a lowered power limit, and growth, aim at this fraction of the cap
 RAISE_BELOW = 0.8  # a lowered limit is raised again once power is under this fraction
 BINDING = 0.9  # GPUs drawing less than this fraction of their limit are not held by it
 LIMIT_REASONS = ("PowerLimitLowered", "PowerLimitRaised", "PowerLimitTuned")
@@ -60,10 +60,14 @@ def exponent(history: dict[int, SizeStats]) -> float:
 
 def predict(obs: Observations, n: int) -> SizeStats:
     """Throughput and power at ``n`` workers: measured where we have been, else scaled from
-    the nearest measured size (power per worker constant, throughput ~ n^alpha)."""
+    the nearest measured size (power per worker constant, throughput ~ n^alpha). The power at
+    the present size is its measured rate where there is one: the window's average mixes in
+    what ran before in the window (another size, the idle GPUs of a restart)."""
     history = dict(obs.history)
     if obs.replicas > 0 and obs.throughput > 0:
-        history[obs.replicas] = SizeStats(obs.throughput, obs.watts)
+        here = history.get(obs.replicas)
+        watts = here.watts if here is not None and here.watts > 0 else obs.watts
+        history[obs.replicas] = SizeStats(obs.throughput, watts)
     if n in history:
         return history[n]
     if not history:
@@ -223,6 +227,8 @@ def _decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Dec
             return lowered
         n = max([f for f in feasible if f < cur], default=lo)
         msg = f"average power {obs.watts:.1f} W over the {cap:.0f} W cap"
+        if obs.watts <= cap:  # the window has not caught up with what this size draws
+            msg = f"{cur} workers draw {stats[cur].watts:.1f} W, over the {cap:.0f} W cap"
         if n < cur:
             return Decision(
                 n, "PowerCapExceeded", f"{msg}: {cur} -> {n} workers", power_cap_exceeded=True
@@ -263,7 +269,10 @@ def _decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Dec
     affordable = [
         n for n in feasible if not need or need[n] <= (remaining_j or 0.0) * (1 - BUDGET_MARGIN)
     ]
-    candidates = [n for n in feasible if n <= cur or (n - cur <= room and n in affordable)]
+    # Growth stops short of the cap by the margin a lowered limit aims at: a size predicted
+    # just under it is measured over it as often as not, and shrinks again.
+    roomy = [n for n in affordable if cap is None or stats[n].watts <= cap * CAP_TARGET]
+    candidates = [n for n in feasible if n <= cur or (n - cur <= room and n in roomy)]
     horizon = (
         remaining_samples / stats[cur].throughput
         if remaining_samples is not None
