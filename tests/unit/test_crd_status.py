@@ -12,7 +12,7 @@ from joule.api import JobRef, TrainingJobSpec
 from joule.observe import Failure, PodView
 from joule.policy import ClusterView
 from joule.reconcile import follow_user_scale, plan
-from joule.scaling import evaluate
+from joule.scaling import evaluate, merge_energy, split_energy
 from joule.trainer_metrics import TrainerReading
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "joule.dev_trainingjobs.yaml"
@@ -64,13 +64,17 @@ def statuses() -> list[dict[str, Any]]:
 
     st = dict(running)
     follow_user_scale(managed, st, T0)
-    for t, joules in ((0, 0.0), (10, 300.0), (20, 600.0)):
+    kept: dict[str, Any] = {}  # the bookkeeping, kept in the job's ConfigMap, not status
+    for t, joules in ((0, 0.0), (30, 900.0), (60, 1800.0)):  # evaluationIntervalSeconds
         readings = [(f"uid-{i}/0", TrainerReading(i, 2, t * 50.0, 10.0, 2.0, 15.0, joules,
                                                   "estimated")) for i in (0, 1)]  # fmt: skip
         now = T0 + dt.timedelta(seconds=t)
-        st = evaluate(managed, st, readings, ClusterView(4, 0), now, 2, True).status
+        merged = {**st, "energy": merge_energy(st.get("energy", {}), kept)}
+        st = evaluate(managed, merged, readings, ClusterView(4, 0), now, 2, True).status
+        st["energy"], kept = split_energy(st["energy"])
         st = plan(JOB, managed, st, 1, [pod(0), pod(1)], now).status
         out.append(st)
+    assert "limitHistory" in kept  # the limit search ran, and kept its records aside
     follow_user_scale(TrainingJobSpec.parse({**managed_body(), "replicas": 1}), st, T0)
     out.append(st)
     return out
@@ -94,7 +98,7 @@ def test_every_status_field_the_operator_writes_survives_the_schema():
         seen |= {f"energy.{k}" for k in st.get("energy", {})}
     # The states above did write the fields this check is for.
     for field in ("completingSince", "specReplicas", "targetReplicas", "lastDecision",
-                  "podFailure", "energy.gpuPowerLimitWatts", "energy.limitHistory",
+                  "podFailure", "energy.gpuPowerLimitWatts", "energy.evaluatedAt",
                   "energy.budgetRemainingJoules"):  # fmt: skip
         assert field in seen, field
 

@@ -14,6 +14,7 @@ import itertools
 import pytest
 from kubernetes.client.rest import ApiException
 
+from joule.api.types import JobRef
 from joule.builders.bookkeeping import read_bookkeeping
 from joule.kube import JobApi
 from joule.lifecycle import Reconciler
@@ -294,3 +295,25 @@ def test_a_hung_worker_does_not_hold_the_jobs_lifecycle(monkeypatch):
     finally:
         release.set()
         evaluation.join(10)
+
+
+def test_a_namesake_jobs_energy_is_not_inherited(monkeypatch):
+    """Deleted and re-created under the same name before the garbage collector ran: the old
+    job's ConfigMap is still there, with its joules; none of them are the new job's."""
+    from joule.autoscaler import Autoscaler
+    from joule.builders.bookkeeping import bookkeeping_configmap
+    from joule.scrape import Result
+    from joule.trainer_metrics import TrainerReading
+
+    api = FakeApi()
+    running_managed_job(api)
+    add_cluster_reads(api)
+    old = bookkeeping_configmap(JobRef("j", "ns", "old-uid"), {"consumedJoules": 9e6})
+    api.configmap = {**old, "metadata": {**old["metadata"], "resourceVersion": "7"}}
+    r = TrainerReading(0, 10, 100, 10.0, 1.0, 30.0, 50.0, "estimated", started=1.0)
+    monkeypatch.setattr(
+        "joule.autoscaler.scrape_all", lambda targets, d: {t.key: Result(r) for t in targets}
+    )
+    Autoscaler(job_api(api)).evaluate("ns", "j")
+    assert api.job["status"]["energy"]["consumedJoules"] == 100  # 2 x 50 J, nothing inherited
+    assert api.configmap["metadata"]["ownerReferences"][0]["uid"] == "job-uid"

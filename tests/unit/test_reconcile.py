@@ -217,13 +217,14 @@ def test_kubectl_scale_on_a_managed_job_becomes_its_target_and_starts_the_cooldo
     # A GitOps tool re-applies the same manifest (replicas: 2): the policy's size stays.
     assert follow_user_scale(spec(**managed), st, T0) is None
     assert desired_replicas(spec(**managed), st) == 4
-    st["energy"] = {"consumedJoules": 5.0, "limitHistory": {"default": {}}}
     event = follow_user_scale(spec(**{**managed, "replicas": 1}), st, T0)  # kubectl scale
     assert event is not None and event.reason == "ScaledByUser"
     assert "4 -> 1 workers" in event.message
     assert desired_replicas(spec(**{**managed, "replicas": 1}), st) == 1
     assert st["lastScaleTime"] == fmt_time(T0)  # the policy's cooldown counts from here
-    assert st["energy"] == {"consumedJoules": 5.0}  # limits measured at 4 workers are moot
+    assert "growingSince" not in st  # a shrink cannot fail to finish
+    follow_user_scale(spec(**{**managed, "replicas": 3}), st, T0)
+    assert st["growingSince"] == fmt_time(T0)  # growth can: its clock starts
     assert follow_user_scale(spec(replicas=3), {"specReplicas": 2}, T0) is None  # unmanaged
 
 
@@ -329,7 +330,7 @@ def test_growth_that_cannot_finish_falls_back_to_the_size_reached_with_a_reason(
     s = spec(replicas=2, elastic={"minReplicas": 1, "maxReplicas": 4},
              scaling={"policy": "Throughput"}, startupTimeoutSeconds=120)  # fmt: skip
     st = {"phase": "Running", "targetReplicas": 4, "lastScaleTime": fmt_time(T0),
-          "specReplicas": 2}  # fmt: skip
+          "growingSince": fmt_time(T0), "specReplicas": 2}  # fmt: skip
     unschedulable = Failure("Unschedulable", "0/4 nodes are available: 4 Insufficient gpu")
     pods = [pod(0), pod(1), pod(2), pod(3, phase="Pending", scheduled=False, failure=unschedulable)]
     growing = run(s, pods, st, after(60))
@@ -342,7 +343,69 @@ def test_growth_that_cannot_finish_falls_back_to_the_size_reached_with_a_reason(
     event = next(e for e in late.events if e.reason == "ResizeTimeout")
     assert "Unschedulable" in event.message and "back to 3" in event.message
     assert late.status["lastScaleTime"] == fmt_time(after(120))  # the cooldown starts again
+    assert "growingSince" not in late.status
     # A Fixed job without limits is not the operator's to resize: it keeps waiting.
     fixed_spec = spec(replicas=4, startupTimeoutSeconds=120)
     fixed = run(fixed_spec, pods, {"phase": "Resizing"}, after(999))
     assert fixed.status["phase"] == "Resizing" and "ResizeTimeout" not in reasons(fixed)
+
+
+def test_a_worker_lost_long_after_the_last_resize_is_replaced_not_given_up():
+    """A failed or deleted worker of a job that last resized an hour ago is no growth: it is
+    replaced, and no healthy worker is deleted (the timeout measured from lastScaleTime once
+    shrank the job on every lost worker)."""
+    s = spec(replicas=4, elastic={"minReplicas": 1, "maxReplicas": 4}, backoffLimit=5,
+             scaling={"policy": "Throughput"}, startupTimeoutSeconds=120)  # fmt: skip
+    st = run(s, [pod(i) for i in range(4)], {"phase": "Running", "targetReplicas": 4,
+             "lastScaleTime": fmt_time(T0), "specReplicas": 4}, after(3600)).status  # fmt: skip
+    gone = run(s, [pod(0), pod(1), pod(3)], st, after(3601))
+    assert gone.create == [2] and gone.delete == []
+    assert gone.status["targetReplicas"] == 4 and "ResizeTimeout" not in reasons(gone)
+    oom = Failure("OOMKilled", "killed", 137)
+    failed = run(s, [pod(0), pod(1), pod(2, phase="Failed", failure=oom), pod(3)], st, after(3601))
+    assert failed.delete == ["j-worker-2"] and failed.status["restarts"] == 1
+    assert "WorkerFailed" in reasons(failed) and "ResizeTimeout" not in reasons(failed)
+
+
+def test_a_partly_refused_gang_keeps_one_status_instead_of_flapping():
+    from joule.reconcile import Rejection, rejection_status
+
+    s = spec(replicas=2)
+    refused = Rejection("worker 1", "PodRejected", "exceeded quota: pods=1")
+    # Worker 0 was created and scheduled; worker 1 is refused on every try.
+    first = run(s, [], {})
+    st = rejection_status(first.status, refused, T0, 1)
+    for i in range(3):
+        again = run(s, [pod(0, phase="Pending", ready=False)], st, after(10 * (i + 1)))
+        assert again.create == [1]
+        assert again.status["reason"] == "PodRejected"
+        after_create = rejection_status(again.status, refused, after(10 * (i + 1)), 1)
+        assert after_create == again.status  # nothing to write: no write, no new Event
+        st = after_create
+
+
+def test_energy_conditions_and_unread_workers_go_with_the_policy():
+    managed = {"energy": {"powerCapWatts": 10}}
+    st = {"phase": "Running", "metricsError": "j-worker-1 rank 0: refused",
+          "lastDecision": {"reason": "PowerCapExceeded", "overCap": True}}  # fmt: skip
+    capped = run(spec(**managed), [pod(0), pod(1)], st)
+    cond = {c["type"]: c["status"] for c in capped.status["conditions"]}
+    assert cond["PowerCapExceeded"] == "True" and cond["MetricsUnavailable"] == "True"
+    # The cap is removed: no policy runs any more, so nothing of it is left to go stale.
+    plain = run(spec(), [pod(0), pod(1)], capped.status)
+    types = {c["type"] for c in plain.status["conditions"]}
+    assert "PowerCapExceeded" not in types and "MetricsUnavailable" not in types
+    # Finished: nobody reads the workers.
+    done = run(spec(**managed), [pod(0, phase="Succeeded"), pod(1, phase="Succeeded")], st)
+    assert "metricsError" not in done.status
+
+
+def test_a_suspension_before_the_job_started_does_not_lengthen_its_deadline():
+    s = spec(activeDeadlineSeconds=600)
+    held = run(spec(activeDeadlineSeconds=600, suspend=True), [], {})
+    resumed = run(s, [], held.status, after(3600))
+    assert "suspendedSeconds" not in resumed.status
+    running = run(s, [pod(0), pod(1)], resumed.status, after(3600 + 599))
+    assert running.status["phase"] == "Running"
+    over = run(s, [pod(0), pod(1)], running.status, after(3600 + 600))
+    assert over.status["reason"] == "DeadlineExceeded"  # 600 s from its start, not 4200 s

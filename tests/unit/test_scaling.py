@@ -289,3 +289,28 @@ def test_a_size_is_learned_only_from_intervals_steady_at_that_size_from_their_st
     two = [("a/0", reading(600, 4000)), ("b/0", reading(150, 1000))]
     e = account(e, two, at(30), 600, 2, True, alive={"a", "b"})
     assert "2" not in e["history"]
+
+
+def test_a_retry_seconds_after_a_round_teaches_no_rate():
+    e = account({}, [("a/0", reading(0, 0))], at(0), 600, 1, True, interval=30)
+    e = account(e, [("a/0", reading(300, 3000))], at(30), 600, 1, True, interval=30)
+    assert e["history"]["1"]["throughput"] == 100.0
+    # A conflict made the loop read again 1 s later, during a burst: nothing learned from it.
+    e = account(e, [("a/0", reading(310, 3300))], at(31), 600, 1, True, interval=30)
+    assert e["history"]["1"]["throughput"] == 100.0
+
+
+def test_a_gap_in_evaluations_is_not_averaged_into_the_power_window():
+    e = account({}, [("a/0", reading(0))], at(0), 300, 1, True, interval=30)
+    # Two hours suspended; then 30 s at 100 W.
+    e = account(e, [], at(7200), 300, 1, False, interval=30)
+    assert "averageWatts" not in e  # one point after the gap: no average, not a diluted one
+    e = account(e, [("b/0", reading(3000))], at(7230), 300, 1, True, alive={"b"}, interval=30)
+    assert e["averageWatts"] == 100.0
+
+
+def test_an_earlier_operators_counter_key_counts_as_the_same_process():
+    # Keys without a start time were written before process_start_time_seconds was read.
+    e = {"counters": {"a/0": 1000.0}, "consumedJoules": 1000.0}
+    e = account(e, [("a/0@5.00", started(1010, 5.0))], at(0), 600, 1, True, alive={"a"})
+    assert e["consumedJoules"] == 1010  # +10, not +1010

@@ -28,6 +28,28 @@ def server():
 
         def do_GET(self):
             mode = self.behaviour["mode"]
+            if mode == "redirect":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+                return
+            if mode == "garbage":
+                self.wfile.write(b"SECRET-TOKEN not http at all\r\n\r\n")
+                return
+            if mode == "drip":
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(40):  # a byte every 0.1 s: 4 s for a 1 s deadline
+                    self.wfile.write(b"#")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+                return
+            if mode == "nan":
+                body = EXPOSITION.replace("} 42", "} NaN").encode()
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+                return
             if mode == "hang":
                 time.sleep(3)
             body = EXPOSITION.encode() if mode != "huge" else b"#" * (MAX_BYTES + 10)
@@ -84,3 +106,24 @@ def test_a_closed_port_is_an_error_that_says_why():
         port = s.getsockname()[1]
     out = scrape_all([Target("a/0", "127.0.0.1", port)], 2)
     assert out["a/0"].reading is None and "refused" in out["a/0"].error.lower()
+
+
+@pytest.mark.parametrize("mode", ["redirect", "garbage", "nan"])
+def test_a_worker_cannot_redirect_the_operator_break_the_round_or_leak_into_status(server, mode):
+    srv, behaviour = server
+    behaviour["mode"] = mode
+    out = scrape_all([Target("a/0", "127.0.0.1", srv.server_address[1])], 5)
+    result = out["a/0"]
+    assert result.reading is None and result.error
+    assert "169.254" not in result.error and "SECRET" not in result.error
+
+
+def test_a_worker_sending_a_byte_at_a_time_keeps_to_the_deadline(server):
+    srv, behaviour = server
+    behaviour["mode"] = "drip"
+    from joule.scrape import scrape
+
+    began = time.monotonic()
+    result = scrape("127.0.0.1", srv.server_address[1], time.monotonic() + 1.0)
+    assert result.reading is None and "deadline" in result.error
+    assert time.monotonic() - began < 1.8

@@ -19,6 +19,7 @@ from typing import Any
 from joule import metrics
 from joule.api.events import Event
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
+from joule.capacity import Capacity
 from joule.constants import METRICS_PORT
 from joule.kube import Conflict, JobApi
 from joule.lifecycle import next_evaluation
@@ -121,7 +122,12 @@ class Autoscaler:
         # A round that missed a worker says nothing about the job's rate at this size.
         phase = status.get("phase")
         steady = phase == "Running" and running == desired_replicas(spec, status) and not unread
-        cluster = self.api.capacity().view_for(
+        try:
+            room = self.api.capacity()
+        except Exception:  # the accounting must go on: without the cluster's view, no room
+            log.warning("could not read the cluster's free GPUs", exc_info=True)
+            room = Capacity((), waiting_gpus=0, total_gpus=0, jobs=0)
+        cluster = room.view_for(
             spec.gpus_per_replica, spec.pod.get("nodeSelector"), spec.pod.get("tolerations") or ()
         )
         result = evaluate(

@@ -52,6 +52,11 @@ class Scheduler:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="resync")
+        # Evaluations wait on workers (a scrape deadline each): their own threads, so that
+        # timers (startup timeout, deadline, TTL) never queue behind them.
+        self.evaluations = ThreadPoolExecutor(
+            max_workers=config.workers, thread_name_prefix="evaluate"
+        )
         self.thread = threading.Thread(target=self._loop, name="joule-resync", daemon=True)
 
     def run(self, namespace: str, name: str) -> None:
@@ -112,16 +117,16 @@ class Scheduler:
             for key in ready:
                 self.pool.submit(self._resync, key)
             for key in evaluate:
-                self.pool.submit(self._evaluate, key)
+                self.evaluations.submit(self._evaluate, key)
 
     def _evaluate(self, key: Key) -> None:
         after: float | None = None
         try:
             if self.autoscaler is not None:
                 after = self.autoscaler.evaluate(*key)
-        except Exception:  # retried after one evaluation interval
+        except Exception:  # retried after a while (the job's own interval is not known here)
             log.exception("evaluating %s/%s failed", *key)
-            after = 30.0
+            after = self.config.resync_seconds
         finally:
             with self.lock:
                 self.evaluating.discard(key)
@@ -155,6 +160,7 @@ def register(
     def shutdown(**_: Any) -> None:
         scheduler.stop.set()
         scheduler.pool.shutdown(wait=False, cancel_futures=True)
+        scheduler.evaluations.shutdown(wait=False, cancel_futures=True)
 
     @kopf.on.event(GROUP, VERSION, PLURAL)
     def job_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:

@@ -116,7 +116,13 @@ class JobApi:
                 return {}, None
             raise
         cm = self.core.api_client.sanitize_for_serialization(cm)
-        return read_bookkeeping(cm), cm["metadata"]["resourceVersion"]
+        version = cm["metadata"]["resourceVersion"]
+        owners = {o.get("uid") for o in cm["metadata"].get("ownerReferences") or []}
+        if job.uid not in owners:
+            # A namesake job's, not yet collected (deleted and re-created under the same
+            # name): none of its joules are this job's. The replace takes it over.
+            return {}, version
+        return read_bookkeeping(cm), version
 
     def write_bookkeeping(
         self, job: JobRef, state: dict[str, Any], resource_version: str | None

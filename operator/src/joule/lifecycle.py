@@ -128,13 +128,13 @@ class Reconciler:
         after = rejection_status(p.status, rejected, now, generation)
         if after != p.status:
             p.status = after
-            if rejected is not None:
-                api.post_event(job, Event("Warning", rejected.reason, rejected.message))
             try:
                 api.write_status(body, after)
                 written = True
             except Conflict:
-                pass  # the next reconcile tries the create again and says so again
+                rejected = None  # the next reconcile tries the create again and says so
+            if rejected is not None:  # once, when the refusal first shows in status
+                api.post_event(job, Event("Warning", rejected.reason, rejected.message))
         metrics.JOBS.set(namespace, name, p.status.get("phase"))
         if p.delete_job:
             log.info("deleting %s/%s: ttlSecondsAfterFinished is up", namespace, name)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from joule.api.events import Event, fmt_time, parse_time
+from joule.api.growth import mark_growth
 from joule.api.scaling import OnBudgetExhausted
 from joule.api.types import CleanPodPolicy, JobRef, Phase, TrainingJobSpec
 from joule.builders.labels import selector_string
@@ -64,7 +65,12 @@ def plan(
     if budget_stop and not _budget_still_stops(spec, st):
         # The budget was raised or removed (or no longer suspends): the stop is lifted here,
         # not by the policy, which no longer runs at all for a job left without limits.
-        st["lastDecision"] = {**st["lastDecision"], "suspend": False}
+        st["lastDecision"] = {
+            **st["lastDecision"],
+            "suspend": False,
+            "reason": "BudgetAvailable",
+            "message": "the energy budget was raised, removed or no longer suspends the job",
+        }
         budget_stop = False
     if spec.suspend or budget_stop:
         out.delete = [p.name for p in pods if not p.terminating]
@@ -81,9 +87,12 @@ def plan(
             )
         return _close(out, st, job, spec, generation, pods, now)
     since = parse_time(st.pop("suspendedSince", None))
-    if since is not None:  # the deadline did not run while the job was suspended
-        paused = float(st.get("suspendedSeconds", 0.0)) + (now - since).total_seconds()
-        st["suspendedSeconds"] = round(paused, 3)
+    started_at = parse_time(st.get("startTime"))
+    if since is not None and started_at is not None:
+        # The deadline did not run while the job was suspended (after it had started: a
+        # job suspended before its start has no clock running yet).
+        paused = (now - max(since, started_at)).total_seconds()
+        st["suspendedSeconds"] = round(float(st.get("suspendedSeconds", 0.0)) + paused, 3)
     if previous == Phase.SUSPENDED:
         out.events.append(Event("Normal", "Resumed", "resuming: recreating workers"))
 
@@ -137,6 +146,9 @@ def plan(
                 out.requeue_after = COMPLETION_GRACE_SECONDS - waited
         return _close(out, st, job, spec, generation, pods, now)
 
+    fallback = _fall_back_from_growth(spec, st, pods, now)
+    if fallback is not None:
+        out.events.append(fallback)
     if _count_failures(spec, st, pods, now, out):
         return _close(out, st, job, spec, generation, pods, now)
 
@@ -174,6 +186,7 @@ def plan(
     if all_running:
         st.pop("attemptStartTime", None)
         st.pop("podFailure", None)
+        st.pop("growingSince", None)
         if previous != Phase.RUNNING:
             out.events.append(Event("Normal", "Running", f"all {desired} workers are running"))
         _set_phase(st, Phase.RUNNING, "AllWorkersRunning", f"{desired} workers running")
@@ -185,28 +198,9 @@ def plan(
             out.events.append(Event("Normal", "Resizing", msg))
         reason = blocking.failure.reason if blocking and blocking.failure else "Resizing"
         refused = _refused(st)
-        if refused and reason == "Resizing":
+        if refused and len(wanted) < desired:  # a worker is still missing: still refused
             reason, msg = refused
-        ready = sum(p.ready for p in wanted)
-        left = _resize_time_left(spec, st, ready, desired, now)
-        if left is not None and left <= 0:
-            # Growth that cannot finish (no node fits, a refused pod): keep the size reached
-            # rather than hold the job Resizing for ever. The cooldown starts again now.
-            back = max(ready, spec.bounds[0])
-            st["targetReplicas"] = back
-            st["lastScaleTime"] = fmt_time(now)
-            if st.get("energy"):
-                st["energy"] = {k: v for k, v in st["energy"].items() if k != "limitHistory"}
-            why = f"{reason}: {msg}" if reason != "Resizing" else msg
-            event = Event(
-                "Warning",
-                "ResizeTimeout",
-                f"growing to {desired} workers did not finish in startupTimeoutSeconds="
-                f"{spec.startup_timeout_seconds} ({why}): back to {back}",
-            )
-            again = plan(job, spec, st, generation, pods, now)
-            again.events.insert(0, event)
-            return again
+        left = _growth_time_left(spec, st, now)
         if left is not None:
             out.requeue_after = _min(out.requeue_after, left)
         _set_phase(st, Phase.RESIZING, reason, msg)
@@ -215,15 +209,42 @@ def plan(
     return _close(out, st, job, spec, generation, pods, now)
 
 
-def _resize_time_left(
-    spec: TrainingJobSpec, st: dict[str, Any], ready: int, desired: int, now: dt.datetime
-) -> float | None:
-    """Seconds a managed job's growth has left to finish (startupTimeoutSeconds from the
-    scale decision); None when no such growth is under way."""
-    since = parse_time(st.get("lastScaleTime"))
-    if not spec.managed or since is None or ready >= desired:
+def _growth_time_left(spec: TrainingJobSpec, st: dict[str, Any], now: dt.datetime) -> float | None:
+    """Seconds a managed job's growth has left to finish: startupTimeoutSeconds from when
+    its target was raised above the workers running (status.growingSince, set where the
+    target is raised: the policy's decision, kubectl scale). None: no growth under way. A
+    worker replaced after a failure is no growth, and never times out here."""
+    since = parse_time(st.get("growingSince"))
+    if not spec.managed or since is None:
         return None
     return spec.startup_timeout_seconds - (now - since).total_seconds()
+
+
+def _fall_back_from_growth(
+    spec: TrainingJobSpec, st: dict[str, Any], pods: list[PodView], now: dt.datetime
+) -> Event | None:
+    """Growth that has not finished in time (no node fits, a refused pod) goes back to the
+    workers that run, rather than hold the job Resizing for ever; the cooldown starts again.
+    Updates st; returns the Event that says so."""
+    left = _growth_time_left(spec, st, now)
+    if left is None or left > 0:
+        return None
+    desired = desired_replicas(spec, st)
+    ready = sum(1 for p in pods if p.ready and p.active and p.index < desired)
+    back = max(ready, spec.bounds[0])
+    st.pop("growingSince")
+    if back >= desired:
+        return None  # nothing to give up: what is missing is a start, not growth
+    pending = next((p for p in pods if p.index < desired and p.active and p.failure), None)
+    why = f" ({pending.name}: {pending.failure.reason})" if pending and pending.failure else ""
+    st["targetReplicas"] = back
+    st["lastScaleTime"] = fmt_time(now)
+    return Event(
+        "Warning",
+        "ResizeTimeout",
+        f"growing to {desired} workers did not finish in startupTimeoutSeconds="
+        f"{spec.startup_timeout_seconds}{why}: back to {back}",
+    )
 
 
 def rejection_status(
@@ -295,8 +316,7 @@ def follow_user_scale(spec: TrainingJobSpec, st: dict[str, Any], now: dt.datetim
     before = desired_replicas(spec, st)
     st["targetReplicas"] = spec.replicas
     st["lastScaleTime"] = fmt_time(now)
-    if st.get("energy"):
-        st["energy"] = {k: v for k, v in st["energy"].items() if k != "limitHistory"}
+    mark_growth(st, before, spec.replicas, now)
     return Event(
         "Normal",
         "ScaledByUser",
@@ -364,8 +384,8 @@ def _starting(
         plan.requeue_after = _min(plan.requeue_after, left)
     scheduled = sum(p.scheduled for p in wanted)
     refused = _refused(st)
-    if scheduled == 0 and refused and reason is None:
-        _set_phase(st, Phase.PENDING, *refused)
+    if refused and len(wanted) < desired:  # a worker is still missing: still refused
+        _set_phase(st, Phase.PENDING if scheduled == 0 else Phase.STARTING, *refused)
     elif scheduled == 0:
         _set_phase(
             st, Phase.PENDING, reason or "WaitingForScheduling", f"0/{desired} workers scheduled"
@@ -504,6 +524,10 @@ def _close(
     st["gpus"] = sum(spec.gpus_per_replica for p in alive if p.scheduled)
     st["selector"] = selector_string(job)
     st.setdefault("restarts", 0)
+    if not spec.managed or st["phase"] not in (Phase.RUNNING, Phase.RESIZING):
+        st.pop("metricsError", None)  # nobody reads the workers now: nothing to report
+    if not spec.managed and not st.get("lastDecision", {}).get("suspend"):
+        st.pop("lastDecision", None)  # no policy or limit any more: its conditions go too
     st["conditions"] = conditions(st, generation, st.get("conditions", []), now)
     plan.status = st
     return plan

@@ -1,15 +1,16 @@
 """From the workers' /metrics to status.energy, a policy decision and its Events. Pure.
 
 Energy is accounted from each worker process's ``joule_trainer_energy_joules_total``
-counter (samples likewise), keyed in status by pod UID, local rank and the process's start
-time (``process_start_time_seconds``). A counter seen before adds its increase; a new
-process (a new key, or a counter that went down) adds its whole value. The last value of
-every pod that still exists is carried from round to round, so a pod missing from one
-scrape (a timeout, a round that read nothing) adds only its increase when it is read again.
-status.energy.consumedJoules therefore only grows, and an operator restart (status is
-re-read) loses or doubles nothing. Average power is the increase of consumed joules over
-the last ``windowSeconds``; the points kept for it are thinned, never cut, so the average
-always spans the whole window.
+counter (samples likewise), keyed by pod UID, local rank and the process's start time
+(``process_start_time_seconds``). A counter seen before adds its increase; a new process (a
+new key, or a counter that went down) adds its whole value. The last value of every pod
+that still exists is carried from round to round, so a pod missing from one scrape (a
+timeout, a round that read nothing) adds only its increase when it is read again. These
+records and the totals they add up to are one record, kept in the job's ConfigMap (see
+``BOOKKEEPING``; status shows the totals): the consumed joules only grow, and an operator
+restart (the record is re-read) loses or doubles nothing. Average power is the increase of
+consumed joules over the last ``windowSeconds``; the points kept for it are thinned, never
+cut, so the average spans the whole window (but not a gap in the evaluations).
 """
 
 from __future__ import annotations
@@ -20,18 +21,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from joule.api.events import Event, fmt_time, parse_time
+from joule.api.growth import mark_growth
 from joule.api.types import TrainingJobSpec
 from joule.policy import ClusterView, Decision, Observations, SizeStats, decide
 from joule.trainer_metrics import TrainerReading
 
 MAX_WINDOW_POINTS = 64
 HISTORY_SMOOTHING = 0.5  # weight of the newest interval in the per-size averages
-DEFAULT_LIMIT = "default"  # status.energy.limitHistory's key for "no limit set"
+DEFAULT_LIMIT = "default"  # limitHistory's key for "no limit set"
 
 
 # status.energy keys that are the controller's bookkeeping: kept in the job's ConfigMap
 # (builders.bookkeeping), with the totals they add up to, and not in status.
-BOOKKEEPING = ("counters", "sampleCounters", "window", "history", "limitHistory", "measuredScale")
+BOOKKEEPING = ("counters", "sampleCounters", "window", "history", "limitHistory", "limitHistoryAt")
 TOTALS = ("consumedJoules", "samples")
 
 
@@ -75,7 +77,8 @@ def _count(
     added = 0.0
     carried = {k: v for k, v in prev.items() if k.split("/", 1)[0] in alive}
     for key, value in now.items():
-        last = prev.get(key)
+        # A key without the start time is an earlier operator's record of the same process.
+        last = prev.get(key, prev.get(_stream(key)))
         added += value - last if last is not None and value >= last else value
         stream = _stream(key)
         for old in [k for k in carried if k != key and _stream(k) == stream]:
@@ -103,9 +106,12 @@ def account(
     replicas: int,
     steady: bool,
     alive: Collection[str] | None = None,
+    interval: float = 0.0,
 ) -> dict[str, Any]:
     """The new status.energy after reading the workers (counter_key, reading) at ``now``.
-    ``alive``: UIDs of the job's pods that exist now (default: those read)."""
+    ``alive``: UIDs of the job's pods that exist now (default: those read). ``interval``:
+    the evaluation interval: an interval much shorter (a retry) teaches no rate, and a gap
+    much longer (a suspension, an operator down) is no part of the power window."""
     if alive is None:
         alive = {key.split("/", 1)[0] for key, _ in readings}
     joules = {key: r.joules for key, r in readings}
@@ -117,7 +123,10 @@ def account(
     t = now.timestamp()
     window = [p for p in energy.get("window", []) if p[0] >= t - window_seconds]
     older = [p for p in energy.get("window", []) if p[0] < t - window_seconds]
-    if older:  # keep one point at or before the window's start, so rates span all of it
+    after_older = window[0][0] if window else t
+    if older and not (interval and after_older - older[-1][0] > 2 * interval):
+        # One point at or before the window's start, so rates span all of it; not one from
+        # before a gap in the evaluations, whose average would dilute the window's.
         window.insert(0, older[-1])
     previous = window[-1] if window else None
     # The 4th value: the size the job ran steadily at when the point was taken (0: not
@@ -139,9 +148,12 @@ def account(
     first = window[0]
     if t - first[0] > 0:
         out["averageWatts"] = round((consumed - first[1]) / (t - first[0]), 3)
+    else:
+        out.pop("averageWatts", None)  # one point: no average yet, rather than a stale one
     history = dict(energy.get("history", {}))
     from_steady = previous is not None and len(previous) > 3 and previous[3] == replicas
-    if steady and from_steady and previous is not None and t - previous[0] > 0:
+    long_enough = previous is not None and t - previous[0] >= max(interval / 2, 1e-9)
+    if steady and from_steady and previous is not None and long_enough:
         interval = t - previous[0]
         thr = (done - previous[2]) / interval
         watts = (consumed - previous[1]) / interval
@@ -150,10 +162,13 @@ def account(
         # The same interval, for the power limit in force all through it.
         set_at = parse_time(energy.get("gpuPowerLimitTime"))
         if thr > 0 and (set_at is None or previous[0] >= set_at.timestamp()):
-            tried = dict(energy.get("limitHistory", {}))
+            # What a limit gives depends on the size: rates learned at another size go.
+            same_size = energy.get("limitHistoryAt", replicas) == replicas
+            tried = dict(energy.get("limitHistory", {})) if same_size else {}
             key = limit_key(energy.get("gpuPowerLimitWatts"))
             tried[key] = _smoothed(tried.get(key), thr, watts)
             out["limitHistory"] = tried
+            out["limitHistoryAt"] = replicas
     out["history"] = history
     return out
 
@@ -188,8 +203,9 @@ def evaluate(
     """Account energy, ask the policy, and say what changed (status, Events)."""
     st = dict(status)
     energy = account(
-        st.get("energy", {}), readings, now, spec.energy.window_seconds, running, steady, alive
-    )
+        st.get("energy", {}), readings, now, spec.energy.window_seconds, running, steady, alive,
+        interval=spec.scaling.evaluation_interval_seconds,
+    )  # fmt: skip
     if spec.energy.budget_joules is not None:
         energy["budgetRemainingJoules"] = round(
             max(spec.energy.budget_joules - energy["consumedJoules"], 0.0), 3
@@ -206,7 +222,9 @@ def evaluate(
     # policy then only watches the budget, and keeps the size it is on the way to.
     obs = Observations(
         replicas=running if steady else current,
-        running=running,
+        # Workers running, where a raised target has not been reached yet; a worker being
+        # replaced is no growth (the target did not move), and reads as the same size.
+        running=running if running > current or st.get("growingSince") else None,
         throughput=rates["throughput"] if rates and steady else 0.0,
         watts=energy.get("averageWatts", 0.0),
         consumed_joules=energy["consumedJoules"],
@@ -221,6 +239,7 @@ def evaluate(
         limit_history={
             None if k == DEFAULT_LIMIT else float(k): _stats(h)
             for k, h in energy.get("limitHistory", {}).items()
+            if energy.get("limitHistoryAt", running) == running  # measured at this size
         },
     )
     decision = decide(spec.policy_spec(), obs, cluster)
@@ -234,8 +253,8 @@ def evaluate(
         energy["gpuPowerLimitTime"] = fmt_time(now)
         events.append(Event("Normal", decision.reason, decision.message))
     if decision.replicas != current and not decision.suspend:
-        energy.pop("limitHistory", None)  # what a limit gives depends on the size
         st["targetReplicas"] = decision.replicas
+        mark_growth(st, running, decision.replicas, now)
         st["lastScaleTime"] = fmt_time(now)
         events.append(
             Event(

@@ -6,12 +6,18 @@ process in turn, and never holds the job's reconcile. Responses larger than ``MA
 are refused (a worker's exposition is a few kB; a runaway one must not fill the operator's
 memory), and no proxy from the environment is used: workers are reached by pod IP, and an
 ``HTTP_PROXY`` set for the operator's outbound traffic would send these reads elsewhere.
+Redirects are not followed (a worker's image is the user's: it must not steer the operator
+to another address), and an error never quotes what a worker sent. Each read keeps to the
+deadline as a whole, not per socket operation, so a worker sending a byte at a time cannot
+hold one of the shared threads past it; a read still queued at the deadline is not started.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import http.client
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +25,15 @@ from dataclasses import dataclass
 from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
 
 MAX_BYTES = 1 << 20
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_POOL = cf.ThreadPoolExecutor(max_workers=16, thread_name_prefix="scrape")
+CHUNK = 64 * 1024
+_OPENER = urllib.request.OpenerDirector()  # plain HTTP: no proxy, no redirect
+for _handler in (
+    urllib.request.HTTPHandler(),
+    urllib.request.HTTPDefaultErrorHandler(),
+    urllib.request.HTTPErrorProcessor(),
+):
+    _OPENER.add_handler(_handler)
+_POOL = cf.ThreadPoolExecutor(max_workers=32, thread_name_prefix="scrape")
 
 
 @dataclass(frozen=True)
@@ -36,37 +49,55 @@ class Result:
     error: str | None = None  # why it could not be read; None when it answered
 
 
-def scrape(ip: str, port: int, timeout: float) -> Result:
-    """One process's /metrics."""
+def scrape(ip: str, port: int, end: float) -> Result:
+    """One process's /metrics, read by ``end`` (time.monotonic())."""
+    if time.monotonic() >= end:
+        return Result(None, "not read: the deadline passed while it waited its turn")
+    body = b""
     try:
+        timeout = max(end - time.monotonic(), 0.05)
         with _OPENER.open(f"http://{ip}:{port}/metrics", timeout=timeout) as response:
-            body = response.read(MAX_BYTES + 1)
-    except OSError as exc:
+            while len(body) <= MAX_BYTES:
+                if time.monotonic() >= end:
+                    return Result(None, "the response did not finish by the deadline")
+                chunk = response.read1(CHUNK)
+                if not chunk:
+                    break
+                body += chunk
+    except (OSError, http.client.HTTPException, ValueError) as exc:
         return Result(None, _why(exc))
     if len(body) > MAX_BYTES:
         return Result(None, f"response larger than {MAX_BYTES} bytes")
     try:
         return Result(parse_trainer_metrics(body.decode()))
     except (ValueError, UnicodeDecodeError) as exc:
-        return Result(None, f"unparseable /metrics: {exc}")
+        # The reason's kind only: the text may carry whatever the worker sent.
+        return Result(None, f"unparseable /metrics ({type(exc).__name__})")
 
 
 def scrape_all(targets: Sequence[Target], deadline: float) -> dict[str, Result]:
     """Every target's Result, read in parallel; those not done by ``deadline`` seconds from
     now are reported as timed out."""
     end = time.monotonic() + deadline
-    futures = {t.key: _POOL.submit(scrape, t.ip, t.port, deadline) for t in targets}
+    futures = {t.key: _POOL.submit(scrape, t.ip, t.port, end) for t in targets}
     cf.wait(futures.values(), timeout=max(end - time.monotonic(), 0.0))
     out: dict[str, Result] = {}
     for key, future in futures.items():
         if future.done():
-            out[key] = future.result()
+            try:
+                out[key] = future.result()
+            except Exception as exc:  # one worker's reply never fails the whole evaluation
+                out[key] = Result(None, f"unreadable ({type(exc).__name__})")
         else:
             future.cancel()
             out[key] = Result(None, f"no answer within {deadline:g}s")
     return out
 
 
-def _why(exc: OSError) -> str:
+def _why(exc: Exception) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"  # not its body, nor where a redirect pointed
+    if isinstance(exc, http.client.HTTPException):
+        return f"bad HTTP response ({type(exc).__name__})"
     reason = getattr(exc, "reason", None)
     return str(reason or exc) or type(exc).__name__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,6 +39,12 @@ def parse_trainer_metrics(text: str) -> TrainerReading | None:
                 labels.setdefault("rank", sample.labels.get("rank", "0"))
     if "joule_trainer_steps_total" not in values:
         return None
+    for name in ("joule_trainer_samples_total", "joule_trainer_energy_joules_total"):
+        value = values.get(name, 0.0)
+        # Counters the operator adds up: one NaN, infinite or negative value would spoil
+        # the job's total for good.
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} is not a finite, non-negative counter")
     return TrainerReading(
         rank=int(labels.get("rank", "0")),
         steps=values["joule_trainer_steps_total"],

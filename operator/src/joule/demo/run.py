@@ -293,7 +293,10 @@ class Demo:
             url = f"http://{ip}:{METRICS_PORT}/metrics"
             endpoints.append(f"{pod.metadata.name:<9.30} {url}")
             text = scrape(url)
-            reading = parse_trainer_metrics(text) if text else None
+            try:
+                reading = parse_trainer_metrics(text) if text else None
+            except ValueError:  # a worker's odd /metrics is not worth stopping the view for
+                reading = None
             if reading:
                 by_job.setdefault(pod.metadata.labels[LABEL_JOB], []).append(reading)
         return by_job, endpoints
