@@ -181,6 +181,23 @@ def test_a_resize_that_cannot_repay_its_restart_is_not_made():
     assert (d.replicas, d.reason) == (4, "Steady")
 
 
+def test_growth_must_save_a_job_with_a_target_more_than_its_restart():
+    def job(samples: float) -> JobPolicySpec:
+        return JobPolicySpec(
+            1, 8, 1, Scaling(policy=Policy.THROUGHPUT), Energy(), Target(samples=samples)
+        )
+
+    # 2M samples left at 400/s: 5000 s. 8 workers (~696/s) would save ~2100 s, 35 minutes:
+    # far more than a restart, less than the 90 minutes a resize must save.
+    d = decide(job(2_000_000), obs(), FREE)
+    assert (d.replicas, d.reason) == (4, "Steady")
+    assert "would save 35 min of the 83 min left, under the 90 min" in d.message
+    # 20M samples: ~350 minutes saved.
+    assert decide(job(20_000_000), obs(), FREE).replicas == 8
+    # Without a target the end is unknown: only the restart is to be repaid.
+    assert decide(spec(), obs(), FREE).replicas == 8
+
+
 def test_a_cap_breach_lowers_the_gpu_power_limit_before_the_workers():
     job = spec(power_cap_watts=1000.0, min_gpu_power_limit_watts=200.0)
     d = decide(job, obs(), FREE)  # 4 GPUs at 300 W each = 1200 W

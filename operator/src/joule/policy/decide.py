@@ -17,6 +17,10 @@ Order of concerns, first match wins:
 A resize is made only when its predicted gain over the remaining work exceeds what a restart
 costs (restart_seconds, measured per job). Growing needs a gain of min_gain, shrinking back a
 gain of under min_gain / 2: the band between the two keeps noise from flipping decisions.
+Throughput growth of a job with a target must also save it MIN_SAVING_SECONDS (90 minutes): a
+resize restarts every worker and in a shared cluster is often undone soon after (its GPUs go
+back to waiting jobs), so small savings (near a job's end, or of a short job) are not worth
+the resizes they cost. Without a target the end is unknown, and only the restart counts.
 Growth into GPUs of a busy cluster (one where jobs waited recently) must pay back two
 restarts (there and back) within the time the cluster has been quiet so far.
 """
@@ -38,6 +42,8 @@ from joule.policy.types import (
 
 DEFAULT_SCALING_EXPONENT = 0.8  # throughput ~ workers^0.8 until two sizes are measured
 NO_TARGET_HORIZON_SECONDS = 3600.0  # how far ahead gains count when no target is given
+# Growth of a job with a target must save it at least this much time (besides its restart).
+MIN_SAVING_SECONDS = 5400.0
 LOW_UTILIZATION = 0.4  # below: input-bound, more workers would only wait
 CAP_TARGET = 0.95  # a lowered power limit, and growth, aim at this fraction of the cap
 RAISE_BELOW = 0.8  # a lowered limit is raised again once power is under this fraction
@@ -387,12 +393,9 @@ def limit_below(floor: float, watts: float) -> float | None:
     return round(floor * (1 + LIMIT_STEP) ** max(k, 0), 1)
 
 
-def _worth_restart_time(
-    stats: dict[int, SizeStats], cur: int, n: int, horizon: float, restart: float
-) -> bool:
-    """Does finishing the horizon's samples at ``n`` save more time than a restart costs?"""
-    work = horizon * stats[cur].throughput
-    return work / stats[cur].throughput - work / stats[n].throughput > restart
+def _time_saved(stats: dict[int, SizeStats], cur: int, n: int, horizon: float) -> float:
+    """Seconds saved by doing the horizon's samples at ``n`` workers instead of ``cur``."""
+    return horizon * (1 - stats[cur].throughput / stats[n].throughput)
 
 
 def _worth_while_quiet(
@@ -473,7 +476,17 @@ def _throughput(
                 f"two {restart:.0f}s restarts in that time",
                 **flags,
             )
-        if _worth_restart_time(stats, cur, nxt, horizon, restart):
+        saved = _time_saved(stats, cur, nxt, horizon)
+        if spec.target.samples is not None and restart < saved < MIN_SAVING_SECONDS:
+            return Decision(
+                cur,
+                "Steady",
+                f"GPUs free, but +{gain:.1%} would save {saved / 60:.0f} min of the "
+                f"{horizon / 60:.0f} min left, under the {MIN_SAVING_SECONDS / 60:.0f} min "
+                "a resize must save",
+                **flags,
+            )
+        if saved > restart:
             return Decision(
                 nxt,
                 "ScaleUp",
