@@ -135,6 +135,21 @@ def test_a_budget_at_risk_moves_to_the_fewest_joules_per_sample():
     assert d.budget_at_risk and d.replicas < 4 and d.reason == "EnergyEfficient"
 
 
+def test_a_budget_at_risk_does_not_wait_for_the_cooldown():
+    # A growth predicted affordable turned out hungrier than predicted: the budget will not
+    # last at this size. Waiting out the cooldown would spend it; the move is made at once.
+    job = JobPolicySpec(
+        1, 8, 1, Scaling(policy=Policy.THROUGHPUT, cooldown_seconds=600.0),
+        Energy(budget_joules=2_000_000.0), Target(samples=1_000_000),
+    )  # fmt: skip
+    recent = obs(last_scale_time=NOW - dt.timedelta(seconds=60))
+    d = decide(job, recent, FREE)
+    assert d.budget_at_risk and d.replicas < 4 and d.reason == "EnergyEfficient"
+    # A budget that lasts waits as before.
+    safe = replace(job, energy=Energy(budget_joules=4_000_000.0))
+    assert decide(safe, recent, FREE).reason == "Cooldown"
+
+
 def test_energy_efficient_meets_the_deadline_with_the_fewest_joules():
     def job(seconds: float) -> JobPolicySpec:
         return JobPolicySpec(

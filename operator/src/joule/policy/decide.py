@@ -7,7 +7,8 @@ Order of concerns, first match wins:
    exceeds it are never chosen. A measured breach first lowers the per-GPU power limit (where
    the spec allows: minGpuPowerLimitWatts), which costs no restart; at that floor it shrinks
    the job at once (no cooldown). Once the job is well under the cap the limit goes back up.
-3. Cooldown: no other resize within cooldownSeconds of the last one.
+3. Cooldown: no other resize within cooldownSeconds of the last one, unless the budget is at
+   risk (a size that spends it is left at once, as one over the cap is).
 4. The policy: Throughput (grow while another worker adds throughput, GPUs are free and the
    job is not input-bound; shrink when the last worker adds little, GPUs are idle or other
    jobs wait) or EnergyEfficient (the size with the fewest joules per sample that meets the
@@ -261,8 +262,8 @@ def _decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Dec
     if policy == Policy.FIXED and not at_risk:
         return keep("Fixed", "scaling policy is Fixed", **flags)
 
-    # 3. Cooldown.
-    if obs.last_scale_time is not None:
+    # 3. Cooldown. A budget at risk does not wait: a size that spends it is left at once.
+    if obs.last_scale_time is not None and not at_risk:
         since = (obs.now - obs.last_scale_time).total_seconds()
         if since < spec.scaling.cooldown_seconds:
             return keep("Cooldown", f"last resize {since:.0f}s ago", **flags)
