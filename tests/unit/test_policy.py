@@ -465,3 +465,28 @@ def test_the_cap_holds_during_a_resize_too():
     # Under the cap, mid-resize is as before: nothing measured, nothing moves.
     d = decide(capped, obs(n=6, thr=0.0, watts=900.0, running=4), FREE)
     assert (d.replicas, d.reason) == (6, "NoMeasurement")
+
+
+def test_a_limit_as_low_as_the_cap_asks_gets_a_second_window_before_a_worker_goes():
+    """Just over the cap a window after the limit was set, GPUs keeping to it: the average is
+    catching up; removing a worker would cost a restart for nothing. Two windows on, the
+    workers go."""
+    job = spec(power_cap_watts=1000.0, min_gpu_power_limit_watts=100.0, window_seconds=300.0)
+    set_at = NOW - dt.timedelta(seconds=400)
+    # 4 GPUs at 255 W under a 237.5 W limit (95 % of the cap, split four ways): 7 % over it.
+    near = obs(watts=1020.0, gpu_power_limit_watts=237.5, power_limit_time=set_at)
+    d = decide(job, near, FREE)
+    assert (d.replicas, d.reason, d.gpu_power_limit_watts) == (4, "PowerCapExceeded", 237.5)
+    later = replace(near, power_limit_time=NOW - dt.timedelta(seconds=700))
+    assert decide(job, later, FREE).replicas == 3
+
+
+def test_under_a_lowered_limit_a_size_is_not_shrunk_for_what_it_drew_before_the_limit():
+    """Found on real trainers: the limit brought the average under the cap, but the rate
+    measured at this size before the limit (over the cap) made the policy shrink anyway."""
+    job = spec(power_cap_watts=1000.0, min_gpu_power_limit_watts=100.0)
+    before_limit = {4: SizeStats(400.0, 1200.0)}
+    under = obs(watts=950.0, history=before_limit, gpu_power_limit_watts=237.5,
+                power_limit_time=NOW - dt.timedelta(hours=1))  # fmt: skip
+    d = decide(job, under, FREE)
+    assert d.replicas == 4 and d.reason != "PowerCapExceeded"

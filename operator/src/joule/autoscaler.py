@@ -24,7 +24,7 @@ from joule.constants import METRICS_PORT
 from joule.kube import Conflict, JobApi
 from joule.lifecycle import next_evaluation
 from joule.observe import PodView
-from joule.reconcile import desired_replicas
+from joule.reconcile import conditions, desired_replicas
 from joule.scaling import counter_key, evaluate, merge_energy, split_energy
 from joule.scrape import Target, scrape_all
 
@@ -76,7 +76,8 @@ class Autoscaler:
         pods = api.pods(job)
         kept, version = api.bookkeeping(job)
         merged = {**status, "energy": merge_energy(status.get("energy") or {}, kept)}
-        new, events = self._assess(job, spec, merged, pods, now)
+        generation = body["metadata"].get("generation", 1)
+        new, events = self._assess(job, spec, merged, pods, now, generation)
         shown, kept = split_energy(new.get("energy") or {})
         new["energy"] = shown
         # The bookkeeping first: it holds the counters with the joules they added, so a
@@ -95,6 +96,7 @@ class Autoscaler:
         status: dict[str, Any],
         pods: list[PodView],
         now: dt.datetime,
+        generation: int,
     ) -> tuple[dict[str, Any], list[Event]]:
         """Read the workers' /metrics, account energy, ask the policy: the new status and
         the Events that explain it (posted once it is stored)."""
@@ -139,4 +141,7 @@ class Autoscaler:
             st["metricsError"] = "; ".join(unread)[:1024]
         else:
             st.pop("metricsError", None)
+        # The conditions that follow from this decision, in the same write: a reader never
+        # sees a decision over the cap with a PowerCapExceeded condition still False.
+        st["conditions"] = conditions(st, generation, st.get("conditions", []), now)
         return st, list(result.events)

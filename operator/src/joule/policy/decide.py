@@ -159,6 +159,18 @@ def _over_cap_unmeasured(spec: JobPolicySpec, obs: Observations, cap: float, cur
                     power_cap_exceeded=True)  # fmt: skip
 
 
+def _limit_settling(spec: JobPolicySpec, obs: Observations) -> bool:
+    """A limit already as low as the cap asks, which the GPUs keep to within 10 %, set less
+    than two windows ago: the average is catching up, and removing a worker for a breach of
+    a few percent would cost a restart the next window would not have needed. Past two
+    windows, or with GPUs drawing well past their limit, the workers go."""
+    limit, since = obs.gpu_power_limit_watts, obs.power_limit_time
+    if limit is None or since is None:
+        return False
+    recent = (obs.now - since).total_seconds() < 2 * spec.energy.window_seconds
+    return recent and _per_gpu_watts(spec, obs) <= limit * 1.1
+
+
 def _raise_limit(spec: JobPolicySpec, obs: Observations, d: Decision) -> Decision:
     """Give back a limit lowered for the cap once the job runs well under it."""
     current = obs.gpu_power_limit_watts
@@ -218,8 +230,11 @@ def _decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Dec
     cap = energy.power_cap_watts
     feasible = [n for n in sizes if cap is None or stats[n].watts <= cap] or [lo]
 
-    # 2. The power cap: a measured breach, or a size predicted over it.
-    if cap is not None and (obs.watts > cap or cur not in feasible):
+    # 2. The power cap: a measured breach, or a size predicted over it. Under a lowered
+    # per-GPU limit the size's rate measured before it says nothing of its power now: only
+    # the window's average counts then.
+    predicted_over = cur not in feasible and obs.gpu_power_limit_watts is None
+    if cap is not None and (obs.watts > cap or predicted_over):
         if obs.watts > cap and obs.power_limit_time is not None:
             since = (obs.now - obs.power_limit_time).total_seconds()
             if since < energy.window_seconds:  # the average still holds the old power
@@ -232,6 +247,14 @@ def _decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Dec
         lowered = _lower_limit(spec, obs, cap) if obs.watts > cap else None
         if lowered is not None:
             return lowered
+        if obs.watts > cap and _limit_settling(spec, obs):
+            return keep(
+                "PowerCapExceeded",
+                f"average power {obs.watts:.1f} W over the {cap:.0f} W cap; the per-GPU limit "
+                f"of {obs.gpu_power_limit_watts:.1f} W holds the GPUs near it and the average "
+                "is still settling",
+                power_cap_exceeded=True,
+            )
         n = max([f for f in feasible if f < cur], default=lo)
         msg = f"average power {obs.watts:.1f} W over the {cap:.0f} W cap"
         if obs.watts <= cap:  # the window has not caught up with what this size draws
