@@ -52,6 +52,7 @@ BINDING = 0.9  # GPUs drawing less than this fraction of their limit are not hel
 LIMIT_REASONS = ("PowerLimitLowered", "PowerLimitRaised", "PowerLimitTuned")
 LIMIT_STEP = 0.1  # a tuning step: this fraction of a GPU's draw at its default limit
 BUDGET_MARGIN = 0.1  # growth must leave this much of the remaining budget unspent
+LIMIT_KEPT = 1.25  # GPUs drawing up to this much over their limit are taken to keep to it
 DEADLINE_MARGIN = 0.1  # a move for energy must still finish this much before the deadline
 
 
@@ -126,7 +127,7 @@ def _lower_limit(spec: JobPolicySpec, obs: Observations, cap: float) -> Decision
         return None
     msg = (
         f"average power {obs.watts:.1f} W over the {cap:.0f} W cap: per-GPU power limit "
-        f"{'default' if current is None else f'{current:.0f} W'} -> {new:.0f} W"
+        f"{'default' if current is None else f'{current:.3g} W'} -> {new:.3g} W"
     )
     return Decision(
         obs.replicas, "PowerLimitLowered", msg, power_cap_exceeded=True, gpu_power_limit_watts=new
@@ -160,15 +161,16 @@ def _over_cap_unmeasured(spec: JobPolicySpec, obs: Observations, cap: float, cur
 
 
 def _limit_settling(spec: JobPolicySpec, obs: Observations) -> bool:
-    """A limit already as low as the cap asks, which the GPUs keep to within 10 %, set less
-    than two windows ago: the average is catching up, and removing a worker for a breach of
-    a few percent would cost a restart the next window would not have needed. Past two
-    windows, or with GPUs drawing well past their limit, the workers go."""
+    """A limit already as low as the cap asks, which the GPUs keep to within 25 %, set less
+    than two windows ago: the average is catching up (a limit enforced in software, like the
+    estimated meter's, overshoots at first), and removing a worker for it would cost a
+    restart the next window would not have needed. Past two windows, or with GPUs drawing
+    well past their limit (one NVML refused to set), the workers go."""
     limit, since = obs.gpu_power_limit_watts, obs.power_limit_time
     if limit is None or since is None:
         return False
     recent = (obs.now - since).total_seconds() < 2 * spec.energy.window_seconds
-    return recent and _per_gpu_watts(spec, obs) <= limit * 1.1
+    return recent and _per_gpu_watts(spec, obs) <= limit * LIMIT_KEPT
 
 
 def _raise_limit(spec: JobPolicySpec, obs: Observations, d: Decision) -> Decision:
