@@ -490,3 +490,13 @@ def test_under_a_lowered_limit_a_size_is_not_shrunk_for_what_it_drew_before_the_
                 power_limit_time=NOW - dt.timedelta(hours=1))  # fmt: skip
     d = decide(job, under, FREE)
     assert d.replicas == 4 and d.reason != "PowerCapExceeded"
+
+
+def test_a_size_measured_over_the_cap_first_gets_a_lower_limit_too():
+    """Found by CI on real trainers: the size's measured rate was over the cap before the
+    window's average showed it, and a worker went without the limit being tried first."""
+    job = spec(power_cap_watts=1000.0, min_gpu_power_limit_watts=100.0)
+    early = obs(watts=600.0, history={4: SizeStats(400.0, 1200.0)})  # the window lags
+    d = decide(job, early, FREE)
+    assert (d.replicas, d.reason) == (4, "PowerLimitLowered")
+    assert d.gpu_power_limit_watts == pytest.approx(237.5, abs=0.1)

@@ -246,7 +246,10 @@ def _decide(spec: JobPolicySpec, obs: Observations, cluster: ClusterView) -> Dec
                     f"limit set {since:.0f}s ago is not yet in the whole window",
                     power_cap_exceeded=True,
                 )
-        lowered = _lower_limit(spec, obs, cap) if obs.watts > cap else None
+        # What the job draws over the cap: the window's average, or where that has not
+        # caught up yet, its measured rate at this size. Either way the limit comes first.
+        drawn = obs.watts if obs.watts > cap else stats[cur].watts
+        lowered = _lower_limit(spec, replace(obs, watts=drawn), cap) if drawn > cap else None
         if lowered is not None:
             return lowered
         if obs.watts > cap and _limit_settling(spec, obs):
