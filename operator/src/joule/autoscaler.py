@@ -22,10 +22,9 @@ from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.capacity import Capacity
 from joule.constants import METRICS_PORT
 from joule.kube import Conflict, JobApi
-from joule.lifecycle import next_evaluation
 from joule.observe import PodView
 from joule.reconcile import conditions, desired_replicas
-from joule.scaling import counter_key, evaluate, merge_energy, split_energy
+from joule.scaling import counter_key, evaluate, merge_energy, next_evaluation, split_energy
 from joule.scrape import Target, scrape_all
 
 log = logging.getLogger("joule.autoscaler")

@@ -10,7 +10,6 @@ reconciler. A slow worker therefore never holds a job's lifecycle.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from joule import metrics
-from joule.api.events import Event, parse_time
+from joule.api.events import Event
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.constants import POWER_LIMIT_ANNOTATION
 from joule.kube import Conflict, JobApi
@@ -30,6 +29,7 @@ from joule.reconcile import (
     power_limit_patches,
     rejection_status,
 )
+from joule.scaling import next_evaluation
 
 log = logging.getLogger("joule.reconcile")
 
@@ -155,17 +155,3 @@ class Reconciler:
             self.api.write_status(body, new)
             self.api.post_event(job, Event("Warning", "InvalidSpec", message))
         return Outcome(None, new != status)
-
-
-def next_evaluation(
-    spec: TrainingJobSpec, status: dict[str, Any], now: dt.datetime
-) -> float | None:
-    """Seconds until the energy and scaling loop is due for this job: every
-    evaluationIntervalSeconds while it runs, if it has a policy or an energy limit."""
-    if not spec.managed or status.get("phase") not in ("Running", "Resizing"):
-        return None
-    last = parse_time((status.get("energy") or {}).get("evaluatedAt"))
-    if last is None:
-        return 0.0
-    due = last + dt.timedelta(seconds=spec.scaling.evaluation_interval_seconds)
-    return max((due - now).total_seconds(), 0.0)

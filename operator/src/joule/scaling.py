@@ -291,3 +291,17 @@ def evaluate(
                       f"{cap:.0f} W cap, at {decision.replicas} workers")
             )  # fmt: skip
     return Evaluation(st, decision, events)
+
+
+def next_evaluation(
+    spec: TrainingJobSpec, status: dict[str, Any], now: dt.datetime
+) -> float | None:
+    """Seconds until the energy and scaling loop is due for this job: every
+    evaluationIntervalSeconds while it runs, if it has a policy or an energy limit."""
+    if not spec.managed or status.get("phase") not in ("Running", "Resizing"):
+        return None
+    last = parse_time((status.get("energy") or {}).get("evaluatedAt"))
+    if last is None:
+        return 0.0
+    due = last + dt.timedelta(seconds=spec.scaling.evaluation_interval_seconds)
+    return max((due - now).total_seconds(), 0.0)

@@ -106,23 +106,23 @@ class TrainerMetrics:
         if reading.power_limit_watts is not None:
             self.power_limit.set(reading.power_limit_watts)
         if reading.gpu_utilization_ratio is not None:
-            if self.gpu_utilization is None:
-                self.gpu_utilization = _gauge(
-                    self.registry,
-                    "joule_trainer_gpu_utilization_ratio",
-                    "GPU busy fraction (NVML), 0-1",
-                    self.labels,
-                )
-            self.gpu_utilization.set(reading.gpu_utilization_ratio)
+            self.gpu_utilization = self._measured(
+                self.gpu_utilization, "joule_trainer_gpu_utilization_ratio",
+                "GPU busy fraction (NVML), 0-1", reading.gpu_utilization_ratio,
+            )  # fmt: skip
         if reading.gpu_memory_used_bytes is not None:
-            if self.gpu_memory is None:
-                self.gpu_memory = _gauge(
-                    self.registry,
-                    "joule_trainer_gpu_memory_used_bytes",
-                    "GPU memory in use on this rank's device (NVML, all processes)",
-                    self.labels,
-                )
-            self.gpu_memory.set(reading.gpu_memory_used_bytes)
+            self.gpu_memory = self._measured(
+                self.gpu_memory, "joule_trainer_gpu_memory_used_bytes",
+                "GPU memory in use on this rank's device (NVML, all processes)",
+                reading.gpu_memory_used_bytes,
+            )  # fmt: skip
+
+    def _measured(self, gauge: Gauge | None, name: str, doc: str, value: float) -> Gauge:
+        """A gauge created with its first measured value (see the module's docstring)."""
+        if gauge is None:
+            gauge = _gauge(self.registry, name, doc, self.labels)
+        gauge.set(value)
+        return gauge
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
