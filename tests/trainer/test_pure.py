@@ -1,5 +1,6 @@
 """The trainer's pure parts: the launch command, the batch split, checkpoints on disk."""
 
+import json
 import os
 import sys
 import time
@@ -201,3 +202,17 @@ def test_trainer_flags_are_checked_before_anything_starts(capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--model", "bert"])
+
+
+def test_each_event_line_reaches_stdout_in_one_write(monkeypatch):
+    """Ranks share one stdout; an event written as text then newline interleaves with the
+    other rank's line and neither parses (seen in CI: '{...sigterm...}{...}')."""
+    from types import SimpleNamespace
+
+    from joule_trainer.train import Trainer
+
+    writes: list[str] = []
+    monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
+    Trainer._log(SimpleNamespace(rank=0), event="sigterm", step=25)
+    assert len(writes) == 1
+    assert writes[0].endswith("\n") and json.loads(writes[0])["event"] == "sigterm"

@@ -398,7 +398,10 @@ class Trainer:
     def _log(self, every_rank: bool = False, **fields: Any) -> None:
         """One JSON line on stdout; from rank 0 only unless ``every_rank``."""
         if every_rank or getattr(self, "rank", 0) == 0:
-            print(json.dumps({"ts": round(time.time(), 3), **fields}), flush=True)
+            # One write per line: ranks share stdout, and print() may write the text and
+            # its newline separately, which interleaves two ranks' lines into one.
+            sys.stdout.write(json.dumps({"ts": round(time.time(), 3), **fields}) + "\n")
+            sys.stdout.flush()
 
     def close(self) -> None:
         self.meter.close()
