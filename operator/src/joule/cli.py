@@ -13,6 +13,8 @@ from pathlib import Path
 from joule import __version__
 from joule.cluster import ClusterError, ClusterSettings, down, status, up
 from joule.cluster.build import BuildError, ensure_binaries
+from joule.cluster.nodebuild import ensure_node_binaries
+from joule.cluster.realnode import unavailable_reason
 from joule.cluster.settings import NodeShape, state_root
 
 
@@ -41,7 +43,14 @@ def _cluster_settings(args: argparse.Namespace) -> ClusterSettings:
         memory=getattr(args, "node_memory", NodeShape.memory),
         gpu_product=getattr(args, "gpu_product", NodeShape.gpu_product),
     )
-    return ClusterSettings(name=args.name, nodes=getattr(args, "nodes", 4), shape=shape)
+    return ClusterSettings(
+        name=args.name,
+        nodes=getattr(args, "nodes", 4),
+        shape=shape,
+        real_node=getattr(args, "real_node", None),
+        node_gpus=getattr(args, "node_gpus", 4),
+        node_taints=tuple(getattr(args, "node_taint", None) or ()),
+    )
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -59,9 +68,18 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     else:
         _say(
             f"cluster {info.name!r} is up in {info.started_in_s:.1f}s (Kubernetes "
-            f"{info.versions['kubernetes']}, {info.nodes} nodes x {info.gpus_per_node} "
+            f"{info.versions['kubernetes']}, {info.nodes} kwok nodes x {info.gpus_per_node} "
             "nvidia.com/gpu)"
         )
+        if info.node is not None:
+            _say(
+                f"real node 'local' (kubelet + containerd) at {info.node['state']}; images "
+                f"from the registry at {info.node['registry']}"
+            )
+        else:
+            reason = unavailable_reason()
+            if reason:
+                _say(f"no real node: {reason}")
     print(f"API server:  {info.server}")
     print(f"kubeconfig:  {info.kubeconfig}")
     print(f"kubectl:     {info.kubectl}")
@@ -107,6 +125,10 @@ def cmd_cluster_build(args: argparse.Namespace) -> int:
     bins = ensure_binaries(ClusterSettings(), progress=_say)
     for path in bins.all():
         print(path)
+    if unavailable_reason() is None:
+        node = ensure_node_binaries(ClusterSettings().kubernetes_version, progress=_say)
+        for path in (node.containerd, node.ctr, node.shim, node.pause, node.runc):
+            print(path)
     return 0
 
 
@@ -301,6 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up_p.add_argument("--node-cpu", default="96", help="cpu capacity per node (default 96)")
     up_p.add_argument("--node-memory", default="1024Gi", help="memory per node (default 1024Gi)")
+    up_p.add_argument(
+        "--real-node",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also start a real node, kubelet + containerd (default: when root on Linux)",
+    )
+    up_p.add_argument(
+        "--node-gpus",
+        type=_positive_or_zero,
+        default=4,
+        help="nvidia.com/gpu slots on the real node (slots, not GPUs; default 4)",
+    )
+    up_p.add_argument(
+        "--node-taint",
+        action="append",
+        help="a taint on the real node, key=value:NoSchedule (repeatable)",
+    )
     up_p.set_defaults(func=cmd_cluster_up)
     build_p = csub.add_parser(
         "build", help="build the control-plane binaries into the cache (up does this too)"

@@ -29,7 +29,7 @@ from joule.cluster.settings import ClusterSettings, cache_dir
 
 Progress = Callable[[str], None]
 
-K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet")
 # Bumped when the way we build Kubernetes changes, so caches built the old way are not reused.
 K8S_BUILD_REVISION = 2
 
@@ -45,6 +45,7 @@ class Binaries:
     kube_controller_manager: Path
     kube_scheduler: Path
     kubectl: Path
+    kubelet: Path
     kwok: Path
     # kwok's own default Stages (node init and heartbeat, pod ready/complete/delete), taken
     # from the module source of the kwok version we built, as kwokctl does.
@@ -57,6 +58,7 @@ class Binaries:
             self.kube_controller_manager,
             self.kube_scheduler,
             self.kubectl,
+            self.kubelet,
             self.kwok,
             self.kwok_stages,
         ]
@@ -72,6 +74,7 @@ def binaries_for(settings: ClusterSettings, root: Path | None = None) -> Binarie
         kube_controller_manager=k8s / "kube-controller-manager",
         kube_scheduler=k8s / "kube-scheduler",
         kubectl=k8s / "kubectl",
+        kubelet=k8s / "kubelet",
         kwok=root / "kwok" / settings.kwok_version / "bin" / "kwok",
         kwok_stages=root / "kwok" / settings.kwok_version / "stages.yaml",
     )
@@ -167,6 +170,7 @@ def ensure_binaries(settings: ClusterSettings, progress: Progress | None = None)
             bins.kubectl,
             bins.kube_scheduler,
             bins.kube_controller_manager,
+            bins.kubelet,
         )
     ):
         _build_kubernetes(go, settings.kubernetes_version, bins.kube_apiserver.parent, say)

@@ -95,6 +95,7 @@ def components(bins: Binaries, pki: Pki, ports: Ports, state: Path) -> list[Comp
             "--allow-privileged=true",
             "--profiling=false",
             "--v=0",
+            *_kubelet_client_flags(pki),
         ],
         f"{api_url(ports)}/readyz",
     )
@@ -157,6 +158,21 @@ def components(bins: Binaries, pki: Pki, ports: Ports, state: Path) -> list[Comp
         f"http://127.0.0.1:{ports.kwok}/healthz",
     )
     return [etcd, apiserver, controller_manager, scheduler, kwok]
+
+
+def _kubelet_client_flags(pki: Pki) -> list[str]:
+    """How the API server reaches a real node's kubelet (logs, exec, port-forward): by its
+    InternalIP (it has no DNS name here), with a client certificate, its serving cert
+    checked against the cluster CA."""
+    client = pki.clients.get("apiserver-kubelet-client")
+    if client is None:
+        return []
+    return [
+        f"--kubelet-client-certificate={client.cert}",
+        f"--kubelet-client-key={client.key}",
+        f"--kubelet-certificate-authority={pki.ca.cert}",
+        "--kubelet-preferred-address-types=InternalIP,Hostname",
+    ]
 
 
 def kubeconfig(

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from joule.cluster import pki, process
+from joule.cluster import nodeconfig, pki, process, realnode
 from joule.cluster.build import Binaries, ensure_binaries
 from joule.cluster.components import (
     SERVICE_IP,
@@ -30,9 +30,11 @@ from joule.cluster.components import (
     components,
     kubeconfig,
 )
-from joule.cluster.nodes import gpu_nodes
+from joule.cluster.nodebuild import NodeBinaries, ensure_node_binaries
+from joule.cluster.nodeconfig import NODE_NAME
+from joule.cluster.nodes import GPU_COUNT_LABEL, GPU_PRODUCT_LABEL, gpu_nodes
 from joule.cluster.process import ProcessRecord
-from joule.cluster.settings import ClusterSettings
+from joule.cluster.settings import ClusterSettings, cache_dir
 
 Progress = Callable[[str], None]
 
@@ -41,6 +43,8 @@ COMPONENT_CLIENTS = {
     "controller-manager": pki.CONTROLLER_MANAGER,
     "scheduler": pki.SCHEDULER,
     "kwok": pki.KWOK,
+    "kubelet": pki.KUBELET,
+    "apiserver-kubelet-client": pki.APISERVER_KUBELET_CLIENT,
     "admin": pki.ADMIN,
 }
 STARTUP_TIMEOUT_S = 90.0
@@ -72,6 +76,8 @@ class ClusterInfo:
     versions: dict[str, str]
     nodes: int
     gpus_per_node: int
+    # The real node's record (realnode.NodeRecord as JSON); None when there is none.
+    node: dict[str, Any] | None = None
     started_in_s: float | None = None
     already_running: bool = False
     components: list[ComponentStatus] = field(default_factory=list)
@@ -91,6 +97,7 @@ class ClusterInfo:
             "versions": self.versions,
             "nodes": self.nodes,
             "gpus_per_node": self.gpus_per_node,
+            "node": self.node,
         }
 
     @classmethod
@@ -105,6 +112,7 @@ class ClusterInfo:
             versions=dict(data["versions"]),
             nodes=int(data["nodes"]),
             gpus_per_node=int(data["gpus_per_node"]),
+            node=data.get("node"),
         )
 
 
@@ -124,7 +132,9 @@ def up(settings: ClusterSettings, progress: Progress | None = None) -> ClusterIn
         say(f"cluster {settings.name!r} left state behind but is not healthy; cleaning it up")
         down(settings)
 
+    with_node = wants_real_node(settings)
     bins = ensure_binaries(settings, say)
+    node_bins = ensure_node_binaries(settings.kubernetes_version, say) if with_node else None
     started = time.monotonic()
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True)
@@ -152,6 +162,8 @@ def up(settings: ClusterSettings, progress: Progress | None = None) -> ClusterIn
         if settings.nodes:
             say(f"registering {settings.nodes} GPU nodes x {settings.shape.gpus} nvidia.com/gpu")
         _register_nodes(settings, bins)
+        if node_bins is not None:
+            _start_real_node(settings, bins, node_bins, keys, info, say)
         _wait_ready(settings, bins, info, say)
     except BaseException:
         # Leave nothing half-started behind, whatever went wrong (Ctrl-C included).
@@ -192,6 +204,9 @@ def down(settings: ClusterSettings) -> list[str]:
         # Reverse start order: clients first, etcd last, so nothing logs storage errors.
         process.stop(list(reversed(live)))
         stopped = [r.name for r in live]
+        if info.node is not None:
+            # Containers, shims and the node's mounts, cgroups and bridges.
+            realnode.teardown(realnode.NodeRecord.from_json(info.node))
         still = [r.name for r in live if process.alive(r)]
         if still:
             raise ClusterError(
@@ -238,6 +253,100 @@ def _wait_healthy(comp: Component, record: ProcessRecord, ca: Path | None) -> No
     )
 
 
+def wants_real_node(settings: ClusterSettings) -> bool:
+    """Whether ``up`` starts a real node: where the machine can, unless told not to."""
+    reason = realnode.unavailable_reason()
+    if settings.real_node is True and reason is not None:
+        raise ClusterError(reason)
+    return settings.real_node is not False and reason is None
+
+
+def parse_taint(text: str) -> dict[str, str]:
+    """``key=value:Effect`` (or ``key:Effect``) as the kubelet's registerWithTaints wants it."""
+    spec, _, effect = text.rpartition(":")
+    key, _, value = spec.partition("=")
+    if not key or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise ValueError(f"taint {text!r} must look like key=value:NoSchedule")
+    taint = {"key": key, "effect": effect}
+    return {**taint, "value": value} if value else taint
+
+
+def _start_real_node(
+    settings: ClusterSettings,
+    bins: Binaries,
+    node_bins: NodeBinaries,
+    keys: pki.Pki,
+    info: ClusterInfo,
+    say: Progress,
+) -> None:
+    state = settings.state_dir
+    layout = realnode.layout_for(settings.name, state)
+    registry_port, healthz_port = _free_ports(2)
+    registry = f"127.0.0.1:{registry_port}"
+    record = realnode.NodeRecord(
+        settings.name, layout.index, str(layout.state), str(layout.run), "", registry
+    )
+    info.node = record.to_json()
+    _save(state, info)  # from here on, `down` can find and remove whatever is made
+
+    def start(name: str, argv: list[str], health: str | None) -> ProcessRecord:
+        proc = process.start(name, argv, state / "logs" / f"{name}.log", health)
+        info.processes.append(proc)
+        _save(state, info)
+        return proc
+
+    say(f"starting a real node {NODE_NAME!r}: containerd, kubelet, registry at {registry}")
+    taints = [parse_taint(t) for t in settings.node_taints]
+    realnode.prepare(layout, node_bins, keys, registry, healthz_port, taints)
+    realnode.network_up(layout)
+    realnode.cgroups_up(layout)
+    holder, mount_ns = realnode.start_holder(layout, start)
+    info.node = {**record.to_json(), "mount_ns": mount_ns}
+    _save(state, info)
+    config = realnode.write_registry_config(layout.state, registry, cache_dir() / "registry")
+    reg = start("registry", realnode.registry_argv(config), f"http://{registry}/v2/")
+    ctd_argv = [str(node_bins.containerd), f"--config={layout.containerd_config}"]
+    ctd = start("containerd", realnode.in_namespace(holder, ctd_argv), None)
+    realnode.wait_socket(layout.containerd_socket, ctd, "containerd")
+    realnode.import_pause(node_bins.ctr, layout)
+    _kubectl(bins, settings, ["apply", "-f", "-"], stdin=yaml.safe_dump(_kubelet_api_binding()))
+    labels = {
+        "joule.dev/local-node": "true",
+        GPU_PRODUCT_LABEL: "joule-gpu-slot",  # slots, not GPUs: see the device plugin
+        GPU_COUNT_LABEL: str(settings.node_gpus),
+    }
+    kubeconfig_path = state / "kubeconfigs" / "kubelet.yaml"
+    kubelet_argv = nodeconfig.kubelet_argv(bins.kubelet, layout, kubeconfig_path, labels)
+    kubelet = start(
+        "kubelet",
+        realnode.in_namespace(holder, kubelet_argv),
+        f"http://127.0.0.1:{healthz_port}/healthz",
+    )
+    for rec in (reg, kubelet):
+        _wait_healthy(Component(rec.name, [], rec.health_url), rec, None)
+
+
+def _kubelet_api_binding() -> dict[str, Any]:
+    """The API server's kubelet client may use the kubelet API (logs, exec), nothing else."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "joule:apiserver-kubelet-client"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "system:kubelet-api-admin",
+        },
+        "subjects": [
+            {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "User",
+                "name": pki.APISERVER_KUBELET_CLIENT.user,
+            }
+        ],
+    }
+
+
 def _register_nodes(settings: ClusterSettings, bins: Binaries) -> None:
     manifests = gpu_nodes(settings.nodes, settings.shape)
     if not manifests:
@@ -251,7 +360,7 @@ def _wait_ready(
     """Ready means: every node Ready (kwok runs) and the default ServiceAccount exists
     (kube-controller-manager runs), so the first pod a test creates is admitted."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    want_nodes = settings.nodes
+    want_nodes = settings.nodes + (1 if info.node is not None else 0)
     while time.monotonic() < deadline:
         nodes = json.loads(_kubectl(bins, settings, ["get", "nodes", "-o", "json"]))["items"]
         ready = schedulable_nodes(nodes)

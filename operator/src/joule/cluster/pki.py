@@ -41,6 +41,11 @@ CONTROLLER_MANAGER = ClientIdentity("system:kube-controller-manager")
 SCHEDULER = ClientIdentity("system:kube-scheduler")
 # kwok plays every kubelet: node heartbeats and pod status across all namespaces.
 KWOK = ClientIdentity("joule-kwok", ("system:masters",))
+# The real node's kubelet: the Node authorizer and NodeRestriction confine it to its node.
+KUBELET = ClientIdentity("system:node:local", ("system:nodes",))
+# The API server's identity towards kubelets (logs, exec, port-forward); bound to the
+# system:kubelet-api-admin role at start, nothing more.
+APISERVER_KUBELET_CLIENT = ClientIdentity("joule-apiserver-kubelet-client")
 
 
 @dataclass(frozen=True)
@@ -159,3 +164,29 @@ def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
             serialization.NoEncryption(),
         )
     )
+
+
+def issue_serving(
+    directory: Path, name: str, ca: KeyPair, common_name: str, ips: tuple[str, ...]
+) -> KeyPair:
+    """A serving certificate signed by the cluster CA (the kubelet's, for its node address),
+    so that the API server can verify whom it talks to."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca.key} is not the ECDSA key this module writes")
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(common_name)]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    cert = (
+        _builder(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+            ca_cert.subject,
+            key.public_key(),
+        )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    return _write(directory, name, cert, key)

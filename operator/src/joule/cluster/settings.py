@@ -63,6 +63,13 @@ class ClusterSettings:
     kubernetes_version: str = KUBERNETES_VERSION
     etcd_version: str = ETCD_VERSION
     kwok_version: str = KWOK_VERSION
+    # A real node (kubelet + containerd) as well as the kwok nodes: None starts one where
+    # this machine can (root on Linux); True insists; False never.
+    real_node: bool | None = None
+    # nvidia.com/gpu slots the real node's device plugin advertises (slots, not GPUs).
+    node_gpus: int = 4
+    # Taints registered on the real node (key=value:Effect), e.g. to keep other pods off it.
+    node_taints: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

@@ -1,0 +1,280 @@
+"""The real node's layout and configuration files: containerd, CNI, kubelet, registry. Pure.
+
+Every setting here was needed on these machines; ``shared/notes/real-node.md`` says why.
+The short version: nothing lands in system-wide paths (so two clusters can run side by side
+and ``down`` can remove all of it), pod traffic never leaves the machine (no gateway, no
+masquerade, no default route, ``ip_forward`` untouched), and the kubelet serves only
+authenticated clients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from joule.cluster.pauseimage import PAUSE_IMAGE
+
+NODE_NAME = "local"
+CLUSTER_DOMAIN = "cluster.local"
+# Pod subnets are 10.88.<n>.0/24 and node addresses 10.87.<n>.1/32, n chosen per cluster.
+POD_NETWORKS = ipaddress.ip_network("10.88.0.0/16")
+NODE_NETWORKS = ipaddress.ip_network("10.87.0.0/16")
+# Images whose published names the node resolves from the local registry (a pull-through
+# mirror, as kind and minikube set one up), so manifests keep their real image names.
+MIRRORED_REGISTRIES = ("ghcr.io",)
+# The kubelet ignores --root-dir for these (constants in its code); each cluster's node
+# gets its own folder mounted over them, in a mount namespace of its own.
+FIXED_KUBELET_PATHS = ("/var/lib/kubelet/device-plugins", "/var/log/containers")
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """Where one cluster's node keeps things, and its addresses."""
+
+    cluster: str
+    index: int  # 1..254: picks the subnet and the bridge names
+    state: Path  # <cluster state>/node
+    run: Path  # short paths for unix sockets (108-byte limit): /run/joule/<cluster>
+
+    @property
+    def pod_subnet(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(f"10.88.{self.index}.0/24")
+
+    @property
+    def gateway(self) -> str:
+        """The pod bridge's own address: probes, port-forward and CoreDNS use it."""
+        return f"10.88.{self.index}.1"
+
+    @property
+    def node_ip(self) -> str:
+        """The node's InternalIP, on a bridge with no ports: pods have no route to it."""
+        return f"10.87.{self.index}.1"
+
+    @property
+    def pod_bridge(self) -> str:
+        return f"jlpod{self.index}"
+
+    @property
+    def node_bridge(self) -> str:
+        return f"jlnode{self.index}"
+
+    @property
+    def cgroup_root(self) -> str:
+        return f"/joule-{self.cluster}"
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.run / "containerd.sock"
+
+    @property
+    def containerd_config(self) -> Path:
+        return self.state / "containerd.toml"
+
+    @property
+    def cni_conf_dir(self) -> Path:
+        return self.state / "cni" / "net.d"
+
+    @property
+    def registry_hosts_dir(self) -> Path:
+        return self.state / "certs.d"
+
+    @property
+    def kubelet_dir(self) -> Path:
+        return self.state / "kubelet"
+
+    @property
+    def kubelet_config(self) -> Path:
+        return self.state / "kubelet.yaml"
+
+    @property
+    def pod_logs(self) -> Path:
+        return self.state / "pod-logs"
+
+    def fixed_path_source(self, fixed: str) -> Path:
+        """This node's own folder for one of the kubelet's fixed paths."""
+        return self.state / "fixed" / fixed.strip("/").replace("/", "_")
+
+
+def pick_index(cluster: str, taken: set[int]) -> int:
+    """A stable index for a cluster name (so its addresses stay the same across restarts),
+    moved on past indexes another cluster's bridges already hold."""
+    start = int(hashlib.sha256(cluster.encode()).hexdigest(), 16) % 254
+    for step in range(254):
+        index = (start + step) % 254 + 1
+        if index not in taken:
+            return index
+    raise ValueError("no free pod subnet left in 10.88.0.0/16")
+
+
+def containerd_config(layout: NodeLayout, runc: Path, cni_bin_dir: Path) -> str:
+    """containerd 2.4's config (version 4: addresses live under the server plugins; the
+    top-level [grpc] of older versions is silently ignored there)."""
+    root, state = layout.state / "containerd", layout.run / "state"
+    lines = [
+        "version = 4",
+        f"root = '{root}'",
+        f"state = '{state}'",
+        "imports = []",  # no /etc/containerd/conf.d from the machine
+        "",
+        "[plugins.'io.containerd.server.v1.grpc']",
+        f"  address = '{layout.containerd_socket}'",
+        "[plugins.'io.containerd.server.v1.ttrpc']",
+        f"  address = '{layout.containerd_socket}.ttrpc'",
+        "[plugins.'io.containerd.server.v1.debug']",
+        "  address = ''",
+        "[plugins.'io.containerd.shim.v1.manager']",
+        f"  socket_dir = '{layout.run / 's'}'",
+        "[plugins.'io.containerd.nri.v1.nri']",
+        "  disable = true",
+        "[plugins.'io.containerd.internal.v1.opt']",
+        f"  path = '{layout.state / 'opt'}'",
+        "[plugins.'io.containerd.cri.v1.images']",
+        "  snapshotter = 'overlayfs'",
+        "  [plugins.'io.containerd.cri.v1.images'.pinned_images]",
+        f"    sandbox = '{PAUSE_IMAGE}'",
+        "  [plugins.'io.containerd.cri.v1.images'.registry]",
+        f"    config_path = '{layout.registry_hosts_dir}'",
+        "[plugins.'io.containerd.cri.v1.runtime']",
+        # The kubelet asks runc for oom_score_adj -998; lowering it needs CAP_SYS_RESOURCE,
+        # which this machine does not give, and runc then fails every sandbox.
+        "  restrict_oom_score_adj = true",
+        "  netns_mounts_under_state_dir = true",
+        "  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]",
+        "    runtime_type = 'io.containerd.runc.v2'",
+        "    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]",
+        f"      BinaryName = '{runc}'",
+        f"      Root = '{layout.run / 'runc'}'",
+        "      SystemdCgroup = false",
+        "  [plugins.'io.containerd.cri.v1.runtime'.cni]",
+        f"    bin_dirs = ['{cni_bin_dir}']",
+        f"    conf_dir = '{layout.cni_conf_dir}'",
+        "[plugins.'io.containerd.grpc.v1.cri']",
+        "  stream_server_address = '127.0.0.1'",
+        "  stream_server_port = '0'",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def cni_config(layout: NodeLayout) -> dict[str, Any]:
+    """A bridge network that stays on this machine: the bridge is made beforehand with the
+    gateway address (isGateway would turn on ip_forward host-wide), no masquerade, and no
+    routes beyond the pod subnet itself, so any outside address is unreachable from a pod."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": f"joule-{layout.cluster}",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": layout.pod_bridge,
+                "isGateway": False,
+                "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": str(layout.pod_subnet)}]],
+                    "routes": [],
+                    "dataDir": str(layout.state / "cni" / "ipam"),
+                },
+            },
+            {"type": "loopback"},
+        ],
+    }
+
+
+def registry_hosts(registry: str) -> dict[str, str]:
+    """containerd ``hosts.toml`` files (by registry host): the mirrored registries and the
+    local one itself are served by the plain-HTTP registry on ``registry`` (host:port)."""
+    files = {}
+    for host in MIRRORED_REGISTRIES:
+        files[host] = (
+            f'server = "https://{host}"\n\n'
+            f'[host."http://{registry}"]\n'
+            '  capabilities = ["pull", "resolve"]\n'
+        )
+    files[registry] = f'server = "http://{registry}"\n'
+    return files
+
+
+def kubelet_config(
+    layout: NodeLayout,
+    ca: Path,
+    serving_cert: Path,
+    serving_key: Path,
+    healthz_port: int,
+    taints: list[dict[str, str]],
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        # Serves on the node address only: two clusters' kubelets do not share a port.
+        "address": layout.node_ip,
+        "port": 10250,
+        "readOnlyPort": 0,
+        "healthzBindAddress": "127.0.0.1",
+        "healthzPort": healthz_port,
+        "tlsCertFile": str(serving_cert),
+        "tlsPrivateKeyFile": str(serving_key),
+        "authentication": {
+            "anonymous": {"enabled": False},
+            "webhook": {"enabled": True},
+            "x509": {"clientCAFile": str(ca)},
+        },
+        "authorization": {"mode": "Webhook"},
+        "containerRuntimeEndpoint": f"unix://{layout.containerd_socket}",
+        "clusterDomain": CLUSTER_DOMAIN,
+        "clusterDNS": [layout.gateway],
+        # These machines run cgroup v1 (hybrid); 1.36 refuses it unless told otherwise.
+        "failCgroupV1": False,
+        "cgroupDriver": "cgroupfs",
+        "cgroupRoot": layout.cgroup_root,
+        "failSwapOn": False,
+        "podLogsDir": str(layout.pod_logs),
+        # Downward-API files (Joule's power-limit annotation) refresh at this period.
+        "syncFrequency": "5s",
+        "serializeImagePulls": False,
+        "registerWithTaints": taints,
+        # A shared development disk: evict nothing for disk pressure, collect images late.
+        "evictionHard": {
+            "memory.available": "100Mi",
+            "nodefs.available": "1%",
+            "imagefs.available": "1%",
+        },
+        "imageGCHighThresholdPercent": 99,
+        "imageGCLowThresholdPercent": 98,
+        "shutdownGracePeriod": "0s",
+    }
+
+
+def kubelet_argv(
+    kubelet: Path, layout: NodeLayout, kubeconfig: Path, labels: dict[str, str]
+) -> list[str]:
+    return [
+        str(kubelet),
+        f"--config={layout.kubelet_config}",
+        f"--kubeconfig={kubeconfig}",
+        f"--root-dir={layout.kubelet_dir}",
+        f"--cert-dir={layout.state / 'kubelet-pki'}",
+        f"--hostname-override={NODE_NAME}",
+        f"--node-ip={layout.node_ip}",
+        "--node-labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
+        "--v=0",
+    ]
+
+
+def registry_config(address: str, storage: Path) -> dict[str, Any]:
+    """Debian's docker-registry (distribution 2.8): plain HTTP on loopback only."""
+    return {
+        "version": 0.1,
+        "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
+        "http": {"addr": address},
+    }
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2)

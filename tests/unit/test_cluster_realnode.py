@@ -1,0 +1,104 @@
+"""The real node's configuration: what keeps it private to this machine and to its cluster."""
+
+import hashlib
+import json
+import tarfile
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from joule.cluster import nodeconfig, pauseimage
+from joule.cluster.lifecycle import parse_taint
+from joule.cluster.nodeconfig import NodeLayout
+
+
+def layout(tmp_path: Path, index: int = 7) -> NodeLayout:
+    return NodeLayout("demo", index, tmp_path / "node", Path("/run/joule/demo"))
+
+
+def test_an_index_is_stable_per_cluster_and_skips_ones_in_use():
+    first = nodeconfig.pick_index("pytest", set())
+    assert nodeconfig.pick_index("pytest", set()) == first
+    assert 1 <= first <= 254
+    assert nodeconfig.pick_index("pytest", {first}) != first
+    with pytest.raises(ValueError, match="no free pod subnet"):
+        nodeconfig.pick_index("pytest", set(range(1, 255)))
+
+
+def test_pods_get_no_gateway_no_masquerade_and_no_route_out(tmp_path):
+    conf = nodeconfig.cni_config(layout(tmp_path))
+    bridge = conf["plugins"][0]
+    assert bridge["isGateway"] is False  # it would turn ip_forward on host-wide
+    assert bridge["ipMasq"] is False
+    assert bridge["ipam"]["routes"] == []
+    assert bridge["ipam"]["ranges"] == [[{"subnet": "10.88.7.0/24"}]]
+    assert bridge["bridge"] == "jlpod7" and len(bridge["bridge"]) <= 15
+
+
+def test_containerd_config_keeps_everything_in_the_nodes_own_paths(tmp_path):
+    text = nodeconfig.containerd_config(layout(tmp_path), Path("/usr/sbin/runc"), Path("/cni"))
+    conf = tomllib.loads(text)
+    assert conf["version"] == 4 and conf["imports"] == []
+    plugins = conf["plugins"]
+    assert plugins["io.containerd.server.v1.grpc"]["address"] == "/run/joule/demo/containerd.sock"
+    assert plugins["io.containerd.shim.v1.manager"]["socket_dir"] == "/run/joule/demo/s"
+    runtime = plugins["io.containerd.cri.v1.runtime"]
+    assert runtime["restrict_oom_score_adj"] is True  # no CAP_SYS_RESOURCE here
+    assert runtime["cni"]["conf_dir"].startswith(str(tmp_path))
+    assert plugins["io.containerd.nri.v1.nri"]["disable"] is True
+    images = plugins["io.containerd.cri.v1.images"]
+    assert images["pinned_images"]["sandbox"] == pauseimage.PAUSE_IMAGE
+    for path in (conf["root"], images["registry"]["config_path"]):
+        assert path.startswith(str(tmp_path))
+
+
+def test_the_kubelet_serves_only_authenticated_clients_on_the_node_address(tmp_path):
+    conf = nodeconfig.kubelet_config(
+        layout(tmp_path), Path("ca.crt"), Path("k.crt"), Path("k.key"), 12345, []
+    )
+    assert conf["authentication"]["anonymous"]["enabled"] is False
+    assert conf["authentication"]["webhook"]["enabled"] is True
+    assert conf["authorization"]["mode"] == "Webhook"
+    assert conf["readOnlyPort"] == 0
+    assert conf["address"] == "10.87.7.1"
+    assert conf["clusterDNS"] == ["10.88.7.1"]
+    assert conf["cgroupRoot"] == "/joule-demo"
+
+
+def test_published_image_names_resolve_from_the_local_registry():
+    hosts = nodeconfig.registry_hosts("127.0.0.1:5999")
+    ghcr = tomllib.loads(hosts["ghcr.io"])
+    assert ghcr["host"] == {"http://127.0.0.1:5999": {"capabilities": ["pull", "resolve"]}}
+    assert tomllib.loads(hosts["127.0.0.1:5999"])["server"] == "http://127.0.0.1:5999"
+
+
+def test_taints_parse_as_the_kubelet_wants_them():
+    assert parse_taint("joule.dev/local-node=true:NoSchedule") == {
+        "key": "joule.dev/local-node",
+        "value": "true",
+        "effect": "NoSchedule",
+    }
+    assert parse_taint("gpu:NoExecute") == {"key": "gpu", "effect": "NoExecute"}
+    with pytest.raises(ValueError, match="key=value:NoSchedule"):
+        parse_taint("gpu=yes")
+
+
+def test_the_pause_image_archive_is_a_valid_oci_layout(tmp_path):
+    binary = tmp_path / "pause"
+    binary.write_bytes(b"\x7fELF not really")
+    archive = pauseimage.pack(binary, tmp_path / "pause.tar")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        index = json.loads(tar.extractfile("index.json").read())
+        entry = index["manifests"][0]
+        assert entry["annotations"]["io.containerd.image.name"] == pauseimage.PAUSE_IMAGE
+        manifest_name = "blobs/sha256/" + entry["digest"].split(":")[1]
+        manifest_bytes = tar.extractfile(manifest_name).read()
+        assert hashlib.sha256(manifest_bytes).hexdigest() == entry["digest"].split(":")[1]
+        manifest = json.loads(manifest_bytes)
+        layer_name = "blobs/sha256/" + manifest["layers"][0]["digest"].split(":")[1]
+        assert {"oci-layout", layer_name} <= names
+        with tarfile.open(fileobj=tar.extractfile(layer_name)) as layer:
+            assert layer.getmember("pause").mode == 0o755
+    assert pauseimage.pack(binary, tmp_path / "again.tar").read_bytes() == archive.read_bytes()
