@@ -30,9 +30,10 @@ from joule.cluster.components import (
     components,
     kubeconfig,
 )
+from joule.cluster.deviceplugin import device_plugin_component, ensure_device_plugin
 from joule.cluster.nodebuild import NodeBinaries, ensure_node_binaries
 from joule.cluster.nodeconfig import NODE_NAME
-from joule.cluster.nodes import GPU_COUNT_LABEL, GPU_PRODUCT_LABEL, gpu_nodes
+from joule.cluster.nodes import GPU_COUNT_LABEL, GPU_PRODUCT_LABEL, GPU_RESOURCE, gpu_nodes
 from joule.cluster.process import ProcessRecord
 from joule.cluster.settings import ClusterSettings, cache_dir
 
@@ -135,6 +136,7 @@ def up(settings: ClusterSettings, progress: Progress | None = None) -> ClusterIn
     with_node = wants_real_node(settings)
     bins = ensure_binaries(settings, say)
     node_bins = ensure_node_binaries(settings.kubernetes_version, say) if with_node else None
+    plugin = ensure_device_plugin(say) if with_node and settings.node_gpus else None
     started = time.monotonic()
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True)
@@ -163,7 +165,7 @@ def up(settings: ClusterSettings, progress: Progress | None = None) -> ClusterIn
             say(f"registering {settings.nodes} GPU nodes x {settings.shape.gpus} nvidia.com/gpu")
         _register_nodes(settings, bins)
         if node_bins is not None:
-            _start_real_node(settings, bins, node_bins, keys, info, say)
+            _start_real_node(settings, bins, node_bins, plugin, keys, info, say)
         _wait_ready(settings, bins, info, say)
     except BaseException:
         # Leave nothing half-started behind, whatever went wrong (Ctrl-C included).
@@ -275,6 +277,7 @@ def _start_real_node(
     settings: ClusterSettings,
     bins: Binaries,
     node_bins: NodeBinaries,
+    device_plugin: Path | None,
     keys: pki.Pki,
     info: ClusterInfo,
     say: Progress,
@@ -322,6 +325,9 @@ def _start_real_node(
         realnode.in_namespace(holder, kubelet_argv),
         f"http://127.0.0.1:{healthz_port}/healthz",
     )
+    if device_plugin is not None:
+        comp = device_plugin_component(device_plugin, settings.node_gpus)
+        start(comp.name, realnode.in_namespace(holder, comp.argv), None)
     for rec in (reg, kubelet):
         _wait_healthy(Component(rec.name, [], rec.health_url), rec, None)
 
@@ -381,7 +387,8 @@ def _wait_ready(
             ).strip()
             != ""
         )
-        if ready >= want_nodes and has_sa:
+        slots = real_node_slots(nodes) if info.node is not None and settings.node_gpus else None
+        if ready >= want_nodes and has_sa and slots in (None, settings.node_gpus):
             return
         for record in info.processes:
             if not process.alive(record):
@@ -392,8 +399,18 @@ def _wait_ready(
         time.sleep(0.3)
     raise ClusterError(
         f"the cluster did not become ready within {STARTUP_TIMEOUT_S:.0f}s "
-        f"(schedulable nodes: {ready}/{want_nodes}, default ServiceAccount: {has_sa})"
+        f"(schedulable nodes: {ready}/{want_nodes}, default ServiceAccount: {has_sa}"
+        + (f", GPU slots on the real node: {slots}/{settings.node_gpus})" if slots else ")")
     )
+
+
+def real_node_slots(nodes: list[dict[str, Any]]) -> int:
+    """The real node's allocatable nvidia.com/gpu: the device plugin has registered once it
+    equals the slots asked for."""
+    for node in nodes:
+        if node["metadata"]["name"] == NODE_NAME:
+            return int(node.get("status", {}).get("allocatable", {}).get(GPU_RESOURCE, 0))
+    return 0
 
 
 def schedulable_nodes(nodes: list[dict[str, Any]]) -> int:
