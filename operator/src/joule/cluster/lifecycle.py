@@ -31,6 +31,13 @@ from joule.cluster.components import (
     kubeconfig,
 )
 from joule.cluster.deviceplugin import device_plugin_component, ensure_device_plugin
+from joule.cluster.dns import (
+    COREDNS_CLIENT,
+    coredns_component,
+    coredns_rbac,
+    corefile,
+    ensure_coredns,
+)
 from joule.cluster.nodebuild import NodeBinaries, ensure_node_binaries
 from joule.cluster.nodeconfig import NODE_NAME
 from joule.cluster.nodes import GPU_COUNT_LABEL, GPU_PRODUCT_LABEL, GPU_RESOURCE, gpu_nodes
@@ -46,6 +53,7 @@ COMPONENT_CLIENTS = {
     "kwok": pki.KWOK,
     "kubelet": pki.KUBELET,
     "apiserver-kubelet-client": pki.APISERVER_KUBELET_CLIENT,
+    "coredns": COREDNS_CLIENT,
     "admin": pki.ADMIN,
 }
 STARTUP_TIMEOUT_S = 90.0
@@ -137,6 +145,7 @@ def up(settings: ClusterSettings, progress: Progress | None = None) -> ClusterIn
     bins = ensure_binaries(settings, say)
     node_bins = ensure_node_binaries(settings.kubernetes_version, say) if with_node else None
     plugin = ensure_device_plugin(say) if with_node and settings.node_gpus else None
+    coredns = ensure_coredns(progress=say) if with_node else None
     started = time.monotonic()
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True)
@@ -164,8 +173,8 @@ def up(settings: ClusterSettings, progress: Progress | None = None) -> ClusterIn
         if settings.nodes:
             say(f"registering {settings.nodes} GPU nodes x {settings.shape.gpus} nvidia.com/gpu")
         _register_nodes(settings, bins)
-        if node_bins is not None:
-            _start_real_node(settings, bins, node_bins, plugin, keys, info, say)
+        if node_bins is not None and coredns is not None:
+            _start_real_node(settings, bins, node_bins, plugin, coredns, keys, info, say)
         _wait_ready(settings, bins, info, say)
     except BaseException:
         # Leave nothing half-started behind, whatever went wrong (Ctrl-C included).
@@ -278,13 +287,14 @@ def _start_real_node(
     bins: Binaries,
     node_bins: NodeBinaries,
     device_plugin: Path | None,
+    coredns: Path,
     keys: pki.Pki,
     info: ClusterInfo,
     say: Progress,
 ) -> None:
     state = settings.state_dir
     layout = realnode.layout_for(settings.name, state)
-    registry_port, healthz_port = _free_ports(2)
+    registry_port, healthz_port, dns_ready_port = _free_ports(3)
     registry = f"127.0.0.1:{registry_port}"
     record = realnode.NodeRecord(
         settings.name, layout.index, str(layout.state), str(layout.run), "", registry
@@ -328,7 +338,15 @@ def _start_real_node(
     if device_plugin is not None:
         comp = device_plugin_component(device_plugin, settings.node_gpus)
         start(comp.name, realnode.in_namespace(holder, comp.argv), None)
-    for rec in (reg, kubelet):
+    # Pod DNS: a host process on the pod bridge's address, the kubelet's clusterDNS.
+    _kubectl(bins, settings, ["apply", "-f", "-"], stdin=yaml.safe_dump_all(coredns_rbac()))
+    corefile_path = layout.state / "Corefile"
+    corefile_path.write_text(
+        corefile(layout.gateway, state / "kubeconfigs" / "coredns.yaml", ready_port=dns_ready_port)
+    )
+    dns = coredns_component(coredns, corefile_path, dns_ready_port)
+    dns_rec = start(dns.name, dns.argv, dns.health_url)
+    for rec in (reg, kubelet, dns_rec):
         _wait_healthy(Component(rec.name, [], rec.health_url), rec, None)
 
 
