@@ -150,6 +150,9 @@ def test_headless_service_pod_names_resolve_to_pod_ips(coredns, core, namespace)
             spec=client.V1ServiceSpec(
                 cluster_ip="None",
                 selector={"app": "workers"},
+                # As the operator's worker Service (builders/service.py): names resolve
+                # before the workers are Ready.
+                publish_not_ready_addresses=True,
                 ports=[client.V1ServicePort(name="c10d", port=29500)],
             ),
         ),
