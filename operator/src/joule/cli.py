@@ -132,6 +132,25 @@ def cmd_cluster_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from joule.images import ensure_base, ensure_trainer, push
+
+    progress = _say  # each step's lines carry their elapsed time, e.g. "STEP 6/15: ... [85s]"
+    if args.target == "trainer":
+        image = ensure_trainer(progress=progress)
+    else:
+        image = ensure_base(progress=progress)
+    state = "built" if image.built else "up to date (cached)"
+    _say(f"{image.ref} {state}: id {image.id[:12]}, inputs {image.key[:12]}")
+    print(image.ref)
+    if args.push:
+        name = args.name or f"joule-dev/{args.target}"
+        pushed = push(image, args.push, name, args.tag, compress=args.compress, progress=progress)
+        _say(f"{pushed.ref} {'pushed' if pushed.pushed else 'already in the registry'}")
+        print(f"{pushed.ref}@{pushed.digest}")
+    return 0
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from joule.config import OperatorConfig
     from joule.runner import run_operator
@@ -299,6 +318,35 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seeds", type=_positive, default=5, help="seeds to run (default 5)")
     sim.add_argument("--plot", type=Path, default=None, help="write a PNG of the comparison")
     sim.set_defaults(func=cmd_simulate)
+
+    image = sub.add_parser("image", help="Joule's container images, built here with buildah")
+    isub = image.add_subparsers(dest="image_command", required=True)
+    ibuild = isub.add_parser(
+        "build",
+        help="build an image unless one of the same inputs is cached (needs root, buildah, "
+        "mmdebstrap)",
+    )
+    ibuild.add_argument(
+        "target",
+        nargs="?",
+        choices=("trainer", "base"),
+        default="trainer",
+        help="trainer (default; builds the base first if needed) or base",
+    )
+    ibuild.add_argument(
+        "--push",
+        metavar="HOST:PORT",
+        help="then push it to this plain-HTTP registry (skipped if it is there already)",
+    )
+    ibuild.add_argument("--name", help="repository in the registry (default joule-dev/TARGET)")
+    ibuild.add_argument("--tag", default=__version__, help=f"tag (default {__version__})")
+    ibuild.add_argument(
+        "--compress",
+        action="store_true",
+        help="gzip the layers when pushing (default: uncompressed; gzip of torch's ~3 GB "
+        "costs minutes on 2 cores)",
+    )
+    ibuild.set_defaults(func=cmd_image_build)
 
     cluster = sub.add_parser("cluster", help="a local Kubernetes control plane with GPU nodes")
     csub = cluster.add_subparsers(dest="cluster_command", required=True)

@@ -1,0 +1,171 @@
+"""Building the base and trainer images, each once per distinct set of inputs."""
+
+from __future__ import annotations
+
+import glob
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from joule.cluster.settings import cache_dir
+from joule.images import index, tools
+from joule.images.argv import Storage, bud, buildah, mmdebstrap
+from joule.images.recipe import TRAINER_REPO, BaseRecipe, TrainerRecipe, mirror_lines, trainer_key
+from joule.images.tools import ImageError, Progress
+
+TRAINER_CONTEXT = Path(__file__).resolve().parents[4] / "trainer_image"
+APT_SOURCES = (
+    "/etc/apt/sources.list",
+    "/etc/apt/sources.list.d/*.list",
+    "/etc/apt/sources.list.d/*.sources",
+)
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built image in Joule's buildah storage."""
+
+    ref: str  # a name buildah resolves, e.g. localhost/joule-trainer:<hash12>
+    id: str  # buildah's image id (sha256 hex of its config)
+    key: str  # the hash of its inputs
+    built: bool  # False: it was already there (a cache hit)
+    seconds: float
+    storage: Storage
+
+
+def storage(progress: Progress = lambda _: None) -> Storage:
+    """Joule's private buildah storage (`<cache>/buildah`), overlay where it works."""
+    return tools.choose_driver(cache_dir() / "buildah", progress)
+
+
+def ensure_base(recipe: BaseRecipe | None = None, progress: Progress = lambda _: None) -> Image:
+    """The Debian base, made with mmdebstrap and imported with buildah unless an image of the
+    same recipe is in storage already."""
+    recipe = recipe or BaseRecipe()
+    tools.require("buildah", "mmdebstrap")
+    started = time.monotonic()
+
+    def elapsed() -> str:
+        return f"[{time.monotonic() - started:.0f}s]"
+
+    store = storage(progress)
+    key = recipe.key()
+    cached = _cached(store, f"base:{key}")
+    if cached and tools.image_id(store, recipe.ref) == cached:
+        return Image(recipe.ref, cached, key, False, time.monotonic() - started, store)
+
+    mirrors = mirror_lines(_apt_sources(), recipe.suite)
+    if not mirrors:
+        raise ImageError(f"no apt source for {recipe.suite} in {', '.join(APT_SOURCES)}")
+    store.tmpdir.mkdir(parents=True, exist_ok=True)
+    tar = store.tmpdir / f"base-{key[:12]}.tar"
+    try:
+        progress(f"base: mmdebstrap {recipe.suite} from {mirrors[0].split()[1]} {elapsed()}")
+        tools.stream(
+            store,
+            mmdebstrap(recipe, tar, mirrors),
+            "mmdebstrap",
+            progress,
+            show=lambda line: line.startswith("I: ") and "..." in line,
+        )
+        progress(f"base: importing {tar.stat().st_size / 2**20:.0f} MiB into buildah {elapsed()}")
+        container = tools.run(store, buildah(store, "from", "scratch")).strip()
+        try:
+            tools.run(store, buildah(store, "add", container, str(tar), "/"), timeout=600)
+            tools.run(
+                store,
+                buildah(
+                    store,
+                    "config",
+                    "--env",
+                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "--env",
+                    "LANG=C.UTF-8",
+                    "--cmd",
+                    "/bin/bash",
+                    "--label",
+                    f"dev.joule.inputs={key}",
+                    container,
+                ),
+            )
+            tools.run(store, buildah(store, "commit", "--rm", container, recipe.ref), timeout=600)
+        except BaseException:
+            tools.run(store, buildah(store, "rm", container))
+            raise
+    finally:
+        tar.unlink(missing_ok=True)
+    image = tools.image_id(store, recipe.ref)
+    if image is None:
+        raise ImageError(f"{recipe.ref} was committed but is not in storage")
+    index.update(store.index, f"base:{key}", image)
+    seconds = time.monotonic() - started
+    progress(f"base: {recipe.ref} built in {seconds:.0f}s")
+    return Image(recipe.ref, image, key, True, seconds, store)
+
+
+def context_files(context: Path) -> dict[str, bytes]:
+    """The build context as the builder sees it (after .dockerignore): path -> content."""
+    from joule.images.recipe import excluded
+
+    files: dict[str, bytes] = {}
+    for path in sorted(context.rglob("*")):
+        rel = path.relative_to(context).as_posix()
+        if path.is_file() and not excluded(rel):
+            files[rel] = path.read_bytes()
+    return files
+
+
+def trainer_inputs(recipe: TrainerRecipe, base_id: str, context: Path = TRAINER_CONTEXT) -> str:
+    """The trainer image's hash for the tree as it is now."""
+    return trainer_key(
+        recipe, base_id, (context / "Dockerfile").read_bytes(), context_files(context)
+    )
+
+
+def ensure_trainer(
+    recipe: TrainerRecipe | None = None,
+    progress: Progress = lambda _: None,
+    context: Path = TRAINER_CONTEXT,
+) -> Image:
+    """The trainer image for `context` as it is now: built with buildah on the local base
+    (made first if needed), or found in storage by the hash of its inputs."""
+    recipe = recipe or TrainerRecipe()
+    tools.require("buildah")
+    started = time.monotonic()
+    base = ensure_base(progress=progress)
+    store = base.storage
+    key = trainer_inputs(recipe, base.id, context)
+    ref = f"{TRAINER_REPO}:{key[:12]}"
+    cached = _cached(store, f"trainer:{key}")
+    if cached and tools.image_id(store, ref) == cached:
+        return Image(ref, cached, key, False, time.monotonic() - started, store)
+
+    progress(f"trainer: buildah build {context} ({key[:12]}) [{time.monotonic() - started:.0f}s]")
+    iidfile = store.tmpdir / f"trainer-{key[:12]}.iid"
+    store.tmpdir.mkdir(parents=True, exist_ok=True)
+    tools.stream(
+        store,
+        bud(store, context, [ref, f"{TRAINER_REPO}:latest"], recipe.build_args(), iidfile),
+        "buildah build",
+        progress,
+        show=lambda line: line.startswith(("STEP ", "COMMIT", "--> Using cache")),
+    )
+    image = iidfile.read_text().strip().removeprefix("sha256:")
+    iidfile.unlink(missing_ok=True)
+    index.update(store.index, f"trainer:{key}", image)
+    seconds = time.monotonic() - started
+    progress(f"trainer: {ref} built in {seconds:.0f}s")
+    return Image(ref, image, key, True, seconds, store)
+
+
+def _cached(store: Storage, key: str) -> str | None:
+    value = index.load(store.index).get(key)
+    return value if isinstance(value, str) else None
+
+
+def _apt_sources() -> list[str]:
+    texts = []
+    for pattern in APT_SOURCES:
+        for name in sorted(glob.glob(pattern)):
+            texts.append(Path(name).read_text())
+    return texts
