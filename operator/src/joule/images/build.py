@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,15 @@ def ensure_base(recipe: BaseRecipe | None = None, progress: Progress = lambda _:
     recipe = recipe or BaseRecipe()
     tools.require("buildah", "mmdebstrap")
     started = time.monotonic()
+    store = storage(progress)
+    with tools.locked(store, "base", progress):
+        return _ensure_base(recipe, store, started, progress)
 
+
+def _ensure_base(recipe: BaseRecipe, store: Storage, started: float, progress: Progress) -> Image:
     def elapsed() -> str:
         return f"[{time.monotonic() - started:.0f}s]"
 
-    store = storage(progress)
     key = recipe.key()
     cached = _cached(store, f"base:{key}")
     if cached and tools.image_id(store, recipe.ref) == cached:
@@ -133,6 +138,13 @@ def ensure_trainer(
     tools.require("buildah")
     started = time.monotonic()
     base = ensure_base(progress=progress)
+    with tools.locked(base.storage, "trainer", progress):
+        return _ensure_trainer(recipe, base, context, started, progress)
+
+
+def _ensure_trainer(
+    recipe: TrainerRecipe, base: Image, context: Path, started: float, progress: Progress
+) -> Image:
     store = base.storage
     key = trainer_inputs(recipe, base.id, context)
     ref = f"{TRAINER_REPO}:{key[:12]}"
@@ -141,7 +153,7 @@ def ensure_trainer(
         return Image(ref, cached, key, False, time.monotonic() - started, store)
 
     progress(f"trainer: buildah build {context} ({key[:12]}) [{time.monotonic() - started:.0f}s]")
-    iidfile = store.tmpdir / f"trainer-{key[:12]}.iid"
+    iidfile = store.tmpdir / f"trainer-{key[:12]}.{os.getpid()}.iid"
     store.tmpdir.mkdir(parents=True, exist_ok=True)
     tools.stream(
         store,

@@ -5,6 +5,7 @@ checked against buildah's storage or the registry)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -20,10 +21,13 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def update(path: Path, key: str, value: object) -> None:
-    """Set one entry, written atomically (a build interrupted mid-write leaves the old file)."""
-    data = load(path)
-    data[key] = value
+    """Set one entry, written atomically (a build interrupted mid-write leaves the old file),
+    under a lock (two processes updating different entries both keep theirs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with path.with_name(f".{path.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load(path)
+        data[key] = value
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)

@@ -3,6 +3,8 @@ streams their progress. The I/O edge of `joule.images`."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import queue
@@ -11,7 +13,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from joule.images.argv import Storage, buildah
@@ -116,6 +118,23 @@ def stream(
         raise ImageError(
             f"{what} failed (exit {proc.returncode}); its last lines:\n" + "\n".join(tail)
         )
+
+
+@contextlib.contextmanager
+def locked(storage: Storage, name: str, progress: Progress) -> Iterator[None]:
+    """One build of `name` at a time on this machine: a second caller (another test run, the
+    demo) waits, then finds the first one's image by its hash instead of building it again."""
+    storage.cache.mkdir(parents=True, exist_ok=True)
+    with (storage.cache / f"{name}.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"{name}: waiting for another build of it on this machine")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def choose_driver(cache: Path, progress: Progress) -> Storage:
