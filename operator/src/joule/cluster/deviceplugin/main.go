@@ -17,6 +17,10 @@
 // <socket-dir>/kubelet.sock. It polls the socket folder; when kubelet.sock is recreated (a
 // kubelet restart, which also deletes every other socket there) or its own socket has gone,
 // it serves afresh and registers again. SIGTERM or SIGINT stops it and removes its socket.
+//
+// `joule-device-plugin pod-resources [--socket PATH]` instead asks a kubelet's pod-resources
+// API which devices each pod holds and which the node can allocate, and prints JSON
+// (podresources.go).
 package main
 
 import (
@@ -57,6 +61,9 @@ type config struct {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "pod-resources" {
+		os.Exit(podResourcesMain(os.Args[2:], os.Stdout, os.Stderr))
+	}
 	cfg := config{}
 	flag.StringVar(&cfg.resource, "resource", "nvidia.com/gpu", "extended resource name to advertise")
 	flag.IntVar(&cfg.count, "count", 8, "number of GPU slots (not GPUs) to advertise")
