@@ -1,8 +1,9 @@
 """The GPU-slot device plugin's Go tests (an in-process fake kubelet: registration,
-ListAndWatch, Allocate, re-registration after a kubelet restart), and the built binary.
+ListAndWatch, Allocate, re-registration after a kubelet restart; its pod-resources lister
+against a fake PodResourcesLister), and the built binary.
 
-The test with a real kubelet (a pod with nvidia.com/gpu: 1 scheduled, its env set, the
-pod-resources API listing it) lives with the real node."""
+The tests with a real kubelet (a pod with nvidia.com/gpu scheduled, its env set) live with the
+real node; test_pod_resources.py has the kubelet's pod-resources API listing a pod's slots."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from joule.cluster.deviceplugin import SOURCE_DIR, build_device_plugin, device_plugin_component
+from joule.cluster.deviceplugin import (
+    SOURCE_DIR,
+    build_device_plugin,
+    device_plugin_component,
+    pod_resources_argv,
+)
 
 
 def find_go() -> str:
@@ -71,6 +77,10 @@ def test_the_built_plugin_waits_for_a_kubelet_and_stops_on_sigterm(tmp_path):
 
     bad = subprocess.run([str(target), "--count=0"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--count" in bad.stderr
+    # Its pod-resources mode says plainly when there is no kubelet to ask.
+    argv = pod_resources_argv(target, tmp_path / "kubelet.sock")
+    lister = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert lister.returncode == 1 and "no pod-resources socket" in lister.stderr, lister.stderr
 
     sockets = tmp_path / "dp"
     comp = device_plugin_component(target, 2, sockets)

@@ -13,6 +13,8 @@ from joule.cluster.deviceplugin import (
     SOURCE_DIR,
     device_plugin_binary,
     device_plugin_component,
+    pod_resources_argv,
+    pod_resources_socket,
     source_files,
     source_hash,
 )
@@ -35,7 +37,11 @@ def test_the_binary_is_keyed_by_the_go_sources(tmp_path):
     assert device_plugin_binary(tmp_path / "cache", src) == before
     main = src / "main.go"
     main.write_text(main.read_text() + "\n// an edit\n")
-    assert device_plugin_binary(tmp_path / "cache", src) != before
+    edited = device_plugin_binary(tmp_path / "cache", src)
+    assert edited != before
+    lister = src / "podresources.go"  # every non-test Go file is part of it
+    lister.write_text(lister.read_text() + "\n// an edit\n")
+    assert device_plugin_binary(tmp_path / "cache", src) != edited
 
 
 def test_missing_sources_are_reported(tmp_path):
@@ -57,6 +63,18 @@ def test_the_component_runs_the_plugin_with_its_slots():
     assert comp.health_url is None
     with pytest.raises(ValueError):
         device_plugin_component(Path("/c/joule-device-plugin"), 0)
+
+
+def test_the_pod_resources_lister_asks_the_kubelets_root_dir_socket():
+    socket = pod_resources_socket(Path("/state/node/kubelet"))
+    assert socket == Path("/state/node/kubelet/pod-resources/kubelet.sock")
+    assert pod_resources_argv(Path("/c/joule-device-plugin"), socket) == [
+        "/c/joule-device-plugin",
+        "pod-resources",
+        "--socket=/state/node/kubelet/pod-resources/kubelet.sock",
+        "--timeout=10s",
+    ]
+    assert pod_resources_argv(Path("/b"), socket, timeout_s=2.5)[-1] == "--timeout=2.5s"
 
 
 def test_the_plugin_api_is_the_control_planes_release():

@@ -3,7 +3,8 @@
 A small Go program (``deviceplugin/main.go``, shipped with this package) that registers with
 the kubelet and advertises ``--count`` devices named ``slot-0..slot-N-1``. A pod given slots
 gets ``NVIDIA_VISIBLE_DEVICES`` and ``JOULE_GPU_SLOTS`` set to their IDs, and the kubelet's
-pod-resources API lists them; nothing touches any hardware. See deviceplugin/README.md.
+pod-resources API lists them (``pod_resources_argv``: the same binary asks it, as a GPU node's
+monitoring agent would); nothing touches any hardware. See deviceplugin/README.md.
 
 The binary is cached under ``<cache>/deviceplugin/<hash of the Go sources>/bin/``, so editing
 the sources builds a new one and an unchanged tree never rebuilds.
@@ -24,6 +25,9 @@ BINARY_NAME = "joule-device-plugin"
 DEFAULT_RESOURCE = "nvidia.com/gpu"
 # The kubelet's device-plugin folder; a constant in k8s.io/kubelet that --root-dir does not move.
 DEFAULT_SOCKET_DIR = Path("/var/lib/kubelet/device-plugins")
+# The kubelet's pod-resources API socket, relative to its --root-dir (which does move it:
+# the kubelet builds it from getRootDir(), unlike the device-plugin folder).
+POD_RESOURCES_SOCKET = Path("pod-resources/kubelet.sock")
 
 
 def source_files(source: Path = SOURCE_DIR) -> list[Path]:
@@ -91,3 +95,22 @@ def device_plugin_component(
         [str(binary), f"--resource={resource}", f"--count={count}", f"--socket-dir={socket_dir}"],
         None,
     )
+
+
+def pod_resources_socket(kubelet_root_dir: Path) -> Path:
+    """The pod-resources socket of the kubelet run with ``--root-dir=kubelet_root_dir``."""
+    return kubelet_root_dir / POD_RESOURCES_SOCKET
+
+
+def pod_resources_argv(binary: Path, socket: Path, timeout_s: float = 10.0) -> list[str]:
+    """The plugin binary's ``pod-resources`` mode: asks the kubelet on ``socket`` what each
+    pod's containers hold (``List``) and what the node can allocate
+    (``GetAllocatableResources``), and prints JSON::
+
+        {"socket": "...",
+         "pods": [{"namespace": "ns", "name": "p",
+                   "containers": [{"name": "c", "devices": {"nvidia.com/gpu": ["slot-0"]}}]}],
+         "allocatable": {"nvidia.com/gpu": ["slot-0", "slot-1"]}}
+
+    Exit status 1 when the kubelet could not be asked, 2 for bad arguments."""
+    return [str(binary), "pod-resources", f"--socket={socket}", f"--timeout={timeout_s:g}s"]
