@@ -1,0 +1,119 @@
+"""The kubelet's pod-resources API reports the GPU slots a pod holds, as on a GPU node.
+
+A pod asking for ``nvidia.com/gpu: 2`` runs on the real node; the device plugin binary's
+``pod-resources`` mode, run inside the node's mount namespace (where the kubelet runs), asks
+the kubelet's PodResourcesLister and must list that pod with two distinct slots, and the node's
+four slots as allocatable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from joule.cluster import ClusterInfo, ClusterSettings
+from joule.cluster.deviceplugin import (
+    DEFAULT_RESOURCE,
+    ensure_device_plugin,
+    pod_resources_argv,
+    pod_resources_socket,
+)
+from joule.cluster.realnode import NodeRecord, in_namespace
+from tests.conftest import RealNode, wait_for
+
+pytestmark = pytest.mark.cluster
+
+PAUSE = "registry.k8s.io/pause:3.10.2"  # imported on the node by `up`: no pull
+SLOTS = ClusterSettings().node_gpus  # the slots the test cluster's node advertises (4)
+
+
+def node_namespace_holder(cluster: ClusterInfo):
+    holders = [p for p in cluster.processes if p.name == "node-namespace"]
+    assert len(holders) == 1, f"cluster.json has no single node-namespace process: {holders}"
+    return holders[0]
+
+
+def pod_resources(cluster: ClusterInfo) -> dict[str, Any]:
+    """The lister's JSON, asked from inside the node's mount namespace."""
+    assert cluster.node is not None, "the test cluster has no real node (tests run as root)"
+    socket = pod_resources_socket(NodeRecord.from_json(cluster.node).layout().kubelet_dir)
+    argv = in_namespace(
+        node_namespace_holder(cluster), pod_resources_argv(ensure_device_plugin(), socket)
+    )
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def gpu_pod(name: str, count: int) -> client.V1Pod:
+    placement = RealNode.placement()
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PodSpec(
+            node_selector=placement["nodeSelector"],
+            tolerations=[client.V1Toleration(**t) for t in placement["tolerations"]],
+            termination_grace_period_seconds=0,
+            containers=[
+                client.V1Container(
+                    name="holder",
+                    image=PAUSE,
+                    image_pull_policy="Never",
+                    resources=client.V1ResourceRequirements(limits={DEFAULT_RESOURCE: str(count)}),
+                )
+            ],
+        ),
+    )
+
+
+def test_the_kubelet_lists_the_slots_a_pod_holds(
+    cluster: ClusterInfo, core: client.CoreV1Api, namespace: str
+) -> None:
+    node = core.read_node(RealNode.name)
+    assert node.status.allocatable.get(DEFAULT_RESOURCE) == str(SLOTS) == "4"
+    all_slots = {f"slot-{i}" for i in range(SLOTS)}
+
+    core.create_namespaced_pod(namespace, gpu_pod("two-slots", 2))
+    try:
+
+        def running() -> client.V1Pod | None:
+            pod = core.read_namespaced_pod("two-slots", namespace)
+            return pod if pod.status.phase == "Running" else None
+
+        pod = wait_for(running, timeout=120, interval=0.5, what="the pod with 2 slots to run")
+        assert pod.spec.node_name == RealNode.name
+
+        report = pod_resources(cluster)
+        assert report["socket"].endswith("/kubelet/pod-resources/kubelet.sock")
+        allocatable = report["allocatable"]
+        assert list(allocatable) == [DEFAULT_RESOURCE], allocatable
+        assert sorted(allocatable[DEFAULT_RESOURCE]) == sorted(all_slots), allocatable
+
+        ours = [
+            p for p in report["pods"] if (p["namespace"], p["name"]) == (namespace, "two-slots")
+        ]
+        assert len(ours) == 1, f"the kubelet does not list {namespace}/two-slots: {report['pods']}"
+        containers = ours[0]["containers"]
+        assert [c["name"] for c in containers] == ["holder"]
+        ids = containers[0]["devices"].get(DEFAULT_RESOURCE, [])
+        assert len(ids) == 2 and len(set(ids)) == 2, ids
+        assert set(ids) <= all_slots, ids
+
+        # No other pod on the node holds any of them (the kubelet accounts each slot once).
+        held_elsewhere = {
+            i
+            for p in report["pods"]
+            if p is not ours[0]
+            for c in p["containers"]
+            for i in c["devices"].get(DEFAULT_RESOURCE, [])
+        }
+        assert not held_elsewhere & set(ids), held_elsewhere
+    finally:
+        core.delete_namespaced_pod("two-slots", namespace, grace_period_seconds=0)
+
+    def gone_from_kubelet() -> bool:
+        return not any(p["namespace"] == namespace for p in pod_resources(cluster)["pods"])
+
+    wait_for(gone_from_kubelet, timeout=60, interval=1.0, what="the kubelet to drop the pod")
