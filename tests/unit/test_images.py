@@ -187,12 +187,10 @@ def test_storage_is_per_driver():
     assert argv.buildah(vfs, "images")[-3:] == ["--storage-driver", "vfs", "images"]
 
 
-@pytest.mark.parametrize("compress", [True, False])
-def test_push_argv(compress):
+def test_push_argv():
     store = argv.Storage(Path("/c"))
-    cmd = argv.push(store, "abc123", "127.0.0.1:5000/joule-dev/trainer:0.1.0", Path("/d"), compress)
+    cmd = argv.push(store, "abc123", "127.0.0.1:5000/joule-dev/trainer:0.1.0", Path("/d"))
     assert "--tls-verify=false" in cmd
-    assert ("--disable-compression" in cmd) is not compress
     assert cmd[-2:] == ["abc123", "docker://127.0.0.1:5000/joule-dev/trainer:0.1.0"]
 
 
@@ -216,9 +214,4 @@ def test_image_build_arguments():
     from joule.cli import build_parser
 
     args = build_parser().parse_args(["image", "build", "--push", "127.0.0.1:5000"])
-    assert (args.target, args.push, args.tag, args.compress) == (
-        "trainer",
-        "127.0.0.1:5000",
-        "0.1.0",
-        False,
-    )
+    assert (args.target, args.push, args.tag) == ("trainer", "127.0.0.1:5000", "0.1.0")

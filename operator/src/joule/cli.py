@@ -145,7 +145,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     print(image.ref)
     if args.push:
         name = args.name or f"joule-dev/{args.target}"
-        pushed = push(image, args.push, name, args.tag, compress=args.compress, progress=progress)
+        pushed = push(image, args.push, name, args.tag, progress=progress)
         _say(f"{pushed.ref} {'pushed' if pushed.pushed else 'already in the registry'}")
         print(f"{pushed.ref}@{pushed.digest}")
     return 0
@@ -340,12 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ibuild.add_argument("--name", help="repository in the registry (default joule-dev/TARGET)")
     ibuild.add_argument("--tag", default=__version__, help=f"tag (default {__version__})")
-    ibuild.add_argument(
-        "--compress",
-        action="store_true",
-        help="gzip the layers when pushing (default: uncompressed; gzip of torch's ~3 GB "
-        "costs minutes on 2 cores)",
-    )
     ibuild.set_defaults(func=cmd_image_build)
 
     cluster = sub.add_parser("cluster", help="a local Kubernetes control plane with GPU nodes")

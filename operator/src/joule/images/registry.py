@@ -59,7 +59,6 @@ def push(
     name: str = "joule-dev/trainer",
     tag: str = "0.1.0",
     *,
-    compress: bool = False,
     progress: Progress = lambda _: None,
 ) -> Pushed:
     """Push `image` to `registry` (host:port, plain HTTP) as name:tag, unless the registry
@@ -73,18 +72,17 @@ def push(
     if (
         isinstance(record, dict)
         and record.get("image") == image.id
-        and record.get("compress") == compress
         and current is not None
         and record.get("digest") == current
     ):
         return Pushed(dest, current, False, time.monotonic() - started)
 
-    progress(f"push: {image.ref} -> {dest}{'' if compress else ' (uncompressed layers)'}")
+    progress(f"push: {image.ref} -> {dest}")
     store.tmpdir.mkdir(parents=True, exist_ok=True)
     digestfile = store.tmpdir / f"push-{image.id[:12]}.digest"
     tools.stream(
         store,
-        push_argv(store, image.id, dest, digestfile, compress),
+        push_argv(store, image.id, dest, digestfile),
         "buildah push",
         progress,
         show=lambda line: line.startswith(("Copying blob", "Copying config", "Writing manifest")),
@@ -94,9 +92,7 @@ def push(
     served = manifest_digest(registry, name, tag)
     if served != digest:
         raise ImageError(f"pushed {dest} as {digest}, but the registry serves {served}")
-    index.update(
-        store.index, record_key, {"image": image.id, "digest": digest, "compress": compress}
-    )
+    index.update(store.index, record_key, {"image": image.id, "digest": digest})
     seconds = time.monotonic() - started
     progress(f"push: {dest} {digest[:19]} in {seconds:.0f}s")
     return Pushed(dest, digest, True, seconds)
