@@ -198,12 +198,12 @@ def test_missing_builders_and_missing_root_are_one_line_errors(monkeypatch, caps
     from joule import cli
     from joule.images import tools
 
-    monkeypatch.setattr(tools.shutil, "which", lambda name: None)
+    monkeypatch.setattr(tools.shutil, "which", lambda name, path=None: None)
     assert cli.main(["image", "build"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "joule: error: buildah not found: apt-get install buildah mmdebstrap"
 
-    monkeypatch.setattr(tools.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(tools.shutil, "which", lambda name, path=None: f"/usr/bin/{name}")
     monkeypatch.setattr(tools.os, "geteuid", lambda: 1000)
     assert cli.main(["image", "build", "base", "--push", "127.0.0.1:5000"]) == 2
     err = capsys.readouterr().err.strip()

@@ -21,6 +21,7 @@ from joule.images.argv import Storage, buildah
 Progress = Callable[[str], None]
 
 INSTALL_HINT = "apt-get install buildah mmdebstrap"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class ImageError(RuntimeError):
@@ -30,7 +31,7 @@ class ImageError(RuntimeError):
 
 def require(*tools: str) -> None:
     """Fail early, in one line, where a builder cannot run here."""
-    missing = [tool for tool in tools if shutil.which(tool) is None]
+    missing = [tool for tool in tools if shutil.which(tool, path=SYSTEM_PATH) is None]
     if missing:
         raise ImageError(f"{', '.join(missing)} not found: {INSTALL_HINT}")
     if os.geteuid() != 0:
@@ -42,9 +43,10 @@ def require(*tools: str) -> None:
 
 def env(storage: Storage) -> dict[str, str]:
     """The builders' environment: buildah's temp files and cache mounts under Joule's cache,
-    not /var/tmp."""
+    not /var/tmp; the system's PATH, so mmdebstrap's helpers run Debian's python3 rather
+    than a version manager's shim (pyenv's cost ~1 s per package unpacked)."""
     storage.tmpdir.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "TMPDIR": str(storage.tmpdir)}
+    return {**os.environ, "TMPDIR": str(storage.tmpdir), "PATH": SYSTEM_PATH}
 
 
 def run(storage: Storage, argv: Sequence[str], timeout: float = 120) -> str:
