@@ -3,11 +3,9 @@ demo's signals all tear down once, however many arrive."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -28,39 +26,26 @@ def started() -> Iterator[list[subprocess.Popen]]:
         p.wait()
 
 
-def sleeper(procs: list[subprocess.Popen], home: Path, cwd: Path) -> subprocess.Popen:
-    home.mkdir(parents=True, exist_ok=True)
-    cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(SLEEP, env={**os.environ, "HOME": str(home)}, cwd=cwd)
+def sleeper(procs: list[subprocess.Popen]) -> subprocess.Popen:
+    proc = subprocess.Popen(SLEEP)
     procs.append(proc)
     return proc
 
 
-def test_workers_are_found_by_home_or_working_directory_under_the_pods_dir(tmp_path, started):
-    pods = tmp_path / "node" / "pods"
-    by_home = sleeper(started, pods / "default_a_1", tmp_path)
-    by_cwd = sleeper(started, tmp_path / "home", pods / "default_b_2" / "work")
-    stranger = sleeper(started, tmp_path / "node" / "podsX", tmp_path / "node")
-    found = {r.pid for r in leftovers.workers(pods)}
-    assert {by_home.pid, by_cwd.pid} <= found
-    assert stranger.pid not in found
-    assert os.getpid() not in found
-
-
-def test_stop_stops_the_live_ones_and_never_a_reused_pid(tmp_path, started):
-    mine = sleeper(started, tmp_path, tmp_path)
-    victim = sleeper(started, tmp_path, tmp_path)
-    record = process.record("node-agent", mine.pid)
+def test_stop_stops_the_live_ones_and_never_a_reused_pid(started):
+    mine = sleeper(started)
+    victim = sleeper(started)
+    record = process.record("operator", mine.pid)
     assert record is not None
     reused = process.record("operator", victim.pid)
     assert reused is not None
     impostor = ProcessRecord("operator", victim.pid, reused.start_time + 1, "")
-    gone = ProcessRecord("worker", 2**22 + 1, 1, "")  # above pid_max: never a process
+    gone = ProcessRecord("operator", 2**22 + 1, 1, "")  # above pid_max: never a process
     stopped = leftovers.stop([record, impostor, gone], grace_seconds=5)
     assert stopped == [record]
     assert not process.alive(record)
     assert victim.poll() is None, "a process whose start time differs was signalled"
-    assert leftovers.describe(stopped) == f"node-agent (pid {mine.pid})"
+    assert leftovers.describe(stopped) == f"operator (pid {mine.pid})"
 
 
 def test_state_round_trips_and_a_torn_file_reads_as_empty(tmp_path):
@@ -76,9 +61,10 @@ def test_state_round_trips_and_a_torn_file_reads_as_empty(tmp_path):
     assert leftovers.load(path) == leftovers.DemoState()
 
 
-def test_describe_counts_workers():
-    records = [ProcessRecord("operator", 5, 1, "")] + [ProcessRecord("worker", 9, 1, "")] * 3
-    assert leftovers.describe(records) == "operator (pid 5), 3 worker processes"
+def test_describe_names_each_and_nothing_is_empty():
+    records = [ProcessRecord("operator", 5, 1, ""), ProcessRecord("registry", 9, 1, "")]
+    assert leftovers.describe(records) == "operator (pid 5), registry (pid 9)"
+    assert leftovers.describe([]) == ""
 
 
 def test_only_the_first_signal_interrupts():

@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="the whole loop here: control plane, operator, a local node, example jobs, live view",
+        help="the whole loop here: control plane, operator, a real node, example jobs, live view "
+        "(root on Linux)",
     )
     demo.add_argument(
         "--examples",
@@ -304,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--timeout", type=float, default=None, help="give up after SECONDS")
     demo.add_argument(
-        "--gpus", type=_positive_or_zero, default=4, help="virtual GPU slots of the local node"
+        "--gpus",
+        type=_positive,
+        default=4,
+        help="nvidia.com/gpu slots of the local node (slots for pods, not GPUs; default 4)",
     )
     demo.set_defaults(func=cmd_demo)
 

@@ -1,18 +1,17 @@
 """What a demo leaves running when it dies without tearing down (SIGKILL, a crash, the
 machine's OOM killer), and how the next demo finds and stops it.
 
-The operator and the node agent run in sessions of their own (Ctrl-C in the terminal must not
-reach them before the demo has stopped the workers), so they outlive a demo that dies. The demo
-records each of them (pid + start time) as it starts it; the node agent's workers are found in
-/proc by their home or working directory, which the node agent puts under its own state dir.
-Nothing is signalled unless its start time still matches (``joule.cluster.process``), so a
-process that reused a pid is never touched.
+The operator runs in a session of its own (Ctrl-C in the terminal must not reach it before
+the demo has deleted the jobs), so it outlives a demo that dies; the demo records it (pid +
+start time) as it starts it, and itself, so that a second demo refuses to start beside a live
+one. Nothing is signalled unless its start time still matches (``joule.cluster.process``), so
+a process that reused a pid is never touched. The cluster (control plane, node, containers)
+is not recorded here: ``joule.cluster.down`` finds all of it by the cluster's name.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ class DemoState:
 
 def load(path: Path) -> DemoState:
     """The recorded state; empty when there is none or it cannot be read (a torn write by a
-    killed demo: the worker scan still finds its workers)."""
+    killed demo; its cluster is still found and removed by name)."""
     try:
         return DemoState.from_json(json.loads(path.read_text()))
     except FileNotFoundError:
@@ -63,40 +62,6 @@ def save(path: Path, state: DemoState) -> None:
     tmp.replace(path)
 
 
-def _under(path: str, root: Path) -> bool:
-    # A directory removed while the process runs reads back as "<path> (deleted)".
-    path = path.removesuffix(" (deleted)")
-    return path == str(root) or path.startswith(f"{root}/")
-
-
-def _home(environ: bytes) -> str | None:
-    for item in environ.split(b"\0"):
-        if item.startswith(b"HOME="):
-            return item[5:].decode(errors="replace")
-    return None
-
-
-def workers(pods_dir: Path, proc: Path = Path("/proc")) -> list[ProcessRecord]:
-    """Every process whose HOME or working directory is under ``pods_dir``: the node agent sets
-    both to the pod's directory there, and torchrun's workers inherit them. Processes of other
-    users (unreadable) and this process are skipped."""
-    found: list[ProcessRecord] = []
-    me = os.getpid()
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            home = _home((entry / "environ").read_bytes())
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if (home is not None and _under(home, pods_dir)) or _under(cwd, pods_dir):
-            rec = process.record("worker", int(entry.name))
-            if rec is not None:
-                found.append(rec)
-    return found
-
-
 def stop(records: Iterable[ProcessRecord], grace_seconds: float) -> list[ProcessRecord]:
     """Stop those still alive (SIGTERM, then SIGKILL after the grace period); returns those
     that were alive, so the caller can say what it stopped."""
@@ -109,9 +74,5 @@ def stop(records: Iterable[ProcessRecord], grace_seconds: float) -> list[Process
 
 
 def describe(stopped: list[ProcessRecord]) -> str:
-    """What was stopped, in words: operator (pid 12), node-agent (pid 13), 2 worker processes."""
-    named = [f"{r.name} (pid {r.pid})" for r in stopped if r.name != "worker"]
-    count = sum(r.name == "worker" for r in stopped)
-    if count:
-        named.append(f"{count} worker process{'es' if count > 1 else ''}")
-    return ", ".join(named)
+    """What was stopped, in words: operator (pid 12), registry (pid 13)."""
+    return ", ".join(f"{r.name} (pid {r.pid})" for r in stopped)

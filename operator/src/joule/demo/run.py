@@ -1,9 +1,13 @@
-"""`joule demo`: the control plane, the CRD, the operator and a local node, all on this
-machine; the examples applied; a live view until Ctrl-C; everything torn down on exit.
+"""`joule demo`: the control plane, the CRD, the operator and a real node (kubelet +
+containerd, `nvidia.com/gpu` slots), all on this machine; the trainer image built and pushed
+to the node's registry; the examples applied; a live view until Ctrl-C; everything torn down
+on exit.
 
-Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all tear down the same way. What a demo that
-died anyway left behind (operator, node agent, workers, the previous run's jobs and
-checkpoints) is stopped and cleared by the next start, so every demo starts fresh.
+Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all tear down the same way: the jobs are
+deleted first, so the kubelet sends their workers SIGTERM and they write a last checkpoint;
+then the operator stops, then the cluster. What a demo that died anyway left behind (its
+operator, its cluster with the workers, its checkpoints) is stopped and cleared by the next
+start, so every demo starts fresh.
 """
 
 from __future__ import annotations
@@ -22,24 +26,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client, config
 
-from joule.cluster import ClusterInfo, ClusterSettings, down, process, up
+from joule.cluster import ClusterInfo, ClusterSettings, down, process, status, up
 from joule.cluster.lifecycle import kubectl
+from joule.cluster.nodeconfig import NODE_NAME
+from joule.cluster.nodes import GPU_RESOURCE
 from joule.cluster.process import ProcessRecord
-from joule.constants import COMPONENT, GROUP, KIND, LABEL_JOB, METRICS_PORT, PLURAL, VERSION
-from joule.demo import leftovers
+from joule.cluster.realnode import NodeRecord, unavailable_reason
+from joule.constants import (
+    COMPONENT,
+    GROUP,
+    KIND,
+    LABEL_JOB,
+    METRICS_PORT,
+    PLURAL,
+    TERMINATION_GRACE_SECONDS,
+    VERSION,
+)
+from joule.demo import leftovers, storage
 from joule.demo.view import job_row, render
+from joule.images import ensure_trainer, push
 from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
 
 ROOT = Path(__file__).resolve().parents[4]  # the repository (the package is installed -e)
 DEMO_CLUSTER = "demo"
-# examples/demo/ keeps its checkpoints here (hostPath), the demo its logs and the workers'
-# logs: cleared when a demo starts, kept after it ends for reading.
+# The demo's logs and the examples' checkpoints (their ReadWriteMany volumes): cleared when a
+# demo starts, kept after it ends for reading.
 DEMO_DATA = Path("/tmp/joule-demo")
+CHECKPOINTS = DEMO_DATA / "checkpoints"
 # What the running demo started (pid + start time), for the next demo if this one dies.
 STATE_FILE = DEMO_DATA / "demo.json"
-PODS_DIR = DEMO_DATA / "node" / "pods"  # the node agent's pod directories: its workers' HOME
+# Copies of the kubelet's pod logs (<namespace>_<pod>_<uid>/<container>/<n>.log, CRI format),
+# which the kubelet removes with each pod and `down` with the node.
+POD_LOGS = DEMO_DATA / "logs" / "pods"
+NODE_READY_TIMEOUT_S = 120.0
+# Deleted jobs' workers get the pods' grace period to checkpoint and exit; then the cluster's
+# teardown kills what is left.
+WORKERS_EXIT_TIMEOUT_S = TERMINATION_GRACE_SECONDS + 15.0
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 Say = Callable[[str], None]
 
@@ -103,8 +129,8 @@ class Interrupts:
 
 class Child:
     """A `joule` subcommand in a process of its own, with its output in a log file. Its own
-    session: Ctrl-C or a closed terminal reaches the demo only, which stops the children in
-    order (the node agent's workers first get SIGTERM and write a checkpoint)."""
+    session: Ctrl-C or a closed terminal reaches the demo only, which stops the jobs' workers
+    first (SIGTERM from the kubelet: they write a checkpoint), then the children."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.name, self.log = name, log
@@ -129,8 +155,25 @@ def _joule(*args: str) -> list[str]:
     return [sys.executable, "-m", "joule", *args]
 
 
-def _kubectl(info: ClusterInfo, *args: str) -> str:
-    return kubectl(info.kubectl, info.kubeconfig, list(args))
+def _kubectl(info: ClusterInfo, *args: str, stdin: str | None = None) -> str:
+    return kubectl(info.kubectl, info.kubeconfig, list(args), stdin=stdin)
+
+
+def manifests(path: Path) -> list[dict[str, Any]]:
+    """The objects in a manifest file, or in the files of a folder that `kubectl apply -f`
+    reads (.yaml, .yml, .json; not recursive)."""
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in MANIFEST_SUFFIXES)
+        if path.is_dir()
+        else [path]
+    )
+    docs: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            docs += [d for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict)]
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{f}: not YAML: {exc}") from None
+    return docs
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -159,6 +202,24 @@ def _print(text: str = "") -> None:
         print(text, flush=True)
 
 
+def copy_pod_logs(source: Path, target: Path) -> int:
+    """Copy each container log under ``source`` (the kubelet's podLogsDir) that grew since the
+    last copy to the same place under ``target``; returns how many were copied. A pod that is
+    removed meanwhile is skipped: its last copy stays."""
+    copied = 0
+    for log in source.glob("*/*/*.log"):
+        dest = target / log.relative_to(source)
+        try:
+            if dest.exists() and dest.stat().st_size == log.stat().st_size:
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, dest)
+            copied += 1
+        except OSError:
+            continue
+    return copied
+
+
 def scrape(url: str) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=1.0) as response:
@@ -171,7 +232,11 @@ class Demo:
     def __init__(self, options: Options, say: Say, interrupts: Interrupts | None = None) -> None:
         self.options, self.say = options, _quiet(say)
         self.interrupts = interrupts or Interrupts()
-        self.settings = ClusterSettings(name=DEMO_CLUSTER, nodes=0)
+        self.settings = ClusterSettings(
+            name=DEMO_CLUSTER, nodes=0, real_node=True, node_gpus=options.gpus
+        )
+        self.info: ClusterInfo | None = None
+        self.pod_logs: Path | None = None  # the kubelet's podLogsDir
         self.children: list[Child] = []
         self.state = leftovers.DemoState()
         self.owns_cluster = False  # not until no other demo runs: its cluster is not ours to stop
@@ -180,8 +245,8 @@ class Demo:
 
     def clear_previous(self) -> None:
         """Stop what an earlier demo left running and clear its data, before anything starts:
-        a second operator and node agent beside the old ones run every pod twice, and old
-        workers keep writing checkpoints into the new run's directory."""
+        a second operator beside the old one acts on every job twice, and the old cluster's
+        workers would keep training (and writing checkpoints) beside the new ones."""
         previous = leftovers.load(STATE_FILE)
         me = process.record("demo", os.getpid())
         if previous.demo and process.alive(previous.demo):
@@ -189,12 +254,14 @@ class Demo:
                 f"another `joule demo` is running (pid {previous.demo.pid}); stop it first "
                 f"(Ctrl-C in its terminal, or kill {previous.demo.pid})"
             )
-        # The node agent first gets SIGTERM and stops its workers itself; the scan then finds
-        # workers whose agent died before them (SIGKILL of the whole group, OOM).
-        stopped = leftovers.stop(previous.children, grace_seconds=30)
-        stopped += leftovers.stop(leftovers.workers(PODS_DIR), grace_seconds=10)
+        stopped = leftovers.describe(leftovers.stop(previous.children, grace_seconds=30))
+        if status(self.settings) is not None:
+            # The old jobs, their workers and volumes go with it: the new run starts fresh
+            # rather than applying the examples over the old jobs.
+            down(self.settings)
+            stopped = ", ".join(filter(None, [stopped, f"cluster {DEMO_CLUSTER!r} and its pods"]))
         if stopped:
-            self.say(f"stopped what a previous demo left running: {leftovers.describe(stopped)}")
+            self.say(f"stopped what a previous demo left running: {stopped}")
         # Old checkpoints go too: the new jobs would resume from them (or find themselves
         # already finished) instead of training from step 0.
         shutil.rmtree(DEMO_DATA, ignore_errors=True)
@@ -202,24 +269,6 @@ class Demo:
         self.state = leftovers.DemoState(demo=me)
         leftovers.save(STATE_FILE, self.state)
         self.owns_cluster = True
-
-    def delete_previous_jobs(self) -> None:
-        """The previous demo's TrainingJobs, their pods and Services, gone before the examples
-        are applied again: applied over an old job, an example would keep its old pods, status
-        and step. Pods are force-deleted (no node agent runs to confirm a graceful delete; their
-        processes are already stopped), Services at once rather than by the garbage collector,
-        which could otherwise remove a new job's Service of the same name later."""
-        info = self.info
-        jobs = _kubectl(info, "get", PLURAL, "-A", "-o", "name").split()
-        if not jobs:
-            return
-        self.say(f"deleting the previous demo's jobs: {', '.join(j.split('/')[-1] for j in jobs)}")
-        _kubectl(info, "delete", PLURAL, "-A", "--all", "--wait=true")
-        _kubectl(
-            info, "delete", "pods", "-A", "-l", LABEL_JOB,
-            "--grace-period=0", "--force", "--wait=true",
-        )  # fmt: skip
-        _kubectl(info, "delete", "services", "-A", "-l", LABEL_JOB, "--wait=true")
 
     def start_child(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
         with self.interrupts.deferred():  # started and recorded, or neither
@@ -230,42 +279,72 @@ class Demo:
 
     def up(self) -> None:
         say = self.say
+        docs = manifests(self.options.examples)  # a broken file fails before anything starts
         self.clear_previous()
+        say(
+            "building the trainer image with buildah if its inputs changed (the first build "
+            "installs torch from PyPI: several minutes)"
+        )
+        image = ensure_trainer(progress=say)
+        built = f"built in {image.seconds:.0f}s" if image.built else "cached"
+        say(f"trainer image {image.ref}: {built}")
         info = up(self.settings, progress=say)
         self.info = info
+        assert info.node is not None  # real_node=True: up() raises where it cannot start one
+        registry = info.node["registry"]
+        self.pod_logs = NodeRecord.from_json(info.node).layout().pod_logs
+        say(f"pushing the trainer image to the node's registry {registry}")
+        push(image, registry=registry, progress=say)
         logs = DEMO_DATA / "logs"
         env = {**os.environ, "KUBECONFIG": str(info.kubeconfig)}
         say("installing the TrainingJob CRD")
         _kubectl(info, "apply", "-f", str(ROOT / "crds"))
         _kubectl(info, "wait", "--for=condition=Established", "crd/trainingjobs.joule.dev")
-        if info.already_running:
-            self.delete_previous_jobs()
         self.operator_port = free_port()
         say(f"starting the operator (log: {logs / 'operator.log'})")
         op_env = {**env, "JOULE_METRICS_PORT": str(self.operator_port), "JOULE_LOG_FORMAT": "plain"}
         self.start_child("operator", _joule("operator"), op_env, logs / "operator.log")
-        say(f"starting the local node agent (log: {logs / 'node-agent.log'})")
-        agent_argv = _joule(
-            "node-agent", "--name", "local", "--gpus", str(self.options.gpus),
-            "--state-dir", str(DEMO_DATA / "node"),
-        )  # fmt: skip
-        self.start_child("node-agent", agent_argv, env, logs / "node-agent.log")
         self.api = config.new_client_from_config(config_file=str(info.kubeconfig))
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        slots = str(self.options.gpus)
 
         def node_ready() -> bool:
-            node = self.core.read_node("local")
-            return any(
+            node = self.core.read_node(NODE_NAME)
+            ready = any(
                 c.type == "Ready" and c.status == "True" for c in node.status.conditions or []
             )
+            return ready and (node.status.allocatable or {}).get(GPU_RESOURCE) == slots
 
-        _wait(node_ready, 60, "the local node to be Ready")
+        what = f"node {NODE_NAME!r} to be Ready with {slots} {GPU_RESOURCE}"
+        _wait(node_ready, NODE_READY_TIMEOUT_S, what)
+        say(f"node {NODE_NAME!r} Ready: {slots} {GPU_RESOURCE} slots (for pods, not GPUs)")
+        self.make_volumes(info, docs)
         say(f"applying {self.options.examples}")
         for line in _kubectl(info, "apply", "-f", str(self.options.examples)).splitlines():
             say(f"  {line}")
         say(f"ready in {time.monotonic() - self.started:.1f}s; workers are starting")
-        say(f"worker logs: {DEMO_DATA / 'node' / 'pods'}/<namespace>_<pod>_<uid>/trainer.log")
+        jobs = [d["metadata"]["name"] for d in docs if d.get("kind") == KIND]
+        pod = f"{jobs[0]}-worker-0" if jobs else "<job>-worker-0"
+        say(
+            f"worker logs: KUBECONFIG={info.kubeconfig} {info.kubectl} logs -f {pod} "
+            f"(`get pods` lists every worker; `exec` works too); copies kept in {POD_LOGS}"
+        )
+
+    def make_volumes(self, info: ClusterInfo, docs: list[dict[str, Any]]) -> None:
+        """The ReadWriteMany volumes the examples claim (``joule.demo.storage``)."""
+        claims = storage.claims(docs)
+        if not claims:
+            return
+        storage.make_folders(claims, CHECKPOINTS)
+        objects = [storage.storage_class()]
+        objects += [storage.persistent_volume(c, CHECKPOINTS) for c in claims]
+        _kubectl(info, "apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
+        for c in claims:
+            self.say(
+                f"volume for claim {c.name} ({storage.STORAGE_CLASS}, ReadWriteMany): "
+                f"{CHECKPOINTS / c.folder}"
+            )
 
     def jobs(self) -> list[dict[str, Any]]:
         return self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
@@ -306,6 +385,7 @@ class Demo:
         tty = sys.stdout.isatty()
         last_plain = 0.0
         while True:
+            self.copy_logs()
             jobs = self.jobs()
             readings, endpoints = self.readings()
             elapsed = time.monotonic() - self.started
@@ -341,21 +421,56 @@ class Demo:
                 return 1
             time.sleep(self.options.refresh)
 
+    def stop_jobs(self, info: ClusterInfo) -> None:
+        """Delete every TrainingJob and wait (bounded) for its pods to go: the kubelet sends
+        the workers SIGTERM, and they write a last checkpoint within the grace period."""
+        try:
+            jobs = _kubectl(info, "get", PLURAL, "-A", "-o", "name").split()
+        except Exception:  # the cluster is gone or broken: its teardown stops the workers
+            return
+        if not jobs:
+            return
+        self.say("deleting the jobs: their workers get SIGTERM and write a last checkpoint")
+        _kubectl(info, "delete", PLURAL, "-A", "--all", "--wait=false")
+
+        def workers_gone() -> bool:
+            self.copy_logs()  # their last lines, before the kubelet removes them
+            pods = _kubectl(info, "get", "pods", "-A", "-l", LABEL_JOB, "-o", "name")
+            return not pods.split()
+
+        try:
+            _wait(workers_gone, WORKERS_EXIT_TIMEOUT_S, "the workers to exit")
+        except RuntimeError as exc:
+            self.say(f"{exc}; the node's teardown stops the rest")
+
+    def copy_logs(self) -> None:
+        if self.pod_logs is not None:
+            copy_pod_logs(self.pod_logs, POD_LOGS)
+
     def down(self) -> None:
         self.interrupts.stopping = True  # from here on, no signal cuts the teardown short
         if not self.owns_cluster:
             return
-        self.say("stopping: node agent (SIGTERM to every worker), operator, control plane")
-        # The node agent's own shutdown gives workers 10 s, then kills them; the scan catches
-        # any it could not (the agent killed on its grace period's expiry).
+        if self.info is not None:
+            try:
+                self.stop_jobs(self.info)
+            except Exception as exc:  # the rest of the teardown runs whatever happened here
+                self.say(f"could not delete the jobs ({exc}); the node's teardown stops them")
+        self.copy_logs()
+        self.say("stopping the operator and the cluster (control plane, node, registry)")
         leftovers.stop([c.record for c in reversed(self.children)], grace_seconds=30)
-        leftovers.stop(leftovers.workers(PODS_DIR), grace_seconds=10)
         down(self.settings)
         STATE_FILE.unlink(missing_ok=True)  # a failure above keeps it, for the next demo
-        self.say(f"stopped; nothing left running (logs kept in {DEMO_DATA})")
+        self.say(f"stopped; nothing left running (logs and checkpoints kept in {DEMO_DATA})")
 
 
 def run_demo(options: Options, say: Say) -> int:
+    """The demo; 1 at once, with one line saying why, where this machine cannot run its
+    node (not root, not Linux)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        say(f"cannot start the demo's node: {reason}")
+        return 1
     interrupts = Interrupts()
     interrupts.install()
     demo = Demo(options, say, interrupts)
