@@ -115,7 +115,7 @@ def main() -> None:
     print(f"{'step':<32} {'seconds':>8}  note")
     for what, seconds, note in rows:
         print(f"{what:<32} {seconds:>8.1f}  {note}")
-    print(f"image sizes: trainer {size / 2**30:.2f} GiB, base {base_size / 2**20:.0f} MiB")
+    print(f"image sizes: trainer {size}, base {base_size}")
     print(f"registry storage after the pushes: {data / 2**30:.2f} GiB")
 
 

@@ -162,10 +162,9 @@ def image_id(storage: Storage, image: str) -> str | None:
     return proc.stdout.strip() or None if proc.returncode == 0 else None
 
 
-def image_size(storage: Storage, image: str) -> int:
-    """Bytes of the image's layers, unpacked."""
-    out = run(storage, buildah(storage, "images", "--json", image))
-    return int(json.loads(out)[0]["size"])
+def image_size(storage: Storage, image: str) -> str:
+    """The image's size as buildah shows it (its layers unpacked, e.g. "5.91 GB")."""
+    return str(json.loads(run(storage, buildah(storage, "images", "--json", image)))[0]["size"])
 
 
 def _show(argv: Sequence[str]) -> str:
