@@ -42,7 +42,9 @@ class Kubectl:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[ClusterInfo]:
-    settings = ClusterSettings(name=TEST_CLUSTER)
+    # A real node too (root on Linux, as CI runs), tainted so that only the tests that ask
+    # for it (the `local_node` fixture's placement) run pods there; the rest use kwok nodes.
+    settings = ClusterSettings(name=TEST_CLUSTER, node_taints=(RealNode.taint,))
     info = up(settings, progress=lambda m: print(f"joule: {m}", flush=True))
     print(f"\nlocal control plane up in {info.started_in_s or 0:.1f}s at {info.server}")
     yield info
@@ -169,25 +171,79 @@ def operator(cluster: ClusterInfo, crd: None, tmp_path_factory) -> Iterator[Oper
     print(f"\noperator log: {log}")
 
 
-class LocalNode:
-    """`joule node-agent` joined to the test cluster: pods that select it run as processes."""
+TRAINER_IMAGE = "ghcr.io/joule-dev/trainer:0.1.0"
+
+
+class PodLogMirror:
+    """Copies the kubelet's pod log files (CRI format) as they grow, the way a log shipper
+    tails /var/log/pods, so that lines of pods deleted since are still there to read."""
+
+    def __init__(self, source: Path, target: Path) -> None:
+        import threading
+
+        self.source, self.target = source, target
+        self.target.mkdir(parents=True, exist_ok=True)
+        self._offsets: dict[Path, int] = {}
+        self._partial: dict[Path, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self.sync()
+
+    def sync(self) -> None:
+        import contextlib
+
+        for log in self.source.glob("*/*/*.log"):
+            pod_dir = log.parent.parent.name  # <namespace>_<pod>_<uid>
+            with contextlib.suppress(OSError):
+                with open(log, "rb") as f:
+                    f.seek(self._offsets.get(log, 0))
+                    data = f.read()
+                if not data or b"\n" not in data:
+                    continue
+                complete = data[: data.rindex(b"\n") + 1]
+                self._offsets[log] = self._offsets.get(log, 0) + len(complete)
+                out = []
+                for raw in complete.decode(errors="replace").splitlines():
+                    # <time> <stream> <P|F> <text>: P is a part of a longer line.
+                    parts = raw.split(" ", 3)
+                    if len(parts) < 4:
+                        continue
+                    text = self._partial.pop(log, "") + parts[3]
+                    if parts[2] == "P":
+                        self._partial[log] = text
+                    else:
+                        out.append(text + "\n")
+                with open(self.target / f"{pod_dir}.log", "a") as dst:
+                    dst.write("".join(out))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sync()
+
+
+class RealNode:
+    """The test cluster's real node (kubelet + containerd): pods that select it run in
+    containers from the trainer image, pulled from the cluster's local registry."""
 
     name = "local"
     # Tainted, so that the other tests' pods stay on the kwok nodes.
     taint = "joule.dev/local-node=true:NoSchedule"
 
-    def __init__(self, kubeconfig: Path, state: Path) -> None:
-        import os
-        import sys
+    def __init__(self, info: ClusterInfo, logs: Path) -> None:
+        from joule.cluster.realnode import NodeRecord
 
-        self.state = state
-        self.log = state / "node-agent.log"
-        state.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "JOULE_ENERGY_SOURCE": "estimated"}
-        argv = [sys.executable, "-m", "joule", "node-agent", "--name", self.name]
-        argv += ["--gpus", "4", "--state-dir", str(state), "--taint", self.taint]
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if info.node is None:
+            raise AssertionError(
+                "the test cluster has no real node: tests run as root on Linux (see README)"
+            )
+        self.record = NodeRecord.from_json(info.node)
+        self.layout = self.record.layout()
+        self.logs = PodLogMirror(self.layout.pod_logs, logs)
 
     @staticmethod
     def placement() -> dict:
@@ -197,31 +253,50 @@ class LocalNode:
             "tolerations": [{"key": "joule.dev/local-node", "operator": "Exists"}],
         }
 
-    def pod_log(self, namespace: str, pod: str, uid: str) -> Path:
-        return self.state / "pods" / f"{namespace}_{pod}_{uid}" / "trainer.log"
+    def pod_logs(self, namespace: str, pod_prefix: str) -> list[Path]:
+        """The mirrored logs of pods named ``<pod_prefix>...`` (every incarnation)."""
+        self.logs.sync()
+        return sorted(self.logs.target.glob(f"{namespace}_{pod_prefix}*.log"))
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+    def container_pid(self, container_id: str) -> int:
+        """The host pid of a container's first process, from containerd."""
+        from joule.cluster.nodebuild import node_binaries_for
+        from joule.cluster.settings import KUBERNETES_VERSION
+
+        ctr = node_binaries_for(KUBERNETES_VERSION).ctr
+        cid = container_id.removeprefix("containerd://")
+        out = subprocess.run(
+            [str(ctr), f"--address={self.layout.containerd_socket}", "-n", "k8s.io",
+             "task", "ls"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        for line in out.splitlines():
+            fields = line.split()
+            if fields and fields[0] == cid:
+                return int(fields[1])
+        raise AssertionError(f"containerd has no task {cid}:\n{out}")
+
+
+def load_trainer_image(node: RealNode) -> None:
+    """Build the trainer image (cached by content), push it to the cluster's registry and
+    pull it into the node, where pods find it as ghcr.io/joule-dev/trainer:0.1.0."""
+    from joule.cluster.nodebuild import node_binaries_for
+    from joule.cluster.realnode import pull_image
+    from joule.cluster.settings import KUBERNETES_VERSION
+    from joule.images import ensure_trainer, push
+
+    say = lambda m: print(f"joule: {m}", flush=True)  # noqa: E731
+    image = ensure_trainer(progress=say)
+    pushed = push(image, registry=node.record.registry, progress=say)
+    ctr = node_binaries_for(KUBERNETES_VERSION).ctr
+    pulled = pull_image(ctr, node.layout, TRAINER_IMAGE)
+    say(f"trainer image {image.ref}: pushed {pushed.seconds:.0f}s, pulled {pulled:.0f}s")
 
 
 @pytest.fixture(scope="session")
-def local_node(
-    cluster: ClusterInfo, core: client.CoreV1Api, tmp_path_factory
-) -> Iterator[LocalNode]:
-    node = LocalNode(cluster.kubeconfig, tmp_path_factory.mktemp("node-agent"))
-
-    def ready() -> bool:
-        try:
-            conditions = core.read_node(node.name).status.conditions or []
-        except client.ApiException:
-            return False
-        return any(c.type == "Ready" and c.status == "True" for c in conditions)
-
-    wait_for(ready, timeout=60, what="the local node to be Ready")
+def local_node(cluster: ClusterInfo, tmp_path_factory) -> Iterator[RealNode]:
+    node = RealNode(cluster, tmp_path_factory.mktemp("pod-logs"))
+    load_trainer_image(node)
     yield node
-    node.stop()
-    print(f"\nnode agent log: {node.log}")
+    node.logs.stop()
+    print(f"\npod logs: {node.logs.target}")

@@ -1,9 +1,10 @@
-"""The whole loop for real: the operator, the control plane, and a local node agent whose
-pods are real torchrun processes training on this machine's CPU."""
+"""The whole loop for real: the operator, the control plane, and a real node (kubelet +
+containerd) whose pods run the trainer image: torchrun training on this machine's CPU."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -22,6 +23,8 @@ IMAGE = "ghcr.io/joule-dev/trainer:0.1.0"
 
 
 def apply(kubectl, namespace: str, name: str, local_node, ckpt: Path, train: list[str], **spec):
+    # The shared checkpoint folder: the trainer runs as uid 1000 in its container.
+    ckpt.chmod(0o777)
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainingJob",
@@ -29,7 +32,11 @@ def apply(kubectl, namespace: str, name: str, local_node, ckpt: Path, train: lis
         "spec": {
             "image": IMAGE,
             "args": ["--model", "gpt", "--global-batch", "16", "--micro-batch", "8", *train],
-            "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
+            "env": [
+                {"name": "OMP_NUM_THREADS", "value": "1"},
+                # No GPU here: the trainer's meter is the labelled CPU estimate.
+                {"name": "JOULE_ENERGY_SOURCE", "value": "estimated"},
+            ],
             "gpusPerReplica": 1,
             "sharedMemory": "64Mi",
             "checkpoint": {"path": "/checkpoints", "volume": "ckpt"},
@@ -51,7 +58,7 @@ def status(api, namespace: str, name: str) -> dict:
 def events(local_node, namespace: str, job: str) -> list[dict]:
     """Rank 0's JSON log lines, from whichever pods held rank 0, in time order."""
     out = []
-    for log in (local_node.state / "pods").glob(f"{namespace}_{job}-worker-*_*/trainer.log"):
+    for log in local_node.pod_logs(namespace, f"{job}-worker-"):
         for line in log.read_text(errors="replace").splitlines():
             if line.startswith('{"ts"'):
                 with contextlib.suppress(ValueError):
@@ -98,12 +105,12 @@ def test_two_workers_train_to_completion_and_every_metrics_endpoint_answers(
     apply(kubectl, namespace, "gpt", local_node, tmp_path, train, replicas=2)
     wait_event(local_node, namespace, "gpt", lambda e: e["event"] == "step" and e["world"] == 2)
 
-    # Scraped during the run: each worker on its own loopback address, and the operator.
+    # Scraped during the run: each worker at its own pod address, and the operator.
     pods = running_pods(core, namespace, "gpt")
     assert len(pods) == 2 and len({p.status.pod_ip for p in pods}) == 2
     ranks = set()
     for pod in pods:
-        assert pod.status.pod_ip.startswith("127.")
+        assert ipaddress.ip_address(pod.status.pod_ip) in local_node.layout.pod_subnet
         text = scrape(f"http://{pod.status.pod_ip}:9090/metrics")
         steps = next(line for line in text.splitlines() if line.startswith("joule_trainer_steps_"))
         assert 'job="gpt"' in steps
@@ -168,11 +175,11 @@ def test_scale_2_to_1_to_2_reforms_the_group_and_continues_from_the_checkpoint(
     assert state["global_batch"] == 16 and state["world"] == 2
 
 
-def worker_processes(core, namespace: str, pod: str) -> tuple[int, list[int]]:
-    """The pod's main process (torchrun) and its training processes, from the status's
-    local:// container ID."""
+def worker_processes(core, local_node, namespace: str, pod: str) -> tuple[int, list[int]]:
+    """The container's main process (joule-launch, which execs torchrun) and its training
+    processes, as host pids from containerd."""
     status = core.read_namespaced_pod(pod, namespace).status
-    pid = int(status.container_statuses[0].container_id.removeprefix("local://"))
+    pid = local_node.container_pid(status.container_statuses[0].container_id)
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return pid, [int(c) for c in children]
 
@@ -186,7 +193,7 @@ def test_killed_worker_processes_are_recovered_and_the_job_still_succeeds(
     wait_event(local_node, namespace, "kill", lambda e: e["event"] == "step" and e["step"] >= 30)
 
     # 1. A training process dies: torchrun restarts the group inside the pods.
-    _, trainers = worker_processes(core, namespace, "kill-worker-1")
+    _, trainers = worker_processes(core, local_node, namespace, "kill-worker-1")
     assert trainers, "torchrun has no training process"
     killed_at = time.time()
     os.kill(trainers[0], signal.SIGKILL)
@@ -200,7 +207,7 @@ def test_killed_worker_processes_are_recovered_and_the_job_still_succeeds(
         local_node, namespace, "kill",
         lambda e: e["event"] == "step" and e["step"] > resumed["step"], after=resumed["ts"],
     )  # fmt: skip
-    agent_pid, _ = worker_processes(core, namespace, "kill-worker-1")
+    agent_pid, _ = worker_processes(core, local_node, namespace, "kill-worker-1")
     old_uid = core.read_namespaced_pod("kill-worker-1", namespace).metadata.uid
     os.kill(agent_pid, signal.SIGKILL)
 
