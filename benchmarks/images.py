@@ -46,7 +46,9 @@ def start_registry(root: Path) -> tuple[subprocess.Popen, str]:
         f"http: {{addr: {address}}}\nlog: {{level: warn}}\n"
     )
     proc = subprocess.Popen(
-        ["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=sys.stderr
+        ["docker-registry", "serve", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # it logs every probe of a missing blob as an error
     )
     for _ in range(200):
         try:
