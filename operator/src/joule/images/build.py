@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -165,6 +166,7 @@ def _ensure_trainer(
     image = iidfile.read_text().strip().removeprefix("sha256:")
     iidfile.unlink(missing_ok=True)
     index.update(store.index, f"trainer:{key}", image)
+    _remove_older(store, TRAINER_REPO, keep={ref, f"{TRAINER_REPO}:latest"}, progress=progress)
     seconds = time.monotonic() - started
     progress(f"trainer: {ref} built in {seconds:.0f}s")
     return Image(ref, image, key, True, seconds, store)
@@ -181,3 +183,17 @@ def _apt_sources() -> list[str]:
         for name in sorted(glob.glob(pattern)):
             texts.append(Path(name).read_text())
     return texts
+
+
+def _remove_older(store: Storage, repo: str, keep: set[str], progress: Progress) -> None:
+    """Builds of older trees (about 6 GB each with torch) are removed once a new one exists;
+    layers the new image shares stay, and so does the layer cache of unnamed images."""
+    listing = json.loads(tools.run(store, buildah(store, "images", "--json")))
+    for entry in listing:
+        names = entry.get("names") or []
+        if names and all(n.startswith(f"{repo}:") and n not in keep for n in names):
+            progress(f"removing an older build: {', '.join(names)}")
+            try:
+                tools.run(store, buildah(store, "rmi", entry["id"]))
+            except ImageError as exc:  # still the parent of a newer one: kept, not fatal
+                progress(f"kept {', '.join(names)}: {str(exc)[-160:]}")

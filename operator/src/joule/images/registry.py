@@ -62,19 +62,17 @@ def push(
     progress: Progress = lambda _: None,
 ) -> Pushed:
     """Push `image` to `registry` (host:port, plain HTTP) as name:tag, unless the registry
-    already serves the manifest this image was pushed as (recorded at the last push)."""
+    already serves a manifest this image was pushed as (recorded at each push). Registries of
+    the local clusters share one storage folder, so a cluster's new registry (a new port)
+    usually serves it already."""
     started = time.monotonic()
     store = image.storage
     dest = destination(registry, name, tag)
-    record_key = f"push:{dest}"
-    record = index.load(store.index).get(record_key)
+    record_key = f"pushed:{image.id}"
+    recorded = index.load(store.index).get(record_key)
+    digests = set(recorded) if isinstance(recorded, list) else set()
     current = manifest_digest(registry, name, tag)
-    if (
-        isinstance(record, dict)
-        and record.get("image") == image.id
-        and current is not None
-        and record.get("digest") == current
-    ):
+    if current is not None and current in digests:
         return Pushed(dest, current, False, time.monotonic() - started)
 
     progress(f"push: {image.ref} -> {dest}")
@@ -92,7 +90,7 @@ def push(
     served = manifest_digest(registry, name, tag)
     if served != digest:
         raise ImageError(f"pushed {dest} as {digest}, but the registry serves {served}")
-    index.update(store.index, record_key, {"image": image.id, "digest": digest})
+    index.update(store.index, record_key, sorted(digests | {digest}))
     seconds = time.monotonic() - started
     progress(f"push: {dest} {digest[:19]} in {seconds:.0f}s")
     return Pushed(dest, digest, True, seconds)
