@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install binaries demo test unit lint format cluster-up cluster-down clean
+.PHONY: install host-packages binaries images demo test unit lint format cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml trainer_image/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; Python >= 3.11 is needed" >&2; exit 1; }
@@ -17,8 +17,23 @@ $(STAMP): pyproject.toml trainer_image/pyproject.toml
 
 install: $(STAMP)
 
+# The real node and the image builder come from Debian (.ci/debian-packages): installed when
+# missing and this is a root Debian/Ubuntu machine; elsewhere `joule cluster up` says why it
+# starts no node, and what to do instead.
+HOST_PACKAGES := $(shell cat .ci/debian-packages)
+host-packages:
+	@missing=$$(for p in $(HOST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "make: installing Debian packages for the local node and image builds: $$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; \
+	else \
+		echo "make: not installing $$missing (needs root and apt-get); the local node will not start"; \
+	fi
+
 # The control plane is built from Go modules; Go itself fetches the toolchain version it needs.
-binaries: install
+binaries: install host-packages
 	@command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { echo "make: Go is needed to build the control plane once (https://go.dev/dl or your package manager)" >&2; exit 1; }
 	$(VENV)/bin/joule cluster build
 
@@ -27,7 +42,12 @@ binaries: install
 demo: binaries
 	PATH="/usr/local/go/bin:$$PATH" $(VENV)/bin/joule demo $(DEMO_ARGS)
 
-test: binaries
+# The trainer image, built by buildah from trainer_image/Dockerfile and cached by content (the
+# first build installs torch from PyPI into it: minutes, with progress). Root only, as the node.
+images: binaries
+	@if [ "$$(id -u)" = 0 ] && [ "$$(uname -s)" = Linux ]; then $(VENV)/bin/joule image build trainer; fi
+
+test: binaries images
 	$(PY) -m pytest
 
 unit: install
