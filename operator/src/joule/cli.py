@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -15,7 +14,7 @@ from joule.cluster import ClusterError, ClusterSettings, down, status, up
 from joule.cluster.build import BuildError, ensure_binaries
 from joule.cluster.nodebuild import ensure_node_binaries
 from joule.cluster.realnode import unavailable_reason
-from joule.cluster.settings import NodeShape, state_root
+from joule.cluster.settings import NodeShape
 
 
 def _say(message: str) -> None:
@@ -164,46 +163,6 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_node_agent(args: argparse.Namespace) -> int:
-    import logging
-    import signal
-
-    from kubernetes import client, config
-
-    from joule.nodeagent.agent import AgentConfig, NodeAgent
-    from joule.nodeagent.node import NodeSpec, parse_taint
-    from joule.nodeagent.podproc import TRAINER_IMAGE, LocalImages
-
-    images: dict[str, list[str]] = {TRAINER_IMAGE: ["joule-launch"]}
-    for item in args.local_image:
-        image, _, entry = item.partition("=")
-        images[image] = entry.split() if entry else []
-    spec = NodeSpec(
-        name=args.name,
-        cpu=args.cpu,
-        memory=args.memory,
-        gpus=args.gpus,
-        gpu_product=args.gpu_product,
-        taints=tuple(parse_taint(t) for t in args.taint),
-    )  # every flag checked before anything connects
-    try:
-        config.load_kube_config(config_file=args.kubeconfig)
-    except (config.ConfigException, OSError) as exc:
-        raise ValueError(
-            f"no usable kubeconfig ({args.kubeconfig or '$KUBECONFIG'}): {exc}"
-        ) from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(message)s")
-    agent = NodeAgent(
-        client.ApiClient(),
-        AgentConfig(node=spec, state_dir=args.state_dir, images=LocalImages(images)),
-    )
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stop.set())
-    _say(f"node {spec.name!r}: {spec.cpu} cpu, {spec.memory}, {spec.gpus} virtual nvidia.com/gpu")
-    agent.run()
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from joule.demo.run import Options, run_demo
 
@@ -231,10 +190,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _machine_memory() -> str:
-    return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**20}Mi"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="joule",
@@ -252,40 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=_positive_or_zero, help="port of /metrics, 0 for none (default 8080)"
     )
     op.set_defaults(func=cmd_operator)
-
-    agent = sub.add_parser(
-        "node-agent",
-        help="join this machine as a node whose pods run as local processes (KUBECONFIG)",
-    )
-    agent.add_argument("--name", default="local", help="node name (default: local)")
-    agent.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG")
-    agent.add_argument("--cpu", default=str(os.cpu_count() or 1), help="cpu capacity")
-    agent.add_argument("--memory", default=_machine_memory(), help="memory capacity")
-    agent.add_argument(
-        "--gpus", type=_positive_or_zero, default=4, help="virtual nvidia.com/gpu slots (4)"
-    )
-    agent.add_argument("--gpu-product", default="virtual", help="nvidia.com/gpu.product label")
-    agent.add_argument(
-        "--state-dir",
-        type=Path,
-        default=state_root().parent / "node-agent",
-        help="pod logs, emptyDirs and claims",
-    )
-    agent.add_argument(
-        "--local-image",
-        action="append",
-        default=[],
-        metavar="IMAGE[=ENTRYPOINT]",
-        help="also run this image's command as a local process (repeatable)",
-    )
-    agent.add_argument(
-        "--taint",
-        action="append",
-        default=[],
-        metavar="KEY[=VALUE]:EFFECT",
-        help="register the node with this taint (repeatable)",
-    )
-    agent.set_defaults(func=cmd_node_agent)
 
     demo = sub.add_parser(
         "demo",
