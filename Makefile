@@ -37,8 +37,9 @@ binaries: install host-packages
 	@command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { echo "make: Go is needed to build the control plane once (https://go.dev/dl or your package manager)" >&2; exit 1; }
 	$(VENV)/bin/joule cluster build
 
-# The whole loop on this machine: control plane, operator, a local node running the example
-# jobs' workers as processes, and a live view. Ctrl-C stops everything.
+# The whole loop on this machine: control plane, operator, a real node (kubelet + containerd;
+# needs root on Linux) running the example jobs' workers in containers from the trainer image
+# (built here), and a live view. Ctrl-C stops everything.
 demo: binaries
 	PATH="/usr/local/go/bin:$$PATH" $(VENV)/bin/joule demo $(DEMO_ARGS)
 
