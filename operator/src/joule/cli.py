@@ -12,6 +12,8 @@ from pathlib import Path
 from joule import __version__
 from joule.cluster import ClusterError, ClusterSettings, down, status, up
 from joule.cluster.build import BuildError, ensure_binaries
+from joule.cluster.deviceplugin import ensure_device_plugin
+from joule.cluster.dns import ensure_coredns
 from joule.cluster.nodebuild import ensure_node_binaries
 from joule.cluster.realnode import unavailable_reason
 from joule.cluster.settings import NodeShape
@@ -128,6 +130,8 @@ def cmd_cluster_build(args: argparse.Namespace) -> int:
         node = ensure_node_binaries(ClusterSettings().kubernetes_version, progress=_say)
         for path in (node.containerd, node.ctr, node.shim, node.pause, node.runc):
             print(path)
+        print(ensure_device_plugin(progress=_say))
+        print(ensure_coredns(progress=_say))
     return 0
 
 
