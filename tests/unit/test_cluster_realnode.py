@@ -102,3 +102,17 @@ def test_the_pause_image_archive_is_a_valid_oci_layout(tmp_path):
         with tarfile.open(fileobj=tar.extractfile(layer_name)) as layer:
             assert layer.getmember("pause").mode == 0o755
     assert pauseimage.pack(binary, tmp_path / "again.tar").read_bytes() == archive.read_bytes()
+
+
+def test_without_root_or_off_linux_the_reason_is_one_line_with_what_to_do(monkeypatch):
+    from joule.cluster import realnode
+
+    monkeypatch.setattr(realnode.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(realnode.os, "geteuid", lambda: 1000)
+    reason = realnode.unavailable_reason()
+    assert reason and "\n" not in reason and "need root" in reason and "kind" in reason
+    monkeypatch.setattr(realnode.platform, "system", lambda: "Darwin")
+    assert "needs Linux (this is Darwin)" in realnode.unavailable_reason()
+    monkeypatch.setattr(realnode.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(realnode.os, "geteuid", lambda: 0)
+    assert realnode.unavailable_reason() is None

@@ -47,17 +47,14 @@ class NodeError(RuntimeError):
 
 def unavailable_reason() -> str | None:
     """None when a real node can run here; else one line saying why and what to do."""
+    instead = (
+        "use a kind or minikube cluster of your own: kubectl apply -f crds/, then run "
+        "`joule operator` against it (README: Without root, or off Linux)"
+    )
     if platform.system() != "Linux":
-        return (
-            f"a local node needs Linux (this is {platform.system()}): use a kind or minikube "
-            "cluster of your own and install Joule with its Helm chart (charts/README.md)"
-        )
+        return f"a local node needs Linux (this is {platform.system()}); {instead}"
     if os.geteuid() != 0:
-        return (
-            "a local node runs containerd and a kubelet, which need root: run as root, or use "
-            "a kind or minikube cluster of your own and install Joule with its Helm chart "
-            "(charts/README.md)"
-        )
+        return f"a local node runs containerd and a kubelet, which need root; {instead}"
     return None
 
 
