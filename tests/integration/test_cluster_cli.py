@@ -36,6 +36,7 @@ def listening(port: int) -> bool:
 def test_up_status_down_leaves_nothing_behind(tmp_path):
     name = "pytest-cli"
     joule("cluster", "down", "--name", name)  # a leftover from an aborted run
+    cni_before = set(Path("/var/lib/cni").glob(f"**/*joule-{name}-*"))
     up = joule(
         "cluster", "up", "--name", name, "--nodes", "2", "--gpus-per-node", "4",
         "--node-gpus", "2",
@@ -120,6 +121,8 @@ def test_up_status_down_leaves_nothing_behind(tmp_path):
         h for h in Path("/sys/fs/cgroup").iterdir() if (h / layout.cgroup_root[1:]).exists()
     ]
     assert not layout.run.exists()
+    # libcni's cache on the host was not written: the node had its own /var/lib/cni.
+    assert set(Path("/var/lib/cni").glob(f"**/*joule-{name}-*")) <= cni_before
     assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _in_ns(p, node)]
 
     again = joule("cluster", "down", "--name", name)

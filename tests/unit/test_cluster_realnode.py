@@ -116,3 +116,27 @@ def test_without_root_or_off_linux_the_reason_is_one_line_with_what_to_do(monkey
     monkeypatch.setattr(realnode.platform, "system", lambda: "Linux")
     monkeypatch.setattr(realnode.os, "geteuid", lambda: 0)
     assert realnode.unavailable_reason() is None
+
+
+def test_two_checkouts_clusters_of_one_name_get_their_own_sockets_and_cgroups(tmp_path):
+    one = nodeconfig.run_key("pytest", tmp_path / "a")
+    assert one == nodeconfig.run_key("pytest", tmp_path / "a")
+    assert one != nodeconfig.run_key("pytest", tmp_path / "b")
+    assert one.startswith("pytest-") and len(one) <= 21
+    node = NodeLayout("pytest", 3, tmp_path / "node", Path("/run/joule") / one)
+    assert node.cgroup_root == f"/joule-{one}" and node.owner_tag == f"joule:{one}"
+
+
+def test_socket_paths_that_would_not_fit_are_named(tmp_path):
+    short = NodeLayout("a", 1, Path("/root/.local/state/joule/clusters/a/node"), Path("/run/j/a"))
+    assert nodeconfig.long_socket_paths(short) == []
+    deep = NodeLayout("a", 1, Path("/x" * 40) / "node", Path("/run/j/a"))
+    assert [p for p in nodeconfig.long_socket_paths(deep) if "pod-resources" in p]
+
+
+def test_the_node_keeps_libcni_and_the_kubelets_fixed_paths_private():
+    assert set(nodeconfig.PRIVATE_HOST_PATHS) == {
+        "/var/lib/kubelet/device-plugins",
+        "/var/log/containers",
+        "/var/lib/cni",
+    }

@@ -418,7 +418,7 @@ def _wait_ready(
     raise ClusterError(
         f"the cluster did not become ready within {STARTUP_TIMEOUT_S:.0f}s "
         f"(schedulable nodes: {ready}/{want_nodes}, default ServiceAccount: {has_sa}"
-        + (f", GPU slots on the real node: {slots}/{settings.node_gpus})" if slots else ")")
+        + (f", GPU slots: {slots}/{settings.node_gpus})" if slots is not None else ")")
     )
 
 

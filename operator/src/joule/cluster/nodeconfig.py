@@ -26,9 +26,18 @@ NODE_NETWORKS = ipaddress.ip_network("10.87.0.0/16")
 # Images whose published names the node resolves from the local registry (a pull-through
 # mirror, as kind and minikube set one up), so manifests keep their real image names.
 MIRRORED_REGISTRIES = ("ghcr.io",)
-# The kubelet ignores --root-dir for these (constants in its code); each cluster's node
-# gets its own folder mounted over them, in a mount namespace of its own.
-FIXED_KUBELET_PATHS = ("/var/lib/kubelet/device-plugins", "/var/log/containers")
+# Host paths the node would otherwise write to whatever it is told: the kubelet's constants
+# (device-plugin sockets, container log links) and libcni's result cache, which containerd
+# does not move. Each cluster's node gets its own folder mounted over them, in a mount
+# namespace of its own, so nothing lands on the host's copies.
+PRIVATE_HOST_PATHS = (
+    "/var/lib/kubelet/device-plugins",
+    "/var/log/containers",
+    "/var/lib/cni",
+)
+# Unix socket paths must fit in 108 bytes with their NUL; the kubelet's own sockets live
+# under its root dir (pod-resources/kubelet.sock plus a temporary suffix while it starts).
+SOCKET_PATH_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,9 @@ class NodeLayout:
     cluster: str
     index: int  # 1..254: picks the subnet and the bridge names
     state: Path  # <cluster state>/node
-    run: Path  # short paths for unix sockets (108-byte limit): /run/joule/<cluster>
+    # Short paths for unix sockets (108-byte limit): /run/joule/<key>, the key a digest of the
+    # cluster's state folder, so two checkouts' clusters of one name never share it.
+    run: Path
 
     @property
     def pod_subnet(self) -> ipaddress.IPv4Network:
@@ -64,7 +75,16 @@ class NodeLayout:
 
     @property
     def cgroup_root(self) -> str:
-        return f"/joule-{self.cluster}"
+        return f"/joule-{self.run.name}"
+
+    @property
+    def owner_tag(self) -> str:
+        """Written as the bridges' alias: only the node that made a bridge removes it."""
+        return f"joule:{self.run.name}"
+
+    @property
+    def pod_resources_socket(self) -> Path:
+        return self.kubelet_dir / "pod-resources" / "kubelet.sock"
 
     @property
     def containerd_socket(self) -> Path:
@@ -97,6 +117,22 @@ class NodeLayout:
     def fixed_path_source(self, fixed: str) -> Path:
         """This node's own folder for one of the kubelet's fixed paths."""
         return self.state / "fixed" / fixed.strip("/").replace("/", "_")
+
+
+def run_key(cluster: str, cluster_state: Path) -> str:
+    """``<cluster>-<digest of its state folder>``, short enough for socket paths."""
+    digest = hashlib.sha256(str(cluster_state.resolve()).encode()).hexdigest()[:8]
+    return f"{cluster[:12]}-{digest}"
+
+
+def long_socket_paths(layout: NodeLayout) -> list[str]:
+    """Socket paths of this layout that would not fit (the shim's are <run>/s/<64 hex>)."""
+    candidates = [
+        str(layout.containerd_socket) + ".ttrpc",
+        str(layout.run / "s" / ("0" * 64)),
+        str(layout.pod_resources_socket) + ".12345678",
+    ]
+    return [p for p in candidates if len(p) > SOCKET_PATH_LIMIT]
 
 
 def pick_index(cluster: str, taken: set[int]) -> int:

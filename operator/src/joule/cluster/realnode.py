@@ -10,7 +10,6 @@ every process in the node's mount namespace or cgroups, the cgroups, the bridges
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -26,7 +25,7 @@ import yaml
 
 from joule.cluster import nodeconfig, pauseimage, pki, process
 from joule.cluster.nodebuild import NodeBinaries
-from joule.cluster.nodeconfig import FIXED_KUBELET_PATHS, NodeLayout
+from joule.cluster.nodeconfig import PRIVATE_HOST_PATHS, NodeLayout
 from joule.cluster.process import ProcessRecord
 
 Progress = Callable[[str], None]
@@ -55,6 +54,10 @@ def unavailable_reason() -> str | None:
         return f"a local node needs Linux (this is {platform.system()}); {instead}"
     if os.geteuid() != 0:
         return f"a local node runs containerd and a kubelet, which need root; {instead}"
+    if (CGROUP_MOUNTS / "cgroup.controllers").exists():
+        # Only cgroup v1 (and hybrid) hosts have been run and tested; a pure v2 host needs
+        # the kubelet's root created with its controllers delegated, which is not done yet.
+        return f"a local node needs cgroup v1 or hybrid here, not cgroup v2 only; {instead}"
     return None
 
 
@@ -93,7 +96,8 @@ def taken_indexes() -> set[int]:
 
 def layout_for(cluster: str, cluster_state: Path) -> NodeLayout:
     index = nodeconfig.pick_index(cluster, taken_indexes())
-    return NodeLayout(cluster, index, cluster_state / "node", Path("/run/joule") / cluster)
+    run = Path("/run/joule") / nodeconfig.run_key(cluster, cluster_state)
+    return NodeLayout(cluster, index, cluster_state / "node", run)
 
 
 def prepare(
@@ -105,6 +109,12 @@ def prepare(
     taints: list[dict[str, str]],
 ) -> None:
     """Folders, configuration files, the kubelet's serving certificate, the pause image."""
+    too_long = nodeconfig.long_socket_paths(layout)
+    if too_long:
+        raise NodeError(
+            f"socket paths would be too long for unix sockets ({too_long[0]}): use a shorter "
+            "cluster name or JOULE_STATE_DIR"
+        )
     for path in (layout.state, layout.run, layout.cni_conf_dir, layout.pod_logs):
         path.mkdir(parents=True, exist_ok=True)
     layout.containerd_config.write_text(
@@ -129,19 +139,32 @@ def prepare(
 
 def network_up(layout: NodeLayout) -> None:
     """The pod bridge with its gateway address (for probes, port-forward and CoreDNS) and a
-    port-less bridge holding the node address. No forwarding, no NAT, no default route."""
+    port-less bridge holding the node address. No forwarding, no NAT, no default route.
+
+    Each bridge carries the node's tag as its alias, so that only this node removes it; and
+    forwarding is off on it whatever the host's ``ip_forward`` says, so a pod's packets are
+    never routed on (not even by a pod that crafts frames for the bridge's address)."""
     for bridge, cidr in (
         (layout.pod_bridge, f"{layout.gateway}/24"),
         (layout.node_bridge, f"{layout.node_ip}/32"),
     ):
+        if Path(f"/sys/class/net/{bridge}").exists():
+            raise NodeError(f"{bridge} exists already (another cluster's node?); try again")
         _run(["ip", "link", "add", bridge, "type", "bridge"])
+        _run(["ip", "link", "set", bridge, "alias", layout.owner_tag])
+        Path(f"/proc/sys/net/ipv4/conf/{bridge}/forwarding").write_text("0\n")
         _run(["ip", "addr", "add", cidr, "dev", bridge])
         _run(["ip", "link", "set", bridge, "up"])
 
 
 def network_down(layout: NodeLayout) -> None:
     for bridge in (layout.pod_bridge, layout.node_bridge):
-        _run(["ip", "link", "del", bridge], check=False)
+        try:
+            alias = Path(f"/sys/class/net/{bridge}/ifalias").read_text().strip()
+        except OSError:
+            continue  # gone already
+        if alias == layout.owner_tag:
+            _run(["ip", "link", "del", bridge], check=False)
 
 
 def cgroups_up(layout: NodeLayout) -> None:
@@ -155,7 +178,9 @@ def start_holder(layout: NodeLayout, start: Start) -> tuple[ProcessRecord, str]:
     node's own folders there. Returns the record and the namespace's identity."""
     record = start(
         "node-namespace",
-        ["unshare", "--mount", "--propagation", "private", "sleep", "infinity"],
+        # slave: the host's unmounts reach the node (it pins no disk the user removes);
+        # the node's own mounts stay inside.
+        ["unshare", "--mount", "--propagation", "slave", "sleep", "infinity"],
         None,
     )
     ns_link = f"/proc/{record.pid}/ns/mnt"
@@ -165,7 +190,7 @@ def start_holder(layout: NodeLayout, start: Start) -> tuple[ProcessRecord, str]:
         if time.monotonic() > deadline:
             raise NodeError("the node's mount namespace was not created (unshare --mount)")
         time.sleep(0.02)
-    for fixed in FIXED_KUBELET_PATHS:
+    for fixed in PRIVATE_HOST_PATHS:
         source = layout.fixed_path_source(fixed)
         source.mkdir(parents=True, exist_ok=True)
         Path(fixed).mkdir(parents=True, exist_ok=True)
@@ -207,17 +232,17 @@ def teardown(record: NodeRecord) -> list[str]:
     """Remove everything the node made. Safe to repeat, and after a crash; returns what it
     had to kill (processes the normal stop did not reach: containers, shims)."""
     layout = record.layout()
-    killed: list[str] = []
+    killed: set[str] = set()
     # Containers first (they live in the node's cgroups), then whatever is left in the
     # node's mount namespace (shims, containerd, the holder).
     for _ in range(50):
-        pids = _cgroup_pids(layout) | _namespace_pids(record.mount_ns)
+        pids = _cgroup_pids(layout) | _namespace_pids(record.mount_ns, layout)
         pids.discard(os.getpid())
         if not pids:
             break
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                killed.append(_comm(pid))
+                killed.add(_comm(pid))
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
     _remove_cgroups(layout)
@@ -225,13 +250,13 @@ def teardown(record: NodeRecord) -> list[str]:
     if not taken_indexes():
         # The kubelet's fixed paths, now empty mount points; never while another node runs:
         # removing a folder detaches the mounts other namespaces hold on it.
-        for fixed in (*FIXED_KUBELET_PATHS, "/var/lib/kubelet"):
+        for fixed in (*PRIVATE_HOST_PATHS, "/var/lib/kubelet"):
             with contextlib.suppress(OSError):
                 Path(fixed).rmdir()
     shutil.rmtree(layout.run, ignore_errors=True)
     _unmount_under(layout.state)
     shutil.rmtree(layout.state, ignore_errors=True)
-    return killed
+    return sorted(killed)
 
 
 def _cgroup_hierarchies() -> list[Path]:
@@ -250,12 +275,24 @@ def _cgroup_pids(layout: NodeLayout) -> set[int]:
     return pids
 
 
-def _namespace_pids(ns: str) -> set[int]:
+def _namespace_pids(ns: str, layout: NodeLayout) -> set[int]:
+    """Processes in the node's mount namespace. A namespace number is reused once it is
+    free (after a reboot, or once the node's last process is gone), so a process counts only
+    if its mounts also show this node's own folder over the kubelet's device-plugin path."""
+    if not ns:
+        return set()
+    # The bind mount's source as mountinfo shows it: relative to its filesystem's root,
+    # so only the tail (which names the cluster) is compared.
+    source = layout.fixed_path_source(PRIVATE_HOST_PATHS[0])
+    marker = "/".join(source.parts[-4:]) + f" {PRIVATE_HOST_PATHS[0]} "
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if os.readlink(entry / "ns" / "mnt") == ns:
+                if (
+                    os.readlink(entry / "ns" / "mnt") == ns
+                    and marker in (entry / "mountinfo").read_text()
+                ):
                     pids.add(int(entry.name))
     return pids
 
@@ -305,10 +342,6 @@ def write_registry_config(state: Path, address: str, storage: Path) -> Path:
     path = state / "registry.yaml"
     path.write_text(yaml.safe_dump(nodeconfig.registry_config(address, storage)))
     return path
-
-
-def node_json(record: NodeRecord) -> str:
-    return json.dumps(record.to_json())
 
 
 def pull_image(ctr: Path, layout: NodeLayout, image: str) -> float:
