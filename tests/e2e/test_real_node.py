@@ -4,7 +4,6 @@ never leaves this machine."""
 
 from __future__ import annotations
 
-import contextlib
 import ssl
 import threading
 import time
@@ -47,19 +46,26 @@ class PodPhases:
 
     def __init__(self, core, namespace: str, job: str) -> None:
         self.seen: dict[str, set[str]] = {}
+        self.error: Exception | None = None
+        self.started = threading.Event()
         self._watch = watch.Watch()
         self._thread = threading.Thread(target=self._run, args=(core, namespace, job), daemon=True)
         self._thread.start()
+        # The watch lists the current pods first: once one is seen, no later change is missed.
+        assert self.started.wait(30), f"the pod watch did not start: {self.error}"
 
     def _run(self, core, namespace: str, job: str) -> None:
-        with contextlib.suppress(Exception):  # the watch ends when stopped, or the server goes
+        try:
             self._watch_pods(core, namespace, job)
+        except Exception as exc:  # shown by the test's assertion, not lost in a thread
+            self.error = exc
 
     def _watch_pods(self, core, namespace: str, job: str) -> None:
         for event in self._watch.stream(
             core.list_namespaced_pod, namespace, label_selector=f"joule.dev/job-name={job}"
         ):
             pod = event["object"]
+            self.started.set()
             if pod.metadata.deletion_timestamp is not None:
                 codes = [
                     str(s.state.terminated.exit_code)
@@ -122,7 +128,7 @@ def test_on_a_real_kubelet_a_scaled_down_worker_is_not_a_failure_and_pods_stay_i
     wait_for(gone, timeout=120, what="the scaled-down worker to be removed")
     phases.stop()
     terminal = phases.seen.get("rn-worker-1", set())
-    assert any(p.startswith(("Failed/", "Succeeded/")) for p in terminal), terminal
+    assert any(p.startswith(("Failed/", "Succeeded/")) for p in terminal), (terminal, phases.error)
     st = status(api, namespace, "rn")
     assert st.get("restarts", 0) == 0, st
     assert st.get("phase") == "Running", st

@@ -7,6 +7,7 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
 import yaml
 
 from joule.demo import storage
@@ -96,3 +97,20 @@ def test_a_folder_of_manifests_is_read_as_kubectl_apply_reads_it(tmp_path):
     (tmp_path / "b.yml").write_text("---\n" + yaml.safe_dump(job("b", "x")))
     assert [d["metadata"]["name"] for d in manifests(tmp_path)] == ["x", "a", "b"]
     assert [d["metadata"]["name"] for d in manifests(tmp_path / "b.yml")] == ["b"]
+
+
+def test_the_demo_refuses_a_data_folder_that_is_a_link(tmp_path):
+    from joule.demo.run import fresh_data_folder
+
+    target = tmp_path / "etc"
+    target.mkdir()
+    link = tmp_path / "joule-demo"
+    link.symlink_to(target)
+    with pytest.raises(RuntimeError, match="symbolic link"):
+        fresh_data_folder(link)
+    assert oct(target.stat().st_mode & 0o777) == "0o755"
+
+    folder = tmp_path / "data"
+    (folder / "old").mkdir(parents=True)
+    fresh_data_folder(folder)
+    assert folder.is_dir() and not any(folder.iterdir())

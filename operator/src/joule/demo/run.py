@@ -228,6 +228,26 @@ def scrape(url: str) -> str | None:
         return None
 
 
+def fresh_data_folder(folder: Path) -> None:
+    """An empty folder of our own at ``folder``. It is in /tmp, where anyone may make a
+    name first: a link there would have root follow it (and later make a checkpoint folder
+    world-writable wherever it points), so anything that is not our own plain folder is
+    refused rather than followed."""
+    if folder.is_symlink():
+        raise RuntimeError(f"{folder} is a symbolic link; remove it and start the demo again")
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.mkdir(folder, 0o755)  # fails if anything took the name in between
+    except FileExistsError:
+        raise RuntimeError(
+            f"{folder} could not be cleared (owned by someone else?); remove it and start "
+            "the demo again"
+        ) from None
+    info = os.lstat(folder)
+    if info.st_uid != os.geteuid():
+        raise RuntimeError(f"{folder} is not ours (uid {info.st_uid}); remove it first")
+
+
 class Demo:
     def __init__(self, options: Options, say: Say, interrupts: Interrupts | None = None) -> None:
         self.options, self.say = options, _quiet(say)
@@ -264,8 +284,8 @@ class Demo:
             self.say(f"stopped what a previous demo left running: {stopped}")
         # Old checkpoints go too: the new jobs would resume from them (or find themselves
         # already finished) instead of training from step 0.
-        shutil.rmtree(DEMO_DATA, ignore_errors=True)
-        (DEMO_DATA / "logs").mkdir(parents=True)
+        fresh_data_folder(DEMO_DATA)
+        (DEMO_DATA / "logs").mkdir()
         self.state = leftovers.DemoState(demo=me)
         leftovers.save(STATE_FILE, self.state)
         self.owns_cluster = True
