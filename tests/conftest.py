@@ -176,15 +176,19 @@ TRAINER_IMAGE = "ghcr.io/joule-dev/trainer:0.1.0"
 
 class PodLogMirror:
     """Copies the kubelet's pod log files (CRI format) as they grow, the way a log shipper
-    tails /var/log/pods, so that lines of pods deleted since are still there to read."""
+    tails /var/log/pods, so that lines of pods deleted since are still there to read. Each
+    file stays open once found: the kubelet may delete it a moment after the container
+    exits, and the last lines (a final checkpoint's) are still read through the open file."""
 
     def __init__(self, source: Path, target: Path) -> None:
         import threading
 
         self.source, self.target = source, target
         self.target.mkdir(parents=True, exist_ok=True)
-        self._offsets: dict[Path, int] = {}
-        self._partial: dict[Path, str] = {}
+        self._open: dict[tuple[int, int], tuple[str, object]] = {}  # (dev, inode) -> file
+        self._tail: dict[tuple[int, int], str] = {}  # bytes read past the last newline
+        self._partial: dict[tuple[int, int], str] = {}  # a CRI line split into parts
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -195,35 +199,46 @@ class PodLogMirror:
 
     def sync(self) -> None:
         import contextlib
+        import os
 
-        for log in self.source.glob("*/*/*.log"):
-            pod_dir = log.parent.parent.name  # <namespace>_<pod>_<uid>
-            with contextlib.suppress(OSError):
-                with open(log, "rb") as f:
-                    f.seek(self._offsets.get(log, 0))
-                    data = f.read()
-                if not data or b"\n" not in data:
-                    continue
-                complete = data[: data.rindex(b"\n") + 1]
-                self._offsets[log] = self._offsets.get(log, 0) + len(complete)
-                out = []
-                for raw in complete.decode(errors="replace").splitlines():
-                    # <time> <stream> <P|F> <text>: P is a part of a longer line.
-                    parts = raw.split(" ", 3)
-                    if len(parts) < 4:
-                        continue
-                    text = self._partial.pop(log, "") + parts[3]
-                    if parts[2] == "P":
-                        self._partial[log] = text
-                    else:
-                        out.append(text + "\n")
-                with open(self.target / f"{pod_dir}.log", "a") as dst:
-                    dst.write("".join(out))
+        with self._lock:
+            for log in self.source.glob("*/*/*.log"):
+                with contextlib.suppress(OSError):
+                    info = os.stat(log)
+                    key = (info.st_dev, info.st_ino)
+                    if key not in self._open:  # new, or rotated: a new file at that name
+                        pod_dir = log.parent.parent.name  # <namespace>_<pod>_<uid>
+                        self._open[key] = (pod_dir, open(log, "rb"))  # noqa: SIM115
+            for key, (pod_dir, f) in list(self._open.items()):
+                with contextlib.suppress(OSError, ValueError):
+                    self._copy(key, pod_dir, f)
+
+    def _copy(self, key: tuple[int, int], pod_dir: str, f) -> None:
+        data = f.read()
+        if not data:
+            return
+        lines = (self._tail.pop(key, "") + data.decode(errors="replace")).split("\n")
+        self._tail[key] = lines.pop()  # an unfinished last line waits for its end
+        out = []
+        for raw in lines:
+            # <time> <stream> <P|F> <text>: P is a part of a longer line, F its end.
+            parts = raw.split(" ", 3)
+            if len(parts) < 4:
+                continue
+            text = self._partial.pop(key, "") + parts[3]
+            if parts[2] == "P":
+                self._partial[key] = text
+            else:
+                out.append(text + "\n")
+        with open(self.target / f"{pod_dir}.log", "a") as dst:
+            dst.write("".join(out))
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
         self.sync()
+        for _, f in self._open.values():
+            f.close()
 
 
 class RealNode:
