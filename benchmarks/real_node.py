@@ -118,6 +118,7 @@ def main() -> int:
                 "replicas": 2,
                 "elastic": {"minReplicas": 1, "maxReplicas": 2},
                 "gpusPerReplica": 1,
+                "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
                 "sharedMemory": "64Mi",
                 "checkpoint": {"path": "/checkpoints", "volume": "ckpt"},
                 "volumes": [{"name": "ckpt", "hostPath": {"path": str(ckpt)}}],

@@ -38,6 +38,10 @@ def apply(kubectl, namespace: str, name: str, local_node, ckpt: Path, train: lis
                 {"name": "JOULE_ENERGY_SOURCE", "value": "estimated"},
             ],
             "gpusPerReplica": 1,
+            # A CPU request, as a real job has: a BestEffort pod gets the kernel's smallest CPU
+            # weight, and on a busy machine its torchrun agent then misses the rendezvous
+            # heartbeats and a newcomer forms a second group (seen in CI).
+            "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
             "sharedMemory": "64Mi",
             "checkpoint": {"path": "/checkpoints", "volume": "ckpt"},
             "volumes": [{"name": "ckpt", "hostPath": {"path": str(ckpt)}}],

@@ -96,8 +96,11 @@ def test_on_a_real_kubelet_a_scaled_down_worker_is_not_a_failure_and_pods_stay_i
     probe = PROBE % (OUTSIDE, "rn-worker-1.rn")
     out = kubectl("exec", "-n", namespace, "rn-worker-0", "--", "python", "-c", probe).stdout
     assert "ERRNO ENETUNREACH" in out, out  # no default route out of a pod
-    dns = next(line for line in out.splitlines() if line.startswith("DNS"))
-    assert float(dns.split()[-1]) < 2.0, out  # outside names fail at once, nothing hangs
+    # An outside name fails with NXDOMAIN (EAI_NONAME, -2), an answer from CoreDNS: nothing
+    # is forwarded (a forward could only time out, EAI_AGAIN). Seconds, not a hang: CI once
+    # saw one 5 s resolver retry here under load, so the bound is loose.
+    _, code, seconds = next(line for line in out.splitlines() if line.startswith("DNS")).split()
+    assert code == "-2" and float(seconds) < 12, out
     assert f"PEER {peer}" in out  # the headless Service's pod names resolve (CoreDNS)
     assert FORWARD.read_text() == forward_before  # the node left ip_forward as it was
 

@@ -342,8 +342,11 @@ def test_status_and_spec_stay_apart_for_gitops(kubectl, jobs, namespace):
 
 
 def test_examples_folder_is_valid_yaml():
+    """Every example holds one TrainingJob, with the objects it needs (a checkpoint claim)."""
     for path in Path(ROOT / "examples").rglob("*.yaml"):
-        assert yaml.safe_load(path.read_text())["kind"] == "TrainingJob"
+        kinds = [d["kind"] for d in yaml.safe_load_all(path.read_text()) if d]
+        assert kinds.count("TrainingJob") == 1, (path, kinds)
+        assert set(kinds) <= {"TrainingJob", "PersistentVolumeClaim"}, (path, kinds)
 
 
 def test_a_worker_deleted_by_a_scale_down_is_not_counted_as_a_failure(
