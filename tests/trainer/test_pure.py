@@ -216,3 +216,20 @@ def test_each_event_line_reaches_stdout_in_one_write(monkeypatch):
     Trainer._log(SimpleNamespace(rank=0), event="sigterm", step=25)
     assert len(writes) == 1
     assert writes[0].endswith("\n") and json.loads(writes[0])["event"] == "sigterm"
+
+
+def test_launch_bounds_dns_waits_so_the_rendezvous_store_never_stalls_past_heartbeats(
+    monkeypatch,
+):
+    """The store resolves each client's name on its only thread; glibc's default wait for a
+    lost DNS answer (5 s, twice) outlasted the 6 s heartbeat tolerance in CI."""
+    from joule_trainer import launch
+
+    seen: dict = {}
+    monkeypatch.setattr(launch.os, "execvpe", lambda _f, _a, env: seen.update(env))
+    monkeypatch.delenv("RES_OPTIONS", raising=False)
+    launch.main(["-m", "joule_trainer.train"])
+    options = dict(o.split(":") for o in seen["RES_OPTIONS"].split())
+    conf = dict(i.split("=") for i in launch.DEFAULT_RDZV_CONF.split(","))
+    tolerance = int(conf["keep_alive_interval"]) * int(conf["keep_alive_max_attempt"])
+    assert int(options["timeout"]) * int(options["attempts"]) < tolerance / 2

@@ -33,7 +33,12 @@ DEFAULT_RDZV_CONF = "last_call_timeout=5,keep_alive_interval=2,keep_alive_max_at
 # with the workers), an agent that was rank 0 in an earlier round does not republish the
 # bootstrap address in the next one, so a node joining a shrunk group waits for it forever
 # (seen with torch 2.15 growing 1 -> 2). Unshared, every round gets a fresh worker store.
-TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+#
+# RES_OPTIONS: the rendezvous store looks up the name of every client that connects, on its
+# only thread; with glibc's default (5 s, twice) one lost DNS packet froze the store for 10 s,
+# the agents' heartbeats (6 s tolerance, above) aged out, and a newcomer dropped the host and
+# formed a second group (seen in CI). 1 s, twice, keeps a lost packet far below that.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "RES_OPTIONS": "timeout:1 attempts:2"}
 
 
 def rdzv_conf(given: str) -> str:
