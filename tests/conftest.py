@@ -276,15 +276,13 @@ class RealNode:
     def container_pid(self, container_id: str) -> int:
         """The host pid of a container's first process, from containerd."""
         from joule.cluster.nodebuild import node_binaries_for
+        from joule.cluster.realnode import ctr_argv
         from joule.cluster.settings import KUBERNETES_VERSION
 
         ctr = node_binaries_for(KUBERNETES_VERSION).ctr
         cid = container_id.removeprefix("containerd://")
-        out = subprocess.run(
-            [str(ctr), f"--address={self.layout.containerd_socket}", "-n", "k8s.io",
-             "task", "ls"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+        argv = ctr_argv(ctr, self.layout, "task", "ls")
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
         for line in out.splitlines():
             fields = line.split()
             if fields and fields[0] == cid:

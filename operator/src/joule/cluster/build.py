@@ -235,18 +235,37 @@ def version_ldflags(version: str) -> str:
 
 
 def _build_kwok(go: str, version: str, target: Path, say: Progress) -> None:
-    staging = target.parent.with_name(target.parent.name + ".tmp")
+    package = f"sigs.k8s.io/kwok/cmd/kwok@{version}"
+    go_install(go, [[package]], target.parent, f"kwok {version}", say)
+
+
+def go_install(
+    go: str,
+    batches: Sequence[Sequence[str]],
+    bin_dir: Path,
+    label: str,
+    say: Progress,
+    extra_env: dict[str, str] | None = None,
+    flags: Sequence[Sequence[str]] = (),
+) -> None:
+    """``go install`` each batch of ``pkg@version``s (with its ``flags[i]``, e.g. build tags)
+    into a staging folder, then publish it as ``bin_dir``, so that an interrupted build never
+    looks cached. For modules without local ``replace`` lines."""
+    staging = bin_dir.with_name(bin_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    _run_go(
-        go,
-        ["install", "-v", "-trimpath", "-ldflags=-s -w", f"sigs.k8s.io/kwok/cmd/kwok@{version}"],
-        cwd=staging,
-        label=f"kwok {version}",
-        say=say,
-        extra_env={"GOBIN": str(staging)},
-    )
-    _publish(staging, target.parent)
+    for n, batch in enumerate(batches):
+        extra = list(flags[n]) if n < len(flags) else []
+        _run_go(
+            go,
+            ["install", "-v", "-trimpath", "-ldflags=-s -w", *extra, *batch],
+            cwd=staging,
+            label=label,
+            say=say,
+            extra_env={"GOBIN": str(staging), **(extra_env or {})},
+        )
+    (staging / "build.log").unlink(missing_ok=True)
+    _publish(staging, bin_dir)
 
 
 KWOK_STAGE_FILES = (

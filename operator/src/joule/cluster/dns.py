@@ -18,14 +18,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from joule.cluster.build import BuildError, Progress, _find_go, _publish, _run_go, _stderr
+from joule.cluster.build import BuildError, Progress, _find_go, _stderr, go_install
 from joule.cluster.components import Component
+from joule.cluster.nodeconfig import CLUSTER_DOMAIN
 from joule.cluster.pki import ClientIdentity
 from joule.cluster.settings import cache_dir
 
 COREDNS_VERSION = "v1.15.0"
 COREDNS_MODULE = "github.com/coredns/coredns"
-CLUSTER_DOMAIN = "cluster.local"
 # The identity in CoreDNS's client certificate: no groups, so RBAC grants it only the role below.
 COREDNS_USER = "joule:coredns"
 COREDNS_CLIENT = ClientIdentity(COREDNS_USER)
@@ -39,29 +39,11 @@ def coredns_binary(version: str = COREDNS_VERSION, root: Path | None = None) -> 
 
 
 def build_coredns(go: str, version: str, target: Path, say: Progress) -> None:
-    """``go install`` CoreDNS (its module has no replace lines) into a staging folder, then
-    move it to ``target``'s folder, so an interrupted build never looks cached. About 4-5
-    minutes cold on 2 cores, ~20 s with a warm Go cache."""
-    staging = target.parent.with_name(target.parent.name + ".tmp")
-    if staging.exists():
-        for item in staging.iterdir():
-            item.unlink()
-    staging.mkdir(parents=True, exist_ok=True)
-    _run_go(
-        go,
-        ["install", "-v", "-trimpath", "-ldflags=-s -w", f"{COREDNS_MODULE}@{version}"],
-        cwd=staging,
-        label=f"coredns {version}",
-        say=say,
-        extra_env={"GOBIN": str(staging)},
-    )
-    (staging / "build.log").unlink(missing_ok=True)
-    built = staging / "coredns"
-    if not built.is_file():
-        raise BuildError(f"go install {COREDNS_MODULE}@{version} left no coredns binary")
-    if built.name != target.name:
-        built.rename(staging / target.name)
-    _publish(staging, target.parent)
+    """``go install`` CoreDNS (its module has no replace lines) into ``target``'s folder.
+    About 3 minutes cold on 2 cores, seconds with a warm Go cache."""
+    go_install(go, [[f"{COREDNS_MODULE}@{version}"]], target.parent, f"coredns {version}", say)
+    if not target.is_file():
+        raise BuildError(f"go install {COREDNS_MODULE}@{version} left no {target}")
 
 
 def ensure_coredns(

@@ -19,9 +19,8 @@ from joule.cluster.build import (
     _find_go,
     _fmt_elapsed,
     _go_json,
-    _publish,
-    _run_go,
     _stderr,
+    go_install,
 )
 from joule.cluster.settings import cache_dir
 
@@ -92,33 +91,14 @@ def ensure_node_binaries(kubernetes_version: str, progress: Progress | None = No
 
 
 def _build_containerd(go: str, bin_dir: Path, say: Progress) -> None:
-    staging = bin_dir.with_name(bin_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     label = f"containerd {CONTAINERD_VERSION}"
     say(f"[{label}] compiling containerd, ctr and containerd-shim-runc-v2")
-    flags = ["install", "-v", "-trimpath", "-ldflags=-s -w"]
     pkgs = [f"{CONTAINERD_MODULE}/cmd/{c}@{CONTAINERD_VERSION}" for c in ("containerd", "ctr")]
-    # btrfs needs C headers that are not here and that a node on overlayfs never uses.
-    _run_go(
-        go,
-        [*flags, "-tags", "no_btrfs", *pkgs],
-        cwd=staging,
-        label=label,
-        say=say,
-        extra_env={"GOBIN": str(staging)},
-    )
     shim = f"{CONTAINERD_MODULE}/cmd/containerd-shim-runc-v2@{CONTAINERD_VERSION}"
-    # The shim is static, as containerd's own release builds it.
-    _run_go(
-        go,
-        [*flags, shim],
-        cwd=staging,
-        label=label,
-        say=say,
-        extra_env={"GOBIN": str(staging), "CGO_ENABLED": "0"},
-    )
-    _publish(staging, bin_dir)
+    # btrfs needs C headers that are not here and that a node on overlayfs never uses; the
+    # shim is static (CGO off), as containerd's own release builds it.
+    go_install(go, [pkgs], bin_dir, label, say, flags=[["-tags", "no_btrfs"]])
+    go_install(go, [[shim]], bin_dir, label, say, extra_env={"CGO_ENABLED": "0"})
 
 
 def _build_pause(go: str, kubernetes_version: str, target: Path, say: Progress) -> None:

@@ -203,18 +203,13 @@ def in_namespace(holder: ProcessRecord, argv: list[str]) -> list[str]:
     return ["nsenter", f"--mount=/proc/{holder.pid}/ns/mnt", "--", *argv]
 
 
+def ctr_argv(ctr: Path, layout: NodeLayout, *args: str) -> list[str]:
+    """``ctr`` against this node's containerd, in the namespace the kubelet's pods use."""
+    return [str(ctr), f"--address={layout.containerd_socket}", "-n", "k8s.io", *args]
+
+
 def import_pause(ctr: Path, layout: NodeLayout) -> None:
-    _run(
-        [
-            str(ctr),
-            f"--address={layout.containerd_socket}",
-            "-n",
-            "k8s.io",
-            "images",
-            "import",
-            str(layout.state / "pause.tar"),
-        ]
-    )
+    _run(ctr_argv(ctr, layout, "images", "import", str(layout.state / "pause.tar")))
 
 
 def wait_socket(path: Path, record: ProcessRecord, what: str) -> None:
@@ -349,16 +344,5 @@ def pull_image(ctr: Path, layout: NodeLayout, image: str) -> float:
     that the first pod does not wait for it; returns the seconds it took. The trainer image
     is ~3 GiB: about a minute here."""
     started = time.monotonic()
-    _run(
-        [
-            str(ctr),
-            f"--address={layout.containerd_socket}",
-            "-n",
-            "k8s.io",
-            "images",
-            "pull",
-            f"--hosts-dir={layout.registry_hosts_dir}",
-            image,
-        ]
-    )
+    _run(ctr_argv(ctr, layout, "images", "pull", f"--hosts-dir={layout.registry_hosts_dir}", image))
     return time.monotonic() - started
