@@ -26,5 +26,7 @@ if __name__ == "__main__":
     code = train.main(sys.argv[1:])
     # When each rank leaves, told by the test itself rather than by the trainer under test.
     exited = {"ts": round(time.time(), 3), "event": "exited", "rank": int(os.environ["RANK"])}
-    print(json.dumps(exited), flush=True)
+    # One write, as the trainer does: print() may split text and newline, merging two ranks' lines.
+    sys.stdout.write(json.dumps(exited) + "\n")
+    sys.stdout.flush()
     train.exit_now(code)
