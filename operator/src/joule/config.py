@@ -4,14 +4,19 @@ them); a bad value stops the operator at start with a message naming the variabl
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+# Where a pod finds its own namespace; the lease lives there unless JOULE_LEASE_NAMESPACE says.
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 @dataclass(frozen=True)
 class OperatorConfig:
-    # Namespace to watch; empty: the whole cluster.
-    namespace: str = ""
+    # Namespaces to watch (JOULE_WATCH_NAMESPACES, comma-separated); empty: the whole cluster.
+    namespaces: tuple[str, ...] = ()
     # Every job is reconciled at least this often even when nothing happens (seconds).
     resync_seconds: float = 30.0
     # How often due timers (startup timeout, deadline, TTL) are checked (seconds).
@@ -22,20 +27,69 @@ class OperatorConfig:
     workers: int = 16
     # "json" for structured logs (one JSON object a line), "plain" for people.
     log_format: str = "json"
+    # Port of /healthz (liveness) and /readyz (readiness); 0 turns it off.
+    health_port: int = 8081
+    # Take a coordination.k8s.io Lease before reconciling, so that only one of several
+    # replicas acts. Off for a single `joule operator` run by hand; the chart turns it on.
+    leader_elect: bool = False
+    # The Lease's name and namespace (the namespace defaults to the pod's own).
+    lease_name: str = "joule-operator"
+    lease_namespace: str = "default"
+    # This replica's name in the Lease (holderIdentity); empty: "<hostname>-<pid>".
+    identity: str = ""
+    # client-go's defaults scaled down, as controller-runtime's are: a standby takes over a
+    # lease not renewed for lease_duration; the leader gives up (exits) when it could not
+    # renew for renew_deadline; both retry every retry_period (seconds).
+    lease_duration_seconds: int = 8
+    renew_deadline_seconds: float = 6.0
+    retry_period_seconds: float = 1.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        namespace_file: Path = SERVICE_ACCOUNT_NAMESPACE,
+    ) -> OperatorConfig:
         env = os.environ if env is None else env
         fmt = env.get("JOULE_LOG_FORMAT", cls.log_format)
         if fmt not in ("json", "plain"):
             raise ValueError(f"JOULE_LOG_FORMAT must be json or plain, got {fmt!r}")
+        duration = float(
+            _number(env, "JOULE_LEASE_DURATION_SECONDS", cls.lease_duration_seconds, 1)
+        )
+        if not duration.is_integer():  # leaseDurationSeconds is an integer in the Lease
+            raise ValueError(f"JOULE_LEASE_DURATION_SECONDS must be whole seconds, got {duration}")
+        deadline = _number(
+            env, "JOULE_LEASE_RENEW_DEADLINE_SECONDS", cls.renew_deadline_seconds, 0.1
+        )
+        retry = _number(env, "JOULE_LEASE_RETRY_PERIOD_SECONDS", cls.retry_period_seconds, 0.1)
+        # The same order client-go insists on: the leader must give up before a standby may
+        # take over, and must get more than one try within its deadline.
+        if not duration > deadline:
+            raise ValueError(
+                f"JOULE_LEASE_DURATION_SECONDS ({duration:g}) must be greater than "
+                f"JOULE_LEASE_RENEW_DEADLINE_SECONDS ({deadline:g})"
+            )
+        if not deadline > retry * 1.2:
+            raise ValueError(
+                f"JOULE_LEASE_RENEW_DEADLINE_SECONDS ({deadline:g}) must be greater than "
+                f"1.2 x JOULE_LEASE_RETRY_PERIOD_SECONDS ({retry:g})"
+            )
         return cls(
-            namespace=env.get("JOULE_NAMESPACE", cls.namespace),
+            namespaces=_namespaces(env, "JOULE_WATCH_NAMESPACES"),
             resync_seconds=_number(env, "JOULE_RESYNC_SECONDS", cls.resync_seconds, 1),
             tick_seconds=_number(env, "JOULE_TICK_SECONDS", cls.tick_seconds, 0.1),
-            metrics_port=int(_number(env, "JOULE_METRICS_PORT", cls.metrics_port, 0)),
+            metrics_port=_port(env, "JOULE_METRICS_PORT", cls.metrics_port),
             workers=int(_number(env, "JOULE_WORKERS", cls.workers, 1)),
             log_format=fmt,
+            health_port=_port(env, "JOULE_HEALTH_PORT", cls.health_port),
+            leader_elect=_boolean(env, "JOULE_LEADER_ELECT", cls.leader_elect),
+            lease_name=env.get("JOULE_LEASE_NAME") or cls.lease_name,
+            lease_namespace=(env.get("JOULE_LEASE_NAMESPACE") or _own_namespace(namespace_file)),
+            identity=env.get("JOULE_POD_NAME", cls.identity),
+            lease_duration_seconds=int(duration),
+            renew_deadline_seconds=deadline,
+            retry_period_seconds=retry,
         )
 
 
@@ -50,3 +104,38 @@ def _number(env: Mapping[str, str], key: str, default: float, minimum: float) ->
     if value < minimum:
         raise ValueError(f"{key} must be >= {minimum:g}, got {raw}")
     return value
+
+
+def _namespaces(env: Mapping[str, str], key: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in env.get(key, "").split(",") if n.strip())
+    bad = [n for n in names if not _DNS_LABEL.fullmatch(n)]
+    if bad:
+        raise ValueError(f"{key} must be comma-separated namespace names, got {bad[0]!r}")
+    return tuple(dict.fromkeys(names))  # in order, once each
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _port(env: Mapping[str, str], key: str, default: int) -> int:
+    value = float(_number(env, key, default, 0))
+    if not value.is_integer() or value > 65535:
+        raise ValueError(f"{key} must be a port number (0 turns it off), got {env[key]!r}")
+    return int(value)
+
+
+def _boolean(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    if raw not in ("true", "false"):  # no "yes"/"1": the chart writes exactly these
+        raise ValueError(f"{key} must be true or false, got {raw!r}")
+    return raw == "true"
+
+
+def _own_namespace(path: Path) -> str:
+    """The pod's namespace (its service account's), or "default" outside a cluster."""
+    try:
+        return path.read_text().strip() or OperatorConfig.lease_namespace
+    except OSError:
+        return OperatorConfig.lease_namespace

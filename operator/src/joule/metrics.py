@@ -7,7 +7,7 @@ import threading
 from collections import Counter as _Tally
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -32,6 +32,11 @@ POLICY_DECISIONS = Counter(
 )
 PODS_CREATED = Counter("joule_operator_pods_created_total", "Worker pods created")
 PODS_DELETED = Counter("joule_operator_pods_deleted_total", "Worker pods deleted")
+LEADER = Gauge(
+    "joule_operator_leader",
+    "1 while this replica reconciles (it holds the leader lease, or runs without election), "
+    "0 while it waits as a standby",
+)
 
 
 class JobPhases(Collector):
