@@ -22,8 +22,11 @@ TEST_CLUSTER = os.environ.get("JOULE_TEST_CLUSTER", "pytest")
 
 @dataclass
 class Kubectl:
+    """A command line tool against the test cluster's kubeconfig."""
+
     binary: Path
     kubeconfig: Path
+    timeout: float = 120
 
     def __call__(
         self, *args: str, stdin: str | None = None, check: bool = True
@@ -33,10 +36,10 @@ class Kubectl:
             input=stdin,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=self.timeout,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
+            raise AssertionError(f"{self.binary.name} {' '.join(args)} failed: {proc.stderr}")
         return proc
 
 
@@ -118,8 +121,10 @@ class OperatorProcess:
     def __init__(self, kubeconfig: Path, log: Path) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
+        self.extra_env: dict[str, str] = {}  # more JOULE_* settings
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = free_port()
+        self.health_port = free_port()  # two test runs on one machine must not share one
 
     def start(self) -> None:
         import os
@@ -131,7 +136,9 @@ class OperatorProcess:
             "JOULE_TICK_SECONDS": "0.5",
             "JOULE_RESYNC_SECONDS": "10",
             "JOULE_METRICS_PORT": str(self.metrics_port),
+            "JOULE_HEALTH_PORT": str(self.health_port),
             "JOULE_LOG_FORMAT": "plain",
+            **self.extra_env,
         }
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
@@ -161,14 +168,92 @@ def crd(kubectl: Kubectl) -> None:
     kubectl("wait", "--for=condition=Established", "crd/trainingjobs.joule.dev", "--timeout=60s")
 
 
+CHART = ROOT / "charts" / "joule"
+# Where the operator's identity lives in the tests: the chart's ServiceAccount and RBAC, as
+# `helm install joule charts/joule -n joule-system` makes them.
+OPERATOR_NAMESPACE = "joule-system"
+OPERATOR_RELEASE = "joule"
+
+
+class Helm(Kubectl):
+    """helm, with time for an install or an uninstall to finish."""
+
+
 @pytest.fixture(scope="session")
-def operator(cluster: ClusterInfo, crd: None, tmp_path_factory) -> Iterator[OperatorProcess]:
+def helm(cluster: ClusterInfo) -> Helm:
+    from joule.cluster.helm import ensure_helm  # built by `make binaries`; cached
+
+    return Helm(ensure_helm(), cluster.kubeconfig, timeout=300)
+
+
+def token_kubeconfig(admin: Path, token: str, target: Path) -> Path:
+    """A kubeconfig for the same API server that authenticates with a bearer token."""
+    import yaml
+
+    conf = yaml.safe_load(admin.read_text())
+    cluster = conf["clusters"][0]["cluster"]
+    target.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "local", "cluster": cluster}],
+                "users": [{"name": "sa", "user": {"token": token}}],
+                "contexts": [{"name": "sa", "context": {"cluster": "local", "user": "sa"}}],
+                "current-context": "sa",
+            }
+        )
+    )
+    target.chmod(0o600)
+    return target
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(
+    cluster: ClusterInfo, crd: None, kubectl: Kubectl, helm: Helm, tmp_path_factory
+) -> Path:
+    """The operator authenticates as the chart's ServiceAccount, with only the chart's RBAC:
+    a permission the chart lacks fails the operator's tests. The token comes from the
+    TokenRequest API, as a projected token does in a pod."""
+    kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
+    rendered = helm(
+        "template", OPERATOR_RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE,
+        "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml",
+    ).stdout  # fmt: skip
+    kubectl("apply", "-f", "-", stdin=rendered)
+    token = kubectl(
+        "create", "token", OPERATOR_RELEASE, "-n", OPERATOR_NAMESPACE, "--duration=24h"
+    ).stdout.strip()
+    folder = tmp_path_factory.mktemp("operator-identity")
+    return token_kubeconfig(cluster.kubeconfig, token, folder / "kubeconfig")
+
+
+# The session's operator, once started: tests that run operators of their own stop it while
+# they do (it watches every namespace and would reconcile their jobs too).
+SHARED_OPERATORS: list[OperatorProcess] = []
+
+
+@pytest.fixture(scope="session")
+def operator(operator_kubeconfig: Path, tmp_path_factory) -> Iterator[OperatorProcess]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = OperatorProcess(cluster.kubeconfig, log)
+    op = OperatorProcess(operator_kubeconfig, log)
     op.start()
+    SHARED_OPERATORS.append(op)
     yield op
+    SHARED_OPERATORS.remove(op)
     op.stop()
     print(f"\noperator log: {log}")
+
+
+@pytest.fixture
+def no_shared_operator() -> Iterator[None]:
+    """Stop the session's operator for this test, and start it again after."""
+    running = [op for op in SHARED_OPERATORS if op.proc and op.proc.poll() is None]
+    for op in running:
+        op.stop()
+    yield
+    for op in running:
+        op.start()
 
 
 TRAINER_IMAGE = "ghcr.io/joule-dev/trainer:0.1.0"
