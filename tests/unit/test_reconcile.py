@@ -2,6 +2,8 @@
 
 import datetime as dt
 
+import pytest
+
 from joule.api import JobRef, TrainingJobSpec
 from joule.observe import Failure, PodView
 from joule.reconcile import fmt_time, plan
@@ -409,3 +411,25 @@ def test_a_suspension_before_the_job_started_does_not_lengthen_its_deadline():
     assert running.status["phase"] == "Running"
     over = run(s, [pod(0), pod(1)], running.status, after(3600 + 600))
     assert over.status["reason"] == "DeadlineExceeded"  # 600 s from its start, not 4200 s
+
+
+@pytest.mark.parametrize(
+    ("phase", "reason", "ready", "reconciling", "stalled"),
+    [
+        ("Running", "AllWorkersRunning", "True", "False", "False"),
+        ("Succeeded", "Completed", "True", "False", "False"),  # nothing left to do
+        ("Suspended", "Suspended", "True", "False", "False"),  # as the user asked
+        ("Pending", "WaitingForScheduling", "False", "True", "False"),
+        ("Pending", "Unschedulable", "False", "False", "True"),  # stalled, not reconciling
+        ("Starting", "ImagePullBackOff", "False", "False", "True"),
+        ("Failed", "BackoffLimitExceeded", "False", "False", "True"),
+    ],
+)
+def test_conditions_say_what_kstatus_reads(phase, reason, ready, reconciling, stalled):
+    """Flux (kstatus) reads Reconciling, then Stalled, then Ready: a stalled job must not say
+    Reconciling, and a finished or suspended one is Ready, or `wait: true` never ends."""
+    from joule.reconcile import conditions
+
+    st = {"phase": phase, "reason": reason, "message": "m"}
+    got = {c["type"]: c["status"] for c in conditions(st, 1, [], dt.datetime(2026, 1, 1))}
+    assert (got["Ready"], got["Reconciling"], got["Stalled"]) == (ready, reconciling, stalled)

@@ -554,10 +554,23 @@ def conditions(
         "StartupTimeout",
         *REJECTED,
     }
+    stalled = phase == Phase.FAILED or reason in stalled_reasons
+    # kstatus (Flux's health) reads Reconciling before Stalled and falls back to Ready: a
+    # stalled job must not also say Reconciling, and a finished or suspended job, which has
+    # nothing left to reconcile, is Ready (kstatus Current, as a complete batch/v1 Job).
+    settled = phase in (Phase.SUCCEEDED, Phase.SUSPENDED)
     want = {
-        "Ready": (phase == Phase.RUNNING and reason != "Completing", reason, message),
-        "Reconciling": (phase in (Phase.PENDING, Phase.STARTING, Phase.RESIZING), reason, message),
-        "Stalled": (phase == Phase.FAILED or reason in stalled_reasons, reason, message),
+        "Ready": (
+            (phase == Phase.RUNNING and reason != "Completing") or settled,
+            reason,
+            message,
+        ),
+        "Reconciling": (
+            phase in (Phase.PENDING, Phase.STARTING, Phase.RESIZING) and not stalled,
+            reason,
+            message,
+        ),
+        "Stalled": (stalled, reason, message),
         "Succeeded": (phase == Phase.SUCCEEDED, reason, message),
         "Suspended": (phase == Phase.SUSPENDED, reason, message),
     }
