@@ -12,6 +12,7 @@ and renames, so an interrupted build never leaves a half-written binary that loo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -290,6 +291,40 @@ def _collect_kwok_stages(go: str, version: str, target: Path) -> None:
     tmp = target.with_suffix(".tmp")
     tmp.write_text("\n---\n".join(docs) + "\n")
     os.replace(tmp, target)
+
+
+def go_program_sources(source: Path, label: str) -> list[Path]:
+    """What a small Go program shipped in this package is built from: go.mod, go.sum and
+    its non-test Go files."""
+    files = [source / "go.mod", source / "go.sum"]
+    files += sorted(p for p in source.glob("*.go") if not p.name.endswith("_test.go"))
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise BuildError(
+            f"the {label}'s sources are incomplete (missing {', '.join(map(str, missing))});"
+            " was the package installed without its package data?"
+        )
+    return files
+
+
+def go_program_hash(source: Path, label: str) -> str:
+    """A short digest of the program's source names and contents: its cache key."""
+    digest = hashlib.sha256()
+    for path in go_program_sources(source, label):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def build_go_program(go: str, source: Path, target: Path, label: str, say: Progress) -> None:
+    """Build the program in ``source`` into ``target`` (a binary path). The sources are copied
+    into a work folder next to the target first: the package may be installed read-only, and
+    the Go build leaves a log where it runs."""
+    workdir = target.parent.with_name("src")
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    for path in go_program_sources(source, label):
+        shutil.copy2(path, workdir / path.name)
+    _go_build(go, workdir, ["."], target.parent, label, say, output_name=target.name)
 
 
 def _write_module(workdir: Path, gomod: str, packages: Sequence[str]) -> None:

@@ -12,16 +12,22 @@ the sources builds a new one and an unchanged tree never rebuilds.
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 from pathlib import Path
 
-from joule.cluster.build import BuildError, Progress, _find_go, _go_build, _stderr
+from joule.cluster.build import (
+    Progress,
+    _find_go,
+    _stderr,
+    build_go_program,
+    go_program_hash,
+    go_program_sources,
+)
 from joule.cluster.components import Component
 from joule.cluster.settings import cache_dir
 
 SOURCE_DIR = Path(__file__).with_name("deviceplugin")
 BINARY_NAME = "joule-device-plugin"
+LABEL = "device plugin"
 DEFAULT_RESOURCE = "nvidia.com/gpu"
 # The kubelet's device-plugin folder; a constant in k8s.io/kubelet that --root-dir does not move.
 DEFAULT_SOCKET_DIR = Path("/var/lib/kubelet/device-plugins")
@@ -32,23 +38,12 @@ POD_RESOURCES_SOCKET = Path("pod-resources/kubelet.sock")
 
 def source_files(source: Path = SOURCE_DIR) -> list[Path]:
     """What the binary is built from: go.mod, go.sum and the non-test Go files."""
-    files = [source / "go.mod", source / "go.sum"]
-    files += sorted(p for p in source.glob("*.go") if not p.name.endswith("_test.go"))
-    missing = [p for p in files if not p.is_file()]
-    if missing:
-        raise BuildError(
-            f"the device plugin's sources are incomplete (missing {', '.join(map(str, missing))});"
-            " was the package installed without its package data?"
-        )
-    return files
+    return go_program_sources(source, LABEL)
 
 
 def source_hash(source: Path = SOURCE_DIR) -> str:
     """A short digest of the sources' names and contents: the cache key."""
-    digest = hashlib.sha256()
-    for path in source_files(source):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+    return go_program_hash(source, LABEL)
 
 
 def device_plugin_binary(root: Path | None = None, source: Path = SOURCE_DIR) -> Path:
@@ -57,17 +52,8 @@ def device_plugin_binary(root: Path | None = None, source: Path = SOURCE_DIR) ->
 
 
 def build_device_plugin(go: str, target: Path, say: Progress, source: Path = SOURCE_DIR) -> None:
-    """Build the plugin into ``target`` (a binary path, e.g. ``device_plugin_binary()``).
-
-    The sources are copied into a work folder next to the target first: the package may be
-    installed read-only, and the Go build leaves a log where it runs.
-    """
-    workdir = target.parent.with_name("src")
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    for path in source_files(source):
-        shutil.copy2(path, workdir / path.name)
-    _go_build(go, workdir, ["."], target.parent, "device plugin", say, output_name=target.name)
+    """Build the plugin into ``target`` (a binary path, e.g. ``device_plugin_binary()``)."""
+    build_go_program(go, source, target, LABEL, say)
 
 
 def ensure_device_plugin(progress: Progress | None = None, root: Path | None = None) -> Path:
