@@ -43,10 +43,12 @@ binaries: install host-packages
 demo: binaries
 	PATH="/usr/local/go/bin:$$PATH" $(VENV)/bin/joule demo $(DEMO_ARGS)
 
-# The trainer image, built by buildah from trainer_image/Dockerfile and cached by content (the
-# first build installs torch from PyPI into it: minutes, with progress). Root only, as the node.
+# The trainer and operator images, built by buildah from trainer_image/Dockerfile and
+# operator/Dockerfile and cached by content (the trainer's first build installs torch from PyPI
+# into it: minutes, with progress). Root only, as the node.
 images: binaries
-	@if [ "$$(id -u)" = 0 ] && [ "$$(uname -s)" = Linux ]; then $(VENV)/bin/joule image build trainer; fi
+	@if [ "$$(id -u)" = 0 ] && [ "$$(uname -s)" = Linux ]; then \
+		$(VENV)/bin/joule image build trainer && $(VENV)/bin/joule image build operator; fi
 
 test: binaries images
 	$(PY) -m pytest

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from joule.images import Image, TrainerRecipe, ensure_trainer, push, trainer_inputs
+from joule.images import (
+    Image,
+    TrainerRecipe,
+    ensure_operator,
+    ensure_trainer,
+    push,
+    trainer_inputs,
+)
 from joule.images.argv import buildah
 from joule.images.build import TRAINER_CONTEXT
 from joule.images.registry import MANIFEST_TYPES
@@ -69,6 +76,12 @@ def test_an_unchanged_tree_is_not_rebuilt(trainer: Image, tmp_path: Path):
     assert trainer_inputs(TrainerRecipe(), base_id, copy) == trainer.key
 
 
+def run_in(store, container: str, user: str, *argv: str) -> str:
+    """A command in a working container of the image, as `user`."""
+    flags = ["--isolation", "chroot", "--network", "host", "--user", user]
+    return run(store, buildah(store, "run", *flags, container, "--", *argv), timeout=300)
+
+
 def test_the_image_runs_its_trainer_as_uid_1000(trainer: Image):
     store = trainer.storage
     config = json.loads(run(store, buildah(store, "inspect", "--type", "image", trainer.id)))
@@ -82,23 +95,7 @@ def test_the_image_runs_its_trainer_as_uid_1000(trainer: Image):
     try:
 
         def in_image(*argv: str) -> str:
-            return run(
-                store,
-                buildah(
-                    store,
-                    "run",
-                    "--isolation",
-                    "chroot",
-                    "--network",
-                    "host",
-                    "--user",
-                    "1000:1000",
-                    container,
-                    "--",
-                    *argv,
-                ),
-                timeout=300,
-            )
+            return run_in(store, container, "1000:1000", *argv)
 
         out = in_image(
             "python",
@@ -179,3 +176,41 @@ def test_push_to_a_local_registry_and_read_the_manifest_back(trainer: Image, reg
     again = push(trainer, registry, progress=say)
     assert not again.pushed and again.digest == pushed.digest
     assert time.monotonic() - started < 3
+
+
+@pytest.fixture(scope="module")
+def operator_image() -> Image:
+    return ensure_operator(progress=say)
+
+
+def test_the_operator_image_holds_the_operator_only_and_runs_it_unprivileged(
+    operator_image: Image,
+):
+    store = operator_image.storage
+    inspected = json.loads(
+        run(store, buildah(store, "inspect", "--type", "image", operator_image.id))
+    )
+    oci = inspected["OCIv1"]["config"]
+    assert (oci["Entrypoint"], oci["Cmd"], oci["User"]) == (["joule"], ["operator"], "65532:65532")
+    # The root filesystem is read-only in the chart: Python must not try to write bytecode.
+    assert "PYTHONDONTWRITEBYTECODE=1" in oci["Env"]
+    size = sum(layer["size"] for layer in json.loads(inspected["Manifest"])["layers"])
+    print(f"\noperator image: {size / 2**20:.0f} MiB of layers, built in "
+          f"{operator_image.seconds:.0f}s")  # fmt: skip
+
+    container = run(store, buildah(store, "from", "--pull=never", operator_image.id)).strip()
+    try:
+        probe = (
+            "import importlib.util as u, os, joule.runner, joule.handlers, kopf, kubernetes;"
+            "absent = ['joule.cluster', 'joule.images', 'joule.demo', 'joule.sim',"
+            " 'cryptography', 'torch', 'matplotlib', 'pytest'];"
+            "print(os.getuid(), [m for m in absent if u.find_spec(m) is not None])"
+        )
+        assert run_in(store, container, "65532:65532", "python", "-c", probe).split(maxsplit=1) == [
+            "65532", "[]\n"
+        ]  # fmt: skip
+        assert "usage: joule operator" in run_in(
+            store, container, "65532:65532", "joule", "operator", "--help"
+        )
+    finally:
+        run(store, buildah(store, "rm", container))

@@ -15,8 +15,8 @@ from joule.images.recipe import (
     TrainerRecipe,
     dockerignore_text,
     excluded,
+    image_key,
     mirror_lines,
-    trainer_key,
 )
 
 FILES = {"pyproject.toml": b"[project]\n", "src/joule_trainer/train.py": b"print(1)\n"}
@@ -27,7 +27,7 @@ def key(**changes) -> str:
     inputs = {"recipe": TrainerRecipe(), "base_id": "b" * 64, "dockerfile": DOCKERFILE}
     inputs["files"] = dict(FILES)
     inputs.update(changes)
-    return trainer_key(inputs["recipe"], inputs["base_id"], inputs["dockerfile"], inputs["files"])
+    return image_key(inputs["recipe"], inputs["base_id"], inputs["dockerfile"], inputs["files"])
 
 
 def test_trainer_key_is_stable_and_order_free():
@@ -51,7 +51,7 @@ def test_trainer_key_is_stable_and_order_free():
         {"recipe": TrainerRecipe(revision=99)},
     ],
 )
-def test_any_changed_input_changes_the_trainer_key(change):
+def test_any_changed_input_changes_the_image_key(change):
     assert key(**change) != key()
 
 
@@ -215,3 +215,36 @@ def test_image_build_arguments():
 
     args = build_parser().parse_args(["image", "build", "--push", "127.0.0.1:5000"])
     assert (args.target, args.push, args.tag) == ("trainer", "127.0.0.1:5000", "0.1.0")
+
+
+@pytest.mark.parametrize(
+    ("path", "out"),
+    [
+        ("pyproject.toml", True),
+        ("README.md", True),
+        ("operator/Dockerfile", True),
+        ("operator/src/joule/runner.py", True),
+        ("operator/src/joule/policy/decide.py", True),
+        ("operator/src/joule/cluster/lifecycle.py", False),  # development tooling stays out
+        ("operator/src/joule/images/build.py", False),
+        ("operator/src/joule/demo/run.py", False),
+        ("operator/src/joule/sim/engine.py", False),
+        ("operator/src/joule/clusterwide.py", True),  # a prefix of a name is not the folder
+        ("operator/src/joule/__pycache__/cli.cpython-311.pyc", False),
+        ("trainer_image/Dockerfile", False),
+        ("tests/conftest.py", False),
+        ("charts/joule/Chart.yaml", False),
+    ],
+)
+def test_the_operator_images_context(path, out):
+    from joule.images.recipe import in_operator_context
+
+    assert in_operator_context(path) is out
+
+
+def test_the_operator_images_ignore_file_says_what_the_hash_covers():
+    from joule.images.build import OPERATOR_DOCKERFILE, REPO_ROOT
+    from joule.images.recipe import operator_dockerignore_text
+
+    ignore = (REPO_ROOT / OPERATOR_DOCKERFILE).with_name("Dockerfile.dockerignore")
+    assert ignore.read_text() == operator_dockerignore_text()

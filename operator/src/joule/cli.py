@@ -8,15 +8,34 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from joule import __version__
-from joule.cluster import ClusterError, ClusterSettings, down, status, up
-from joule.cluster.build import BuildError, ensure_binaries
-from joule.cluster.deviceplugin import ensure_device_plugin
-from joule.cluster.dns import ensure_coredns
-from joule.cluster.nodebuild import ensure_node_binaries
-from joule.cluster.realnode import unavailable_reason
-from joule.cluster.settings import NodeShape
+
+if TYPE_CHECKING:
+    from joule.cluster import ClusterSettings
+
+# The development tooling (local cluster, images, demo, simulator) is imported by its commands
+# only: the operator image ships without it, and `joule operator` must start there.
+DEV_ONLY = ("joule", "cryptography", "matplotlib")  # top-level names of what may be absent
+
+
+class MissingTooling(RuntimeError):
+    pass
+
+
+def _dev_import(module: str) -> None:
+    """Fail with what to install when a development command runs where its code is absent."""
+    try:
+        __import__(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in DEV_ONLY:
+            raise MissingTooling(
+                f"`{module}` cannot be imported here: {exc.name} is missing (the development "
+                "tooling is not part of the operator's install); from a source checkout: "
+                "pip install -e '.[local]'"
+            ) from exc
+        raise
 
 
 def _say(message: str) -> None:
@@ -38,6 +57,10 @@ def _positive(value: str) -> int:
 
 
 def _cluster_settings(args: argparse.Namespace) -> ClusterSettings:
+    _dev_import("joule.cluster")
+    from joule.cluster import ClusterSettings
+    from joule.cluster.settings import NodeShape
+
     shape = NodeShape(
         gpus=getattr(args, "gpus_per_node", NodeShape.gpus),
         cpu=getattr(args, "node_cpu", NodeShape.cpu),
@@ -60,6 +83,9 @@ def _fmt_bytes(n: int | None) -> str:
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     settings = _cluster_settings(args)
+    from joule.cluster import up
+    from joule.cluster.realnode import unavailable_reason
+
     info = up(settings, progress=_say)
     if args.json:
         print(json.dumps({**info.to_json(), "started_in_s": info.started_in_s}, indent=2))
@@ -89,7 +115,10 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> int:
-    info = status(_cluster_settings(args))
+    settings = _cluster_settings(args)
+    from joule.cluster import status
+
+    info = status(settings)
     if info is None:
         if args.json:
             print(json.dumps({"name": args.name, "running": False}))
@@ -114,7 +143,10 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_down(args: argparse.Namespace) -> int:
-    stopped = down(_cluster_settings(args))
+    settings = _cluster_settings(args)
+    from joule.cluster import down
+
+    stopped = down(settings)
     if stopped:
         _say(f"cluster {args.name!r} stopped ({', '.join(stopped)})")
     else:
@@ -123,9 +155,19 @@ def cmd_cluster_down(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_build(args: argparse.Namespace) -> int:
+    _dev_import("joule.cluster")
+    from joule.cluster import ClusterSettings
+    from joule.cluster.build import ensure_binaries
+    from joule.cluster.deviceplugin import ensure_device_plugin
+    from joule.cluster.dns import ensure_coredns
+    from joule.cluster.helm import ensure_helm
+    from joule.cluster.nodebuild import ensure_node_binaries
+    from joule.cluster.realnode import unavailable_reason
+
     bins = ensure_binaries(ClusterSettings(), progress=_say)
     for path in bins.all():
         print(path)
+    print(ensure_helm(progress=_say))  # the chart's tests run it
     if unavailable_reason() is None:
         node = ensure_node_binaries(ClusterSettings().kubernetes_version, progress=_say)
         for path in (node.containerd, node.ctr, node.shim, node.pause, node.runc):
@@ -136,13 +178,12 @@ def cmd_cluster_build(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
-    from joule.images import ensure_base, ensure_trainer, push
+    _dev_import("joule.images")
+    from joule.images import ensure_base, ensure_operator, ensure_trainer, push
 
     progress = _say  # each step's lines carry their elapsed time, e.g. "STEP 6/15: ... [85s]"
-    if args.target == "trainer":
-        image = ensure_trainer(progress=progress)
-    else:
-        image = ensure_base(progress=progress)
+    ensure = {"trainer": ensure_trainer, "operator": ensure_operator, "base": ensure_base}
+    image = ensure[args.target](progress=progress)
     state = "built" if image.built else "up to date (cached)"
     _say(f"{image.ref} {state}: id {image.id[:12]}, inputs {image.key[:12]}")
     print(image.ref)
@@ -160,7 +201,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     config = OperatorConfig.from_env()
     if args.namespace is not None:
-        config = replace(config, namespace=args.namespace)
+        config = replace(config, namespaces=tuple(args.namespace))
     if args.metrics_port is not None:
         config = replace(config, metrics_port=args.metrics_port)
     run_operator(config)
@@ -168,6 +209,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _dev_import("joule.demo.run")
     from joule.demo.run import Options, run_demo
 
     if not args.examples.exists():
@@ -182,6 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    _dev_import("joule.sim.report")
     from joule.sim.report import plot, run, table
 
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -206,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
         "operator",
         help="run the operator (in-cluster credentials, else KUBECONFIG); settings: JOULE_*",
     )
-    op.add_argument("--namespace", help="watch only this namespace (default: all)")
+    op.add_argument(
+        "--namespace",
+        action="append",
+        help="watch only this namespace; repeat for more (default: all, or JOULE_WATCH_NAMESPACES)",
+    )
     op.add_argument(
         "--metrics-port", type=_positive_or_zero, help="port of /metrics, 0 for none (default 8080)"
     )
@@ -258,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     ibuild.add_argument(
         "target",
         nargs="?",
-        choices=("trainer", "base"),
+        choices=("trainer", "operator", "base"),
         default="trainer",
-        help="trainer (default; builds the base first if needed) or base",
+        help="trainer (default), operator (operator/Dockerfile), or base; each image builds "
+        "the base first if needed",
     )
     ibuild.add_argument(
         "--push",
@@ -329,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ClusterError, BuildError, ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError) as exc:  # ClusterError, BuildError, ImageError too
         _say(f"error: {exc}")
         return 2
     except KeyboardInterrupt:

@@ -4,6 +4,8 @@
   imported with buildah);
 - `ensure_trainer()`: `trainer_image/Dockerfile` built with `buildah build` on that base,
   torch from PyPI in its own early layer;
+- `ensure_operator()`: `operator/Dockerfile` on the same base, from the repository's root cut
+  down to the operator's own code (`operator/Dockerfile.dockerignore`);
 - `push(image, registry="127.0.0.1:PORT")`: to a plain-HTTP registry, for a node to pull.
 
 Each image is named by the hash of its inputs and built only when no image of that hash is in
@@ -12,8 +14,16 @@ in Joule's cache (`<cache>/buildah`), apart from the system's container storage.
 tooling: the operator imports none of it.
 """
 
-from joule.images.build import Image, ensure_base, ensure_trainer, storage, trainer_inputs
-from joule.images.recipe import BaseRecipe, TrainerRecipe
+from joule.images.build import (
+    Image,
+    ensure_base,
+    ensure_operator,
+    ensure_trainer,
+    operator_inputs,
+    storage,
+    trainer_inputs,
+)
+from joule.images.recipe import BaseRecipe, OperatorRecipe, TrainerRecipe
 from joule.images.registry import Pushed, manifest_digest, push
 from joule.images.tools import ImageError
 
@@ -21,11 +31,14 @@ __all__ = [
     "BaseRecipe",
     "Image",
     "ImageError",
+    "OperatorRecipe",
     "Pushed",
     "TrainerRecipe",
     "ensure_base",
+    "ensure_operator",
     "ensure_trainer",
     "manifest_digest",
+    "operator_inputs",
     "push",
     "storage",
     "trainer_inputs",

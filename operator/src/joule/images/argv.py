@@ -82,6 +82,8 @@ def bud(
     tags: Sequence[str],
     build_args: Mapping[str, str],
     iidfile: Path,
+    dockerfile: Path | None = None,
+    ignorefile: Path | None = None,
 ) -> list[str]:
     """`buildah build` of `context/Dockerfile` with cached layers, so a source change reuses
     the torch layer. (pip's cache is the Dockerfile's cache mount, kept under storage.tmpdir,
@@ -102,8 +104,10 @@ def bud(
         "--iidfile",
         str(iidfile),
         "--file",
-        str(context / "Dockerfile"),
+        str(dockerfile or context / "Dockerfile"),
     )
+    if ignorefile is not None:  # otherwise <context>/.dockerignore, as Docker reads it
+        argv += ["--ignorefile", str(ignorefile)]
     for key, value in sorted(build_args.items()):
         argv += ["--build-arg", f"{key}={value}"]
     for tag in tags:

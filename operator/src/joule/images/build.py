@@ -1,4 +1,4 @@
-"""Building the base and trainer images, each once per distinct set of inputs."""
+"""Building the base, trainer and operator images, each once per distinct set of inputs."""
 
 from __future__ import annotations
 
@@ -6,16 +6,28 @@ import glob
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from joule.cluster.settings import cache_dir
 from joule.images import index, tools
 from joule.images.argv import Storage, bud, buildah, mmdebstrap
-from joule.images.recipe import TRAINER_REPO, BaseRecipe, TrainerRecipe, mirror_lines, trainer_key
+from joule.images.recipe import (
+    OPERATOR_REPO,
+    TRAINER_REPO,
+    BaseRecipe,
+    OperatorRecipe,
+    TrainerRecipe,
+    image_key,
+    in_operator_context,
+    mirror_lines,
+)
 from joule.images.tools import ImageError, Progress
 
-TRAINER_CONTEXT = Path(__file__).resolve().parents[4] / "trainer_image"
+REPO_ROOT = Path(__file__).resolve().parents[4]
+TRAINER_CONTEXT = REPO_ROOT / "trainer_image"
+OPERATOR_DOCKERFILE = Path("operator") / "Dockerfile"
 APT_SOURCES = (
     "/etc/apt/sources.list",
     "/etc/apt/sources.list.d/*.list",
@@ -109,23 +121,47 @@ def _ensure_base(recipe: BaseRecipe, store: Storage, started: float, progress: P
     return Image(recipe.ref, image, key, True, seconds, store)
 
 
-def context_files(context: Path) -> dict[str, bytes]:
-    """The build context as the builder sees it (after .dockerignore): path -> content."""
+def context_files(context: Path, keep: Callable[[str], bool] | None = None) -> dict[str, bytes]:
+    """The build context as the builder sees it (after its ignore file): path -> content."""
     from joule.images.recipe import excluded
+
+    def kept(rel: str) -> bool:
+        return keep(rel) if keep else not excluded(rel)
 
     files: dict[str, bytes] = {}
     for path in sorted(context.rglob("*")):
         rel = path.relative_to(context).as_posix()
-        if path.is_file() and not excluded(rel):
+        if path.is_file() and kept(rel):
             files[rel] = path.read_bytes()
     return files
 
 
 def trainer_inputs(recipe: TrainerRecipe, base_id: str, context: Path = TRAINER_CONTEXT) -> str:
     """The trainer image's hash for the tree as it is now."""
-    return trainer_key(
-        recipe, base_id, (context / "Dockerfile").read_bytes(), context_files(context)
+    return image_key(recipe, base_id, (context / "Dockerfile").read_bytes(), context_files(context))
+
+
+def operator_inputs(recipe: OperatorRecipe, base_id: str, root: Path = REPO_ROOT) -> str:
+    """The operator image's hash for the tree as it is now."""
+    return image_key(
+        recipe,
+        base_id,
+        (root / OPERATOR_DOCKERFILE).read_bytes(),
+        context_files(root, in_operator_context),
     )
+
+
+@dataclass(frozen=True)
+class _Build:
+    """One image to make: its name in storage, and how buildah makes it."""
+
+    kind: str  # trainer | operator: the lock and index key
+    repo: str
+    key: str
+    context: Path
+    dockerfile: Path
+    ignorefile: Path | None
+    build_args: dict[str, str]
 
 
 def ensure_trainer(
@@ -139,36 +175,81 @@ def ensure_trainer(
     tools.require("buildah")
     started = time.monotonic()
     base = ensure_base(progress=progress)
-    with tools.locked(base.storage, "trainer", progress):
-        return _ensure_trainer(recipe, base, context, started, progress)
+    build = _Build(
+        "trainer",
+        TRAINER_REPO,
+        trainer_inputs(recipe, base.id, context),
+        context,
+        context / "Dockerfile",
+        None,
+        recipe.build_args(),
+    )
+    return _ensure_built(build, base, started, progress)
 
 
-def _ensure_trainer(
-    recipe: TrainerRecipe, base: Image, context: Path, started: float, progress: Progress
+def ensure_operator(
+    recipe: OperatorRecipe | None = None,
+    progress: Progress = lambda _: None,
+    root: Path = REPO_ROOT,
 ) -> Image:
-    store = base.storage
-    key = trainer_inputs(recipe, base.id, context)
-    ref = f"{TRAINER_REPO}:{key[:12]}"
-    cached = _cached(store, f"trainer:{key}")
+    """The operator image (operator/Dockerfile, from the repository's root cut down by
+    operator/Dockerfile.dockerignore) on the local base, built or found by its hash."""
+    recipe = recipe or OperatorRecipe()
+    tools.require("buildah")
+    started = time.monotonic()
+    base = ensure_base(progress=progress)
+    dockerfile = root / OPERATOR_DOCKERFILE
+    build = _Build(
+        "operator",
+        OPERATOR_REPO,
+        operator_inputs(recipe, base.id, root),
+        root,
+        dockerfile,
+        dockerfile.with_name("Dockerfile.dockerignore"),
+        recipe.build_args(),
+    )
+    return _ensure_built(build, base, started, progress)
+
+
+def _ensure_built(build: _Build, base: Image, started: float, progress: Progress) -> Image:
+    with tools.locked(base.storage, build.kind, progress):
+        return _build_unless_cached(build, base.storage, started, progress)
+
+
+def _build_unless_cached(
+    build: _Build, store: Storage, started: float, progress: Progress
+) -> Image:
+    kind, repo, key = build.kind, build.repo, build.key
+    ref = f"{repo}:{key[:12]}"
+    cached = _cached(store, f"{kind}:{key}")
     if cached and tools.image_id(store, ref) == cached:
         return Image(ref, cached, key, False, time.monotonic() - started, store)
 
-    progress(f"trainer: buildah build {context} ({key[:12]}) [{time.monotonic() - started:.0f}s]")
-    iidfile = store.tmpdir / f"trainer-{key[:12]}.{os.getpid()}.iid"
+    elapsed = time.monotonic() - started
+    progress(f"{kind}: buildah build {build.context} ({key[:12]}) [{elapsed:.0f}s]")
+    iidfile = store.tmpdir / f"{kind}-{key[:12]}.{os.getpid()}.iid"
     store.tmpdir.mkdir(parents=True, exist_ok=True)
     tools.stream(
         store,
-        bud(store, context, [ref, f"{TRAINER_REPO}:latest"], recipe.build_args(), iidfile),
+        bud(
+            store,
+            build.context,
+            [ref, f"{repo}:latest"],
+            build.build_args,
+            iidfile,
+            dockerfile=build.dockerfile,
+            ignorefile=build.ignorefile,
+        ),
         "buildah build",
         progress,
         show=lambda line: line.startswith(("STEP ", "COMMIT", "--> Using cache")),
     )
     image = iidfile.read_text().strip().removeprefix("sha256:")
     iidfile.unlink(missing_ok=True)
-    index.update(store.index, f"trainer:{key}", image)
-    _remove_older(store, TRAINER_REPO, keep={ref, f"{TRAINER_REPO}:latest"}, progress=progress)
+    index.update(store.index, f"{kind}:{key}", image)
+    _remove_older(store, repo, keep={ref, f"{repo}:latest"}, progress=progress)
     seconds = time.monotonic() - started
-    progress(f"trainer: {ref} built in {seconds:.0f}s")
+    progress(f"{kind}: {ref} built in {seconds:.0f}s")
     return Image(ref, image, key, True, seconds, store)
 
 

@@ -19,9 +19,11 @@ from pathlib import PurePosixPath
 # the import steps), so that every cached image built the old way is rebuilt.
 BASE_REVISION = 1
 TRAINER_REVISION = 1
+OPERATOR_REVISION = 1
 
 BASE_REF = "localhost/joule-base:bookworm"
 TRAINER_REPO = "localhost/joule-trainer"
+OPERATOR_REPO = "localhost/joule-operator"
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,25 @@ class TrainerRecipe:
         return {"BASE": self.base_ref, "TORCH_SPEC": self.torch_spec, **self.extra_args}
 
 
-def trainer_key(
-    recipe: TrainerRecipe, base_id: str, dockerfile: bytes, files: Mapping[str, bytes]
+@dataclass(frozen=True)
+class OperatorRecipe:
+    """`operator/Dockerfile` built from the repository's root on a base."""
+
+    base_ref: str = BASE_REF
+    revision: int = OPERATOR_REVISION
+
+    def build_args(self) -> dict[str, str]:
+        return {"BASE": self.base_ref}
+
+
+def image_key(
+    recipe: TrainerRecipe | OperatorRecipe,
+    base_id: str,
+    dockerfile: bytes,
+    files: Mapping[str, bytes],
 ) -> str:
-    """The trainer image's identity: Dockerfile, every file of the build context (path and
-    content), the base's image id and the build arguments."""
+    """An image's identity: Dockerfile, every file of the build context (path and content),
+    the base's image id and the build arguments."""
     return _digest(
         {
             "revision": recipe.revision,
@@ -114,6 +130,46 @@ def excluded(relpath: str) -> bool:
         elif parts and PurePosixPath(parts[0]).match(pattern):
             return True
     return False
+
+
+# The operator image's context is the repository's root cut down to the package's metadata and
+# the operator's own modules: the development tooling stays out of the image.
+OPERATOR_CONTEXT_INCLUDES: tuple[str, ...] = (
+    "pyproject.toml",
+    "README.md",
+    "operator/Dockerfile",
+    "operator/src/joule",
+)
+OPERATOR_CONTEXT_EXCLUDES: tuple[str, ...] = (
+    "operator/src/joule/cluster",
+    "operator/src/joule/images",
+    "operator/src/joule/demo",
+    "operator/src/joule/sim",
+)
+
+
+def in_operator_context(relpath: str) -> bool:
+    """Whether `relpath` (from the repository's root) is in the operator image's context."""
+
+    def under(prefix: str) -> bool:
+        return relpath == prefix or relpath.startswith(prefix + "/")
+
+    return (
+        any(under(p) for p in OPERATOR_CONTEXT_INCLUDES)
+        and not any(under(p) for p in OPERATOR_CONTEXT_EXCLUDES)
+        and not excluded(relpath)
+    )
+
+
+def operator_dockerignore_text() -> str:
+    """`operator/Dockerfile.dockerignore`: everything out, then the includes back in, then the
+    tooling and CONTEXT_EXCLUDES out again (later lines win)."""
+    header = (
+        "# Generated from joule.images.recipe.OPERATOR_CONTEXT_*; the image hash uses the same.\n"
+    )
+    lines = ["*", *(f"!{p}" for p in OPERATOR_CONTEXT_INCLUDES), *OPERATOR_CONTEXT_EXCLUDES]
+    lines += CONTEXT_EXCLUDES
+    return header + "".join(f"{line}\n" for line in lines)
 
 
 def dockerignore_text() -> str:
