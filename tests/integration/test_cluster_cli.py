@@ -67,6 +67,7 @@ def test_up_status_down_leaves_nothing_behind(tmp_path):
         layout = node.layout()
         assert Path(f"/sys/class/net/{layout.pod_bridge}").exists()
         assert Path(f"/sys/fs/cgroup/memory{layout.cgroup_root}").is_dir()
+        assert f"-N {layout.api_chain}" in nat_rules()  # pods' route to the API server
         assert all(c["healthy"] and c["rss_bytes"] > 0 for c in data["components"])
         human = joule("cluster", "status", "--name", name)
         assert "kube-apiserver" in human.stdout and "MiB" in human.stdout
@@ -117,6 +118,7 @@ def test_up_status_down_leaves_nothing_behind(tmp_path):
     # (containerd's shims included) are gone too.
     assert not Path(f"/sys/class/net/{layout.pod_bridge}").exists()
     assert not Path(f"/sys/class/net/{layout.node_bridge}").exists()
+    assert layout.api_chain not in nat_rules() and layout.owner_tag not in nat_rules()
     assert not [
         h for h in Path("/sys/fs/cgroup").iterdir() if (h / layout.cgroup_root[1:]).exists()
     ]
@@ -137,3 +139,9 @@ def test_bad_options_fail_before_anything_starts():
     bad = joule("cluster", "up", "--name", "Not_A_Name")
     assert bad.returncode == 2
     assert "cluster name" in bad.stderr
+
+
+def nat_rules() -> str:
+    return subprocess.run(
+        ["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True, check=True
+    ).stdout

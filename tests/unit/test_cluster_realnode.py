@@ -27,13 +27,31 @@ def test_an_index_is_stable_per_cluster_and_skips_ones_in_use():
 
 
 def test_pods_get_no_gateway_no_masquerade_and_no_route_out(tmp_path):
-    conf = nodeconfig.cni_config(layout(tmp_path))
+    conf = nodeconfig.cni_config(layout(tmp_path), "10.96.0.0/16")
     bridge = conf["plugins"][0]
     assert bridge["isGateway"] is False  # it would turn ip_forward on host-wide
     assert bridge["ipMasq"] is False
-    assert bridge["ipam"]["routes"] == []
+    # Only the Service range, through the bridge: the API server's Service, nothing outside.
+    assert bridge["ipam"]["routes"] == [{"dst": "10.96.0.0/16", "gw": "10.88.7.1"}]
     assert bridge["ipam"]["ranges"] == [[{"subnet": "10.88.7.0/24"}]]
     assert bridge["bridge"] == "jlpod7" and len(bridge["bridge"]) <= 15
+
+
+def test_pods_reach_the_api_server_only_through_the_nodes_own_chain(tmp_path):
+    node = layout(tmp_path)
+    rules = nodeconfig.api_route_rules(node, "10.96.0.1", 6443)
+    chain = node.api_chain
+    assert len(chain) <= 28 and chain.startswith("JOULE-")
+    assert rules[0][-2:] == ["-N", chain]
+    dnat = rules[1]
+    assert dnat[dnat.index("-d") + 1] == "10.96.0.1/32" and dnat[-1] == "127.0.0.1:6443"
+    jump = rules[2]
+    # Entered only from this node's pod bridge, and tagged so that only this node removes it.
+    assert jump[jump.index("-i") + 1] == "jlpod7"
+    assert jump[jump.index("--comment") + 1] == node.owner_tag
+    undo = nodeconfig.api_route_teardown(node)
+    assert undo[0][undo[0].index("-D") + 2 :] == jump[jump.index("PREROUTING") + 1 :]
+    assert undo[-1][-2:] == ["-X", chain]
 
 
 def test_containerd_config_keeps_everything_in_the_nodes_own_paths(tmp_path):

@@ -312,6 +312,7 @@ def _start_real_node(
     taints = [parse_taint(t) for t in settings.node_taints]
     realnode.prepare(layout, node_bins, keys, registry, healthz_port, taints)
     realnode.network_up(layout)
+    realnode.api_route_up(layout, info.ports["apiserver"])
     realnode.cgroups_up(layout)
     holder, mount_ns = realnode.start_holder(layout, start)
     info.node = {**record.to_json(), "mount_ns": mount_ns}

@@ -83,6 +83,11 @@ class NodeLayout:
         return f"joule:{self.run.name}"
 
     @property
+    def api_chain(self) -> str:
+        """The node's own iptables chain (nat table), named by its run key: <= 28 characters."""
+        return f"JOULE-{self.run.name.rsplit('-', 1)[-1][:20]}"
+
+    @property
     def pod_resources_socket(self) -> Path:
         return self.kubelet_dir / "pod-resources" / "kubelet.sock"
 
@@ -196,7 +201,7 @@ def containerd_config(layout: NodeLayout, runc: Path, cni_bin_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def cni_config(layout: NodeLayout) -> dict[str, Any]:
+def cni_config(layout: NodeLayout, service_cidr: str) -> dict[str, Any]:
     """A bridge network that stays on this machine: the bridge is made beforehand with the
     gateway address (isGateway would turn on ip_forward host-wide), no masquerade, and no
     routes beyond the pod subnet itself, so any outside address is unreachable from a pod."""
@@ -213,13 +218,47 @@ def cni_config(layout: NodeLayout) -> dict[str, Any]:
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": str(layout.pod_subnet)}]],
-                    "routes": [],
+                    # Only the Service range, through the bridge's own address: a pod reaches
+                    # the API server at the `kubernetes` Service (api_route_rules), nothing else.
+                    "routes": [{"dst": service_cidr, "gw": layout.gateway}],
                     "dataDir": str(layout.state / "cni" / "ipam"),
                 },
             },
             {"type": "loopback"},
         ],
     }
+
+
+def api_route_rules(layout: NodeLayout, service_ip: str, apiserver_port: int) -> list[list[str]]:
+    """iptables commands by which a pod on this node reaches the API server at the
+    `kubernetes` Service (``service_ip``:443), as kube-proxy would route it: a DNAT to the API
+    server on 127.0.0.1, in a chain of this node's own, entered only from its pod bridge (two
+    clusters' nodes each send their pods to their own API server). The bridge's
+    ``route_localnet`` lets the DNAT to a loopback address through. No other Service is
+    routed: the tests reach workers through headless Services (DNS to pod addresses)."""
+    chain, nat = layout.api_chain, ["iptables", "-w", "-t", "nat"]
+    return [
+        [*nat, "-N", chain],
+        [*nat, "-A", chain, "-p", "tcp", "-d", f"{service_ip}/32", "--dport", "443",
+         "-j", "DNAT", "--to-destination", f"127.0.0.1:{apiserver_port}"],
+        [*nat, "-I", "PREROUTING", *_api_jump(layout)],
+    ]  # fmt: skip
+
+
+def api_route_teardown(layout: NodeLayout) -> list[list[str]]:
+    """What removes api_route_rules' work (each may fail if it is gone already)."""
+    nat = ["iptables", "-w", "-t", "nat"]
+    chain = layout.api_chain
+    return [
+        [*nat, "-D", "PREROUTING", *_api_jump(layout)],
+        [*nat, "-F", chain],
+        [*nat, "-X", chain],
+    ]
+
+
+def _api_jump(layout: NodeLayout) -> list[str]:
+    return ["-i", layout.pod_bridge, "-m", "comment", "--comment", layout.owner_tag,
+            "-j", layout.api_chain]  # fmt: skip
 
 
 def registry_hosts(registry: str) -> dict[str, str]:

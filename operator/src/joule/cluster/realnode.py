@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from joule.cluster import nodeconfig, pauseimage, pki, process
+from joule.cluster.components import SERVICE_CIDR, SERVICE_IP
 from joule.cluster.nodebuild import NodeBinaries
 from joule.cluster.nodeconfig import PRIVATE_HOST_PATHS, NodeLayout
 from joule.cluster.process import ProcessRecord
@@ -121,7 +122,7 @@ def prepare(
         nodeconfig.containerd_config(layout, bins.runc, bins.cni_bin_dir)
     )
     (layout.cni_conf_dir / "10-joule.conflist").write_text(
-        nodeconfig.dumps(nodeconfig.cni_config(layout))
+        nodeconfig.dumps(nodeconfig.cni_config(layout, SERVICE_CIDR))
     )
     for host, text in nodeconfig.registry_hosts(registry).items():
         folder = layout.registry_hosts_dir / host
@@ -165,6 +166,25 @@ def network_down(layout: NodeLayout) -> None:
             continue  # gone already
         if alias == layout.owner_tag:
             _run(["ip", "link", "del", bridge], check=False)
+
+
+def api_route_up(layout: NodeLayout, apiserver_port: int) -> None:
+    """Pods reach the API server at the `kubernetes` Service, as in a cluster (the operator's
+    pod uses its in-cluster configuration): nodeconfig.api_route_rules."""
+    if shutil.which("iptables") is None:
+        raise NodeError(
+            "iptables is needed for pods to reach the API server (apt install iptables)"
+        )
+    for argv in nodeconfig.api_route_rules(layout, SERVICE_IP, apiserver_port):
+        _run(argv)
+    Path(f"/proc/sys/net/ipv4/conf/{layout.pod_bridge}/route_localnet").write_text("1\n")
+
+
+def api_route_down(layout: NodeLayout) -> None:
+    if shutil.which("iptables") is None:
+        return
+    for argv in nodeconfig.api_route_teardown(layout):
+        _run(argv, check=False)
 
 
 def cgroups_up(layout: NodeLayout) -> None:
@@ -241,6 +261,7 @@ def teardown(record: NodeRecord) -> list[str]:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
     _remove_cgroups(layout)
+    api_route_down(layout)
     network_down(layout)
     if not taken_indexes():
         # The kubelet's fixed paths, now empty mount points; never while another node runs:
