@@ -126,6 +126,10 @@ class OperatorProcess:
         self.metrics_port = free_port()
         self.health_port = free_port()  # two test runs on one machine must not share one
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def start(self) -> None:
         import os
         import sys
@@ -392,9 +396,16 @@ def load_trainer_image(node: RealNode) -> None:
 
 
 @pytest.fixture(scope="session")
-def local_node(cluster: ClusterInfo, tmp_path_factory) -> Iterator[RealNode]:
+def real_node(cluster: ClusterInfo, tmp_path_factory) -> Iterator[RealNode]:
+    """The real node, its pods' logs mirrored; no image loaded yet."""
     node = RealNode(cluster, tmp_path_factory.mktemp("pod-logs"))
-    load_trainer_image(node)
     yield node
     node.logs.stop()
     print(f"\npod logs: {node.logs.target}")
+
+
+@pytest.fixture(scope="session")
+def local_node(real_node: RealNode) -> RealNode:
+    """The real node with the trainer image in its containerd, for workers to run."""
+    load_trainer_image(real_node)
+    return real_node

@@ -121,7 +121,7 @@ def test_two_workers_train_to_completion_and_every_metrics_endpoint_answers(
         ranks.add(steps.split('rank="')[1].split('"')[0])
         assert "joule_trainer_energy_joules_total{" in text and 'source="estimated"' in text
     assert ranks == {"0", "1"}
-    operator_text = scrape(f"http://127.0.0.1:{operator.metrics_port}/metrics")
+    operator_text = scrape(operator.metrics_url)
     assert "joule_operator_reconcile_duration_seconds" in operator_text
 
     done = wait_phase(api, namespace, "gpt", "Succeeded")

@@ -1,0 +1,109 @@
+"""The e2e tests run against the operator as users install it: `helm install charts/joule`
+with the operator image (built here, pushed to the node's registry), running as a pod on the
+real node with the chart's ServiceAccount, probes, leader election and read-only root. It
+reaches the API server at the `kubernetes` Service, as any in-cluster client does."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import (
+    CHART,
+    SHARED_OPERATORS,
+    Helm,
+    Kubectl,
+    RealNode,
+    wait_for,
+)
+
+NAMESPACE = "joule-e2e"
+RELEASE = "joule"
+IMAGE = "ghcr.io/joule-dev/operator"
+TAG = "0.1.0"
+
+
+class InClusterOperator:
+    """The chart's operator Deployment; the same face as tests.conftest.OperatorProcess."""
+
+    def __init__(self, kubectl: Kubectl, node: RealNode) -> None:
+        self.kubectl = kubectl
+        self.node = node
+        self.pod_name = ""  # the first pod's, once it runs
+
+    def pod(self) -> dict:
+        out = self.kubectl(
+            "get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator",
+            "-o", "json",
+        ).stdout  # fmt: skip
+        pods = [p for p in json.loads(out)["items"] if not p["metadata"].get("deletionTimestamp")]
+        assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+        return pods[0]
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.pod()['status']['podIP']}:8080/metrics"
+
+    @property
+    def log(self) -> Path:
+        """The operator pod's log, as the node's log mirror copied it."""
+        logs = self.node.pod_logs(NAMESPACE, self.pod_name)
+        return logs[-1] if logs else Path("/dev/null")
+
+
+def load_operator_image(node: RealNode) -> str:
+    """Build the operator image (cached by content) and push it to the node's registry."""
+    from joule.images import ensure_operator, push
+
+    say = lambda m: print(f"joule: {m}", flush=True)  # noqa: E731
+    image = ensure_operator(progress=say)
+    pushed = push(image, registry=node.record.registry, name="joule-dev/operator", tag=TAG)
+    say(f"operator image {image.ref} pushed as {pushed.ref} ({pushed.seconds:.1f}s)")
+    return image.ref
+
+
+@pytest.fixture(scope="package")
+def operator(
+    cluster, crd, helm: Helm, kubectl: Kubectl, real_node: RealNode, tmp_path_factory
+) -> Iterator[InClusterOperator]:
+    # The process operator of the integration tests, if a run started it first, would
+    # reconcile the same jobs: it waits while this one runs.
+    paused = [op for op in SHARED_OPERATORS if op.proc and op.proc.poll() is None]
+    for op in paused:
+        op.stop()
+    load_operator_image(real_node)
+    values = {
+        "image": {"repository": IMAGE, "tag": TAG},
+        "operator": {"logFormat": "plain", "resyncSeconds": 10, "tickSeconds": 0.5},
+        **real_node.placement(),  # its taint keeps other pods off; this one tolerates it
+    }
+    path = tmp_path_factory.mktemp("chart") / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    started = time.monotonic()
+    helm(
+        "install", RELEASE, str(CHART), "-n", NAMESPACE, "--create-namespace", "-f", str(path),
+        "--wait", "--timeout", "180s",
+    )  # fmt: skip
+    op = InClusterOperator(kubectl, real_node)
+    pod = op.pod_name = op.pod()["metadata"]["name"]
+
+    def leads() -> bool:
+        lease = kubectl("get", "lease", RELEASE, "-n", NAMESPACE, "-o", "json", check=False)
+        return lease.returncode == 0 and json.loads(lease.stdout)["spec"].get(
+            "holderIdentity"
+        ) == pod  # fmt: skip
+
+    wait_for(leads, timeout=60, what=f"{pod} to hold the leader Lease")
+    print(f"\noperator installed by helm and leading in {time.monotonic() - started:.1f}s")
+    try:
+        yield op
+    finally:
+        print(f"\nin-cluster operator log: {op.log}")
+        helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", check=False)
+        for proc in paused:
+            proc.start()

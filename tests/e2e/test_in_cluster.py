@@ -1,0 +1,43 @@
+"""The operator installed by the chart runs as users run it: a pod on the real node, ready by
+its probe, leading through its Lease, answering `helm test`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.e2e.conftest import NAMESPACE, RELEASE, InClusterOperator
+from tests.e2e.test_local_loop import scrape
+
+pytestmark = pytest.mark.cluster
+
+
+def test_the_charts_operator_runs_restricted_on_the_node_and_passes_helm_test(
+    operator: InClusterOperator, helm, kubectl
+):
+    pod = operator.pod()
+    assert pod["spec"]["nodeName"] == "local"
+    assert pod["spec"]["serviceAccountName"] == RELEASE
+    (container,) = pod["spec"]["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert ready["Ready"] == "True"  # its readiness probe answered
+    (state,) = pod["status"]["containerStatuses"]
+    assert state["restartCount"] == 0  # its liveness probe never failed
+
+    text = scrape(operator.metrics_url)
+    assert "joule_operator_leader 1.0" in text
+
+    out = helm("test", RELEASE, "-n", NAMESPACE, "--logs").stdout
+    assert "Phase:          Succeeded" in out and ": ok" in out, out
+
+    # The operator's own pod: uid 65532 and nothing but its code, as the image test says.
+    uid = kubectl("exec", "-n", NAMESPACE, pod["metadata"]["name"], "--", "id", "-u").stdout
+    assert uid.strip() == "65532"
+    events = json.loads(
+        kubectl("get", "events", "-n", NAMESPACE, "-o", "json").stdout
+    )["items"]  # fmt: skip
+    # (A readiness probe may fail while it starts; a liveness failure would restart it.)
+    failed = [e["message"] for e in events if e["reason"] in ("Unhealthy", "BackOff")]
+    assert not [m for m in failed if "Readiness" not in m], failed
