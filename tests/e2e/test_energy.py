@@ -12,7 +12,7 @@ from kubernetes import client
 
 from joule.constants import POWER_LIMIT_ANNOTATION
 from tests.conftest import wait_for
-from tests.e2e.test_local_loop import apply, events, running_pods, status
+from tests.e2e.test_local_loop import apply, assert_no_drift, events, running_pods, status
 
 TRAIN = ["--steps", "100000", "--checkpoint-every-steps", "20", "--log-every", "10"]
 
@@ -37,7 +37,7 @@ def test_a_job_over_its_power_cap_is_scaled_down_and_says_why(
 ):
     # Two CPU workers draw 13-30 W (estimated: their CPU time x 15 W per core; less when
     # the machine is busy). A 10 W cap is over either way.
-    apply(
+    manifest = apply(
         kubectl, namespace, "capped", local_node, tmp_path, TRAIN,
         replicas=2, elastic={"minReplicas": 1, "maxReplicas": 2},
         scaling={"policy": "Fixed", "evaluationIntervalSeconds": 5},
@@ -56,6 +56,7 @@ def test_a_job_over_its_power_cap_is_scaled_down_and_says_why(
     wait_for(lambda: len(running_pods(core, namespace, "capped")) == 1, timeout=60,
              what="one worker left")  # fmt: skip
     posted(core, namespace, "capped", "PowerCapExceeded")
+    assert_no_drift(kubectl, namespace, manifest)  # resized by the operator: status only
 
 
 @pytest.mark.timeout(400)
@@ -64,7 +65,7 @@ def test_over_its_cap_a_job_first_runs_at_a_lower_power_limit_and_keeps_its_work
 ):
     # As above, but the policy may lower each GPU's limit to 1 W. On the local node the
     # estimated meter enforces a limit by idling between steps (labelled an estimate).
-    apply(
+    manifest = apply(
         kubectl, namespace, "limited", local_node, tmp_path, TRAIN,
         replicas=2, elastic={"minReplicas": 1, "maxReplicas": 2},
         scaling={"policy": "Fixed", "evaluationIntervalSeconds": 5},
@@ -102,6 +103,7 @@ def test_over_its_cap_a_job_first_runs_at_a_lower_power_limit_and_keeps_its_work
     assert st["energy"]["averageWatts"] <= 10
     assert st["targetReplicas"] == 2 and len(running_pods(core, namespace, "limited")) == 2
     assert "lastScaleTime" not in st  # the workers were never resized
+    assert_no_drift(kubectl, namespace, manifest)  # the lowered limit is in status only
 
     # kubectl scale on a job Joule manages: the new size is taken, and kept.
     kubectl("scale", "-n", namespace, "tj/limited", "--replicas=1")

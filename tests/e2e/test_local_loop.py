@@ -22,7 +22,10 @@ GROUP, VERSION, PLURAL = "joule.dev", "v1alpha1", "trainingjobs"
 IMAGE = "ghcr.io/joule-dev/trainer:0.1.0"
 
 
-def apply(kubectl, namespace: str, name: str, local_node, ckpt: Path, train: list[str], **spec):
+def apply(
+    kubectl, namespace: str, name: str, local_node, ckpt: Path, train: list[str], **spec
+) -> str:
+    """Apply a trainer job on the real node; returns the manifest, as a user keeps it."""
     # The shared checkpoint folder: the trainer runs as uid 1000 in its container.
     ckpt.chmod(0o777)
     body = {
@@ -49,7 +52,30 @@ def apply(kubectl, namespace: str, name: str, local_node, ckpt: Path, train: lis
             **spec,
         },
     }
-    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(body))
+    manifest = yaml.safe_dump(body)
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest)
+    return manifest
+
+
+def assert_no_drift(kubectl, namespace: str, manifest: str) -> None:
+    """What a GitOps tool compares: the user's manifest against the live object. The operator
+    writes only status, so its resizes and power limits are no drift (a client-side diff, as
+    apply() applies client-side; test_gitops does the server-side pair).
+
+    kubectl's own record of the last apply differs in one way of its own making: made by a
+    create, it holds `"annotations": {}`, which the diff's new record lacks. That is kubectl's
+    bookkeeping, not the object; every other changed line is drift."""
+    diff = kubectl("diff", "-n", namespace, "-f", "-", stdin=manifest, check=False)
+    assert diff.returncode in (0, 1), diff.stderr
+    changed = [
+        line for line in diff.stdout.splitlines()
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]  # fmt: skip
+    records = [json.loads(line[1:]) for line in changed if line[1:].lstrip().startswith("{")]
+    for record in records:
+        if record["metadata"].get("annotations") == {}:
+            del record["metadata"]["annotations"]
+    assert len(changed) == len(records) and all(r == records[0] for r in records), diff.stdout
 
 
 def status(api, namespace: str, name: str) -> dict:
