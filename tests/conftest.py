@@ -3,6 +3,7 @@ at the end; each test that needs it gets its own namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -249,15 +250,24 @@ def operator(operator_kubeconfig: Path, tmp_path_factory) -> Iterator[OperatorPr
     print(f"\noperator log: {log}")
 
 
-@pytest.fixture
-def no_shared_operator() -> Iterator[None]:
-    """Stop the session's operator for this test, and start it again after."""
+@contextlib.contextmanager
+def shared_operator_paused() -> Iterator[None]:
+    """Stop the session's operator while the block runs, and start it again after."""
     running = [op for op in SHARED_OPERATORS if op.proc and op.proc.poll() is None]
     for op in running:
         op.stop()
-    yield
-    for op in running:
-        op.start()
+    try:
+        yield
+    finally:
+        for op in running:
+            op.start()
+
+
+@pytest.fixture
+def no_shared_operator() -> Iterator[None]:
+    """Stop the session's operator for this test, and start it again after."""
+    with shared_operator_paused():
+        yield
 
 
 TRAINER_IMAGE = "ghcr.io/joule-dev/trainer:0.1.0"
@@ -379,20 +389,32 @@ class RealNode:
         raise AssertionError(f"containerd has no task {cid}:\n{out}")
 
 
-def load_trainer_image(node: RealNode) -> None:
-    """Build the trainer image (cached by content), push it to the cluster's registry and
-    pull it into the node, where pods find it as ghcr.io/joule-dev/trainer:0.1.0."""
+def load_image(node: RealNode, image, name: str, pull: str | None = None) -> None:
+    """Push a built image to the cluster's registry as ghcr.io/<name>:0.1.0 (containerd
+    mirrors ghcr.io to it), and pull it into the node's containerd first when ``pull`` names
+    it (a large image, so that the first pod does not wait)."""
     from joule.cluster.nodebuild import node_binaries_for
     from joule.cluster.realnode import pull_image
     from joule.cluster.settings import KUBERNETES_VERSION
-    from joule.images import ensure_trainer, push
+    from joule.images import push
 
-    say = lambda m: print(f"joule: {m}", flush=True)  # noqa: E731
-    image = ensure_trainer(progress=say)
-    pushed = push(image, registry=node.record.registry, progress=say)
-    ctr = node_binaries_for(KUBERNETES_VERSION).ctr
-    pulled = pull_image(ctr, node.layout, TRAINER_IMAGE)
-    say(f"trainer image {image.ref}: pushed {pushed.seconds:.0f}s, pulled {pulled:.0f}s")
+    pushed = push(image, registry=node.record.registry, name=name, progress=say)
+    took = f"{image.ref} pushed as {pushed.ref} in {pushed.seconds:.1f}s"
+    if pull:
+        ctr = node_binaries_for(KUBERNETES_VERSION).ctr
+        took += f", pulled in {pull_image(ctr, node.layout, pull):.0f}s"
+    say(took)
+
+
+def say(message: str) -> None:
+    print(f"joule: {message}", flush=True)
+
+
+def load_trainer_image(node: RealNode) -> None:
+    """The trainer image (built once per content), where pods find it as TRAINER_IMAGE."""
+    from joule.images import ensure_trainer
+
+    load_image(node, ensure_trainer(progress=say), "joule-dev/trainer", pull=TRAINER_IMAGE)
 
 
 @pytest.fixture(scope="session")

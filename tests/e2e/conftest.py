@@ -15,10 +15,12 @@ import yaml
 
 from tests.conftest import (
     CHART,
-    SHARED_OPERATORS,
     Helm,
     Kubectl,
     RealNode,
+    load_image,
+    say,
+    shared_operator_paused,
     wait_for,
 )
 
@@ -56,27 +58,22 @@ class InClusterOperator:
         return logs[-1] if logs else Path("/dev/null")
 
 
-def load_operator_image(node: RealNode) -> str:
-    """Build the operator image (cached by content) and push it to the node's registry."""
-    from joule.images import ensure_operator, push
-
-    say = lambda m: print(f"joule: {m}", flush=True)  # noqa: E731
-    image = ensure_operator(progress=say)
-    pushed = push(image, registry=node.record.registry, name="joule-dev/operator", tag=TAG)
-    say(f"operator image {image.ref} pushed as {pushed.ref} ({pushed.seconds:.1f}s)")
-    return image.ref
-
-
 @pytest.fixture(scope="package")
 def operator(
     cluster, crd, helm: Helm, kubectl: Kubectl, real_node: RealNode, tmp_path_factory
 ) -> Iterator[InClusterOperator]:
     # The process operator of the integration tests, if a run started it first, would
     # reconcile the same jobs: it waits while this one runs.
-    paused = [op for op in SHARED_OPERATORS if op.proc and op.proc.poll() is None]
-    for op in paused:
-        op.stop()
-    load_operator_image(real_node)
+    with shared_operator_paused():
+        yield from _installed(helm, kubectl, real_node, tmp_path_factory)
+
+
+def _installed(
+    helm: Helm, kubectl: Kubectl, real_node: RealNode, tmp_path_factory
+) -> Iterator[InClusterOperator]:
+    from joule.images import ensure_operator
+
+    load_image(real_node, ensure_operator(progress=say), "joule-dev/operator")
     values = {
         "image": {"repository": IMAGE, "tag": TAG},
         "operator": {"logFormat": "plain", "resyncSeconds": 10, "tickSeconds": 0.5},
@@ -85,25 +82,23 @@ def operator(
     path = tmp_path_factory.mktemp("chart") / "values.yaml"
     path.write_text(yaml.safe_dump(values))
     started = time.monotonic()
-    helm(
-        "install", RELEASE, str(CHART), "-n", NAMESPACE, "--create-namespace", "-f", str(path),
-        "--wait", "--timeout", "180s",
-    )  # fmt: skip
     op = InClusterOperator(kubectl, real_node)
-    pod = op.pod_name = op.pod()["metadata"]["name"]
+    try:  # a failed install is uninstalled too, so that the next run can install again
+        helm(
+            "install", RELEASE, str(CHART), "-n", NAMESPACE, "--create-namespace",
+            "-f", str(path), "--wait", "--timeout", "180s",
+        )  # fmt: skip
+        pod = op.pod_name = op.pod()["metadata"]["name"]
 
-    def leads() -> bool:
-        lease = kubectl("get", "lease", RELEASE, "-n", NAMESPACE, "-o", "json", check=False)
-        return lease.returncode == 0 and json.loads(lease.stdout)["spec"].get(
-            "holderIdentity"
-        ) == pod  # fmt: skip
+        def leads() -> bool:
+            lease = kubectl("get", "lease", RELEASE, "-n", NAMESPACE, "-o", "json", check=False)
+            return lease.returncode == 0 and json.loads(lease.stdout)["spec"].get(
+                "holderIdentity"
+            ) == pod  # fmt: skip
 
-    wait_for(leads, timeout=60, what=f"{pod} to hold the leader Lease")
-    print(f"\noperator installed by helm and leading in {time.monotonic() - started:.1f}s")
-    try:
+        wait_for(leads, timeout=60, what=f"{pod} to hold the leader Lease")
+        print(f"\noperator installed by helm and leading in {time.monotonic() - started:.1f}s")
         yield op
     finally:
         print(f"\nin-cluster operator log: {op.log}")
         helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", check=False)
-        for proc in paused:
-            proc.start()

@@ -125,6 +125,7 @@ def test_the_deployment_runs_restricted_and_probed(helm: Helm, namespace: str):
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy': value must be one of"),
         ({"operator": {"logFormat": "xml"}}, "/operator/logFormat': value must be one of"),
         ({"operator": {"workers": 1.5}}, "/operator/workers': got number, want integer"),
+        ({"operator": {"tickSeconds": 0}}, "/operator/tickSeconds': minimum: got 0, want 0.1"),
         ({"metrics": {"port": 70000}}, "/metrics/port': maximum: got 70,000, want 65,535"),
         ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/interval': 'often' does not"),
         ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0': 'Team_A' does not match"),

@@ -42,10 +42,6 @@ from joule.metrics import LEADER
 
 log = logging.getLogger("joule.leader")
 
-# Kept beside the election rather than in metrics.py's list so that the standby (which
-# imports no handler) exports it too; registered in the default registry on import, as the
-# module-level metrics there are.
-
 
 @dataclass(frozen=True)
 class LeaseRecord:
@@ -222,13 +218,16 @@ def _spec(record: LeaseRecord) -> dict[str, Any]:
 
 def _record(lease: Any) -> LeaseRecord:
     spec = lease.spec
+    version = lease.metadata.resource_version
+    if spec is None:
+        return LeaseRecord("", 0, None, None, 0, version)
     return LeaseRecord(
-        holder=(spec.holder_identity or "") if spec else "",
-        duration_seconds=(spec.lease_duration_seconds or 0) if spec else 0,
-        acquire_time=spec.acquire_time if spec else None,
-        renew_time=spec.renew_time if spec else None,
-        transitions=(spec.lease_transitions or 0) if spec else 0,
-        resource_version=lease.metadata.resource_version,
+        holder=spec.holder_identity or "",
+        duration_seconds=spec.lease_duration_seconds or 0,
+        acquire_time=spec.acquire_time,
+        renew_time=spec.renew_time,
+        transitions=spec.lease_transitions or 0,
+        resource_version=version,
     )
 
 
