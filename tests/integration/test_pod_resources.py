@@ -3,12 +3,14 @@
 A pod asking for ``nvidia.com/gpu: 2`` runs on the real node; the device plugin binary's
 ``pod-resources`` mode, run inside the node's mount namespace (where the kubelet runs), asks
 the kubelet's PodResourcesLister and must list that pod with two distinct slots, and the node's
-four slots as allocatable."""
+four slots as allocatable. The node agent's Python client (``joule.nodeagent.podresources``),
+run there too, must give the same answer as the Go binary."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -45,6 +47,42 @@ def pod_resources(cluster: ClusterInfo) -> dict[str, Any]:
     )
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+# Prints what the Python client reads, in the Go binary's JSON shape. The node's mount
+# namespace is a slave copy of the host's (unshare --mount --propagation slave) with only the
+# kubelet's fixed folders mounted over, so this interpreter and the repository are there too.
+PYTHON_LISTER = """
+import json, sys
+from pathlib import Path
+from joule.nodeagent.podresources import PodResourcesClient
+
+def devices(by_resource):
+    return {resource: list(ids) for resource, ids in by_resource.items()}
+
+with PodResourcesClient(Path(sys.argv[1]), timeout_s=10) as lister:
+    pods, allocatable = lister.list(), lister.allocatable()
+json.dump({
+    "pods": [
+        {"namespace": p.namespace, "name": p.name,
+         "containers": [{"name": c.name, "devices": devices(c.devices)} for c in p.containers]}
+        for p in pods
+    ],
+    "allocatable": devices(allocatable),
+}, sys.stdout)
+"""
+
+
+def python_pod_resources(cluster: ClusterInfo) -> dict[str, Any]:
+    """The Python client's answer, asked from inside the node's mount namespace."""
+    assert cluster.node is not None, "the test cluster has no real node (tests run as root)"
+    socket = pod_resources_socket(NodeRecord.from_json(cluster.node).layout().kubelet_dir)
+    argv = in_namespace(
+        node_namespace_holder(cluster), [sys.executable, "-c", PYTHON_LISTER, str(socket)]
+    )
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"the Python client failed ({proc.returncode}):\n{proc.stderr}"
     return json.loads(proc.stdout)
 
 
@@ -117,3 +155,37 @@ def test_the_kubelet_lists_the_slots_a_pod_holds(
         return not any(p["namespace"] == namespace for p in pod_resources(cluster)["pods"])
 
     wait_for(gone_from_kubelet, timeout=60, interval=1.0, what="the kubelet to drop the pod")
+
+
+def test_the_python_client_reads_what_the_go_binary_reads(
+    cluster: ClusterInfo, core: client.CoreV1Api, namespace: str
+) -> None:
+    core.create_namespaced_pod(namespace, gpu_pod("two-slots", 2))
+    try:
+
+        def running() -> bool:
+            return core.read_namespaced_pod("two-slots", namespace).status.phase == "Running"
+
+        wait_for(running, timeout=120, interval=0.5, what="the pod with 2 slots to run")
+        go, python = pod_resources(cluster), python_pod_resources(cluster)
+    finally:
+        core.delete_namespaced_pod("two-slots", namespace, grace_period_seconds=0)
+
+    # The kubelet keeps device IDs in sets: their order can differ from one answer to the next.
+    def in_order(devices: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {resource: sorted(ids) for resource, ids in devices.items()}
+
+    assert in_order(python["allocatable"]) == in_order(go["allocatable"])
+    assert sorted(python["allocatable"][DEFAULT_RESOURCE]) == [f"slot-{i}" for i in range(SLOTS)]
+
+    def ours(report: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {**p, "containers": [{**c, "devices": in_order(c["devices"])} for c in p["containers"]]}
+            for p in report["pods"]
+            if (p["namespace"], p["name"]) == (namespace, "two-slots")
+        ]
+
+    assert len(ours(go)) == 1, go["pods"]
+    assert ours(python) == ours(go)
+    ids = ours(python)[0]["containers"][0]["devices"][DEFAULT_RESOURCE]
+    assert len(set(ids)) == 2, ids
