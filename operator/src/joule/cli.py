@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -208,6 +209,24 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_agent(args: argparse.Namespace) -> int:
+    from joule.nodeagent.main import Options, run
+
+    if not args.node:
+        raise ValueError("--node (or NODE_NAME) is required: the name of this node")
+    options = Options(
+        node=args.node,
+        state_dir=args.state_dir,
+        socket=args.pod_resources_socket,
+        gpus=args.gpus,
+        port=args.port,
+        interval=args.interval,
+        resource=args.resource,
+        simulated_watts=args.simulated_watts,
+    )
+    return run(options)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _dev_import("joule.demo.run")
     from joule.demo.run import Options, run_demo
@@ -258,6 +277,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=_positive_or_zero, help="port of /metrics, 0 for none (default 8080)"
     )
     op.set_defaults(func=cmd_operator)
+
+    agent = sub.add_parser(
+        "node-agent",
+        help="run the node agent (DaemonSet): measure GPUs per pod, set their power limits",
+    )
+    agent.add_argument("--node", default=os.environ.get("NODE_NAME"),
+                       help="this node's name (default: NODE_NAME)")  # fmt: skip
+    agent.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("/var/lib/joule-node-agent"),
+        help="where the energy ledger is kept across restarts (a hostPath)",
+    )
+    agent.add_argument(
+        "--pod-resources-socket",
+        type=Path,
+        default=Path("/var/lib/kubelet/pod-resources/kubelet.sock"),
+        help="the kubelet's pod-resources API",
+    )
+    agent.add_argument(
+        "--gpus",
+        choices=("nvml", "simulated"),
+        default="nvml",
+        help="nvml: the node's GPUs; simulated: an NVML double over the kubelet's GPU IDs "
+        "(nodes without GPUs; every series says source=simulated)",
+    )
+    agent.add_argument("--simulated-watts", type=float, default=30.0,
+                       help="a simulated GPU's draw, below its limit (default 30)")  # fmt: skip
+    agent.add_argument("--port", type=_positive, default=9410, help="/metrics port (9410)")
+    agent.add_argument("--interval", type=float, default=5.0, help="seconds between updates")
+    agent.add_argument("--resource", default="nvidia.com/gpu", help="the GPUs' resource name")
+    agent.set_defaults(func=cmd_node_agent)
 
     demo = sub.add_parser(
         "demo",
