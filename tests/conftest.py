@@ -143,6 +143,10 @@ class OperatorProcess:
             "JOULE_METRICS_PORT": str(self.metrics_port),
             "JOULE_HEALTH_PORT": str(self.health_port),
             "JOULE_LOG_FORMAT": "plain",
+            # The host-process operator's tests run their workers on kwok nodes (no node
+            # agent there) or read the trainer's own figures; the e2e suite installs the
+            # chart, node agent included, and reads the node.
+            "JOULE_ENERGY_SOURCE": "trainer",
             **self.extra_env,
         }
         with open(self.log, "ab") as out:

@@ -8,11 +8,13 @@ from typing import Any
 
 import yaml
 
+from joule.agent_metrics import LimitReport
 from joule.api import JobRef, TrainingJobSpec
+from joule.autoscaler import NO_PROGRESS
 from joule.observe import Failure, PodView
 from joule.policy import ClusterView
 from joule.reconcile import follow_user_scale, plan
-from joule.scaling import evaluate, merge_energy, split_energy
+from joule.scaling import Measured, evaluate, merge_energy, split_energy
 from joule.trainer_metrics import TrainerReading
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "joule.dev_trainingjobs.yaml"
@@ -77,6 +79,17 @@ def statuses() -> list[dict[str, Any]]:
     assert "limitHistory" in kept  # the limit search ran, and kept its records aside
     follow_user_scale(TrainingJobSpec.parse({**managed_body(), "replicas": 1}), st, T0)
     out.append(st)
+    # Energy from node agents: a limit pending confirmation, then refused.
+    st, kept = dict(running), {}
+    for t, report in ((0, LimitReport(False)), (30, LimitReport(False)),
+                      (60, LimitReport(False, "w0 GPU-a: Insufficient Permissions"))):  # fmt: skip
+        m = Measured({"uid-0/GPU-a@1.00": 30.0 * t}, {"uid-0/0": t * 50.0}, "node",
+                     "simulated", 0.9, NO_PROGRESS)  # fmt: skip
+        now = T0 + dt.timedelta(seconds=t)
+        merged = {**st, "energy": merge_energy(st.get("energy", {}), kept)}
+        st = evaluate(managed, merged, m, ClusterView(4, 0), now, 2, True, limits=report).status
+        st["energy"], kept = split_energy(st["energy"])
+        out.append(plan(JOB, managed, st, 1, [pod(0), pod(1)], now).status)
     return out
 
 
@@ -99,7 +112,8 @@ def test_every_status_field_the_operator_writes_survives_the_schema():
     # The states above did write the fields this check is for.
     for field in ("completingSince", "specReplicas", "targetReplicas", "lastDecision",
                   "podFailure", "energy.gpuPowerLimitWatts", "energy.evaluatedAt",
-                  "energy.budgetRemainingJoules"):  # fmt: skip
+                  "energy.budgetRemainingJoules", "energy.meter", "energy.progress",
+                  "energy.gpuPowerLimitConfirmed", "energy.gpuPowerLimitRefused"):  # fmt: skip
         assert field in seen, field
 
 

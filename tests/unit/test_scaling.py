@@ -314,3 +314,76 @@ def test_an_earlier_operators_counter_key_counts_as_the_same_process():
     e = {"counters": {"a/0": 1000.0}, "consumedJoules": 1000.0}
     e = account(e, [("a/0@5.00", started(1010, 5.0))], at(0), 600, 1, True, alive={"a"})
     assert e["consumedJoules"] == 1010  # +10, not +1010
+
+
+def test_with_node_agents_a_limit_counts_from_when_they_confirm_it_in_force():
+    from joule.agent_metrics import LimitReport
+
+    spec, st, readings = capped_two_workers(replicas=2)
+    pending = LimitReport(confirmed=False)
+    lowered = evaluate(spec, st, readings, ClusterView(0), at(10), 2, True, limits=pending)
+    energy = lowered.status["energy"]
+    assert energy["gpuPowerLimitWatts"] == 8.6 and energy["gpuPowerLimitConfirmed"] is False
+    more = [("a/0", reading(300, 1500)), ("b/0", reading(300, 1500))]
+    # Not yet in force: still over the cap, the policy waits rather than act again.
+    waiting = evaluate(spec, lowered.status, more, ClusterView(0), at(15), 2, True,
+                       limits=pending)  # fmt: skip
+    assert waiting.decision.replicas == 2 and "gpuPowerLimitRefused" not in waiting.status["energy"]
+    assert waiting.status["energy"]["gpuPowerLimitWatts"] == 8.6
+    done = evaluate(spec, waiting.status, more, ClusterView(0), at(20), 2, True,
+                    limits=LimitReport(confirmed=True))  # fmt: skip
+    assert done.status["energy"]["gpuPowerLimitConfirmed"] is True
+    assert done.status["energy"]["gpuPowerLimitTime"] == "2026-11-29T12:00:20Z"
+
+
+def test_a_refused_limit_is_dropped_said_and_the_policy_removes_workers_instead():
+    from joule.agent_metrics import LimitReport
+    from joule.reconcile import conditions
+
+    spec, st, readings = capped_two_workers(replicas=2)
+    lowered = evaluate(spec, st, readings, ClusterView(0), at(10), 2, True,
+                       limits=LimitReport(False))  # fmt: skip
+    refused = LimitReport(False, "w1 GPU-a: Insufficient Permissions")
+    more = [("a/0", reading(300, 1500)), ("b/0", reading(300, 1500))]
+    result = evaluate(spec, lowered.status, more, ClusterView(0), at(20), 2, True, limits=refused)
+    energy = result.status["energy"]
+    assert energy["gpuPowerLimitRefused"] == "w1 GPU-a: Insufficient Permissions"
+    assert "gpuPowerLimitWatts" not in energy  # the workers' annotation goes too
+    said = {e.reason: e.message for e in result.events}
+    assert "Insufficient Permissions" in said["PowerLimitRefused"]
+    # Over the cap with limits out of reach, the policy takes a worker away once it has
+    # measured the job at this size (it lowers no limit meanwhile).
+    later = result
+    for i, t in enumerate((30, 45)):
+        again = [(k, reading(450 + 150 * i, 2000 + 500 * i)) for k in ("a/0", "b/0")]
+        later = evaluate(spec, later.status, again, ClusterView(0), at(t), 2, True,
+                         limits=LimitReport(True))  # fmt: skip
+        assert later.decision.gpu_power_limit_watts is None
+    assert (later.decision.replicas, later.decision.reason) == (1, "PowerCapExceeded")
+    assert "gpuPowerLimitWatts" not in later.status["energy"]
+    shown = {c["type"]: c for c in conditions({**later.status, "phase": "Running"}, 1, [], at(30))}
+    assert shown["PowerLimitRefused"]["status"] == "True"
+    assert "Insufficient Permissions" in shown["PowerLimitRefused"]["message"]
+
+
+def test_a_limit_no_agent_confirms_within_a_minute_counts_as_refused():
+    from joule.agent_metrics import LimitReport
+
+    spec, st, readings = capped_two_workers(replicas=2)
+    pending = LimitReport(confirmed=False)
+    lowered = evaluate(spec, st, readings, ClusterView(0), at(10), 2, True, limits=pending)
+    late = evaluate(spec, lowered.status, readings, ClusterView(0), at(75), 2, True,
+                    limits=pending)  # fmt: skip
+    assert "no node agent confirmed" in late.status["energy"]["gpuPowerLimitRefused"]
+
+
+def test_node_energy_and_worker_samples_are_accounted_apart():
+    from joule.scaling import Measured, account
+
+    m = Measured(joules={"u1/GPU-a@5.00": 100.0}, samples={"u1/0": 50.0}, source="node",
+                 meter="simulated", utilization=0.5)  # fmt: skip
+    e = account({}, m, at(0), 60, 1, True, alive={"u1"})
+    m2 = Measured(joules={"u1/GPU-a@5.00": 160.0}, samples={}, source="node", meter="simulated")
+    e = account(e, m2, at(10), 60, 1, True, alive={"u1"})
+    assert (e["consumedJoules"], e["samples"]) == (160.0, 50.0)
+    assert (e["source"], e["meter"]) == ("node", "simulated")

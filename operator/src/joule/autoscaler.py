@@ -14,29 +14,54 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from joule import metrics
+from joule.agent_metrics import LimitReport, limit_report, parse_agent_metrics
+from joule.agent_metrics import counter_key as gpu_counter_key
 from joule.api.events import Event
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.capacity import Capacity
 from joule.constants import METRICS_PORT
 from joule.kube import Conflict, JobApi
 from joule.observe import PodView
-from joule.reconcile import conditions, desired_replicas
-from joule.scaling import counter_key, evaluate, merge_energy, next_evaluation, split_energy
-from joule.scrape import Target, scrape_all
+from joule.reconcile import conditions, desired_replicas, power_limit
+from joule.scaling import (
+    Measured,
+    counter_key,
+    evaluate,
+    merge_energy,
+    next_evaluation,
+    split_energy,
+)
+from joule.scrape import Result, Target, scrape_all
 
 log = logging.getLogger("joule.autoscaler")
 # One evaluation waits this long, in all, for the workers' /metrics.
 SCRAPE_DEADLINE_SECONDS = 5.0
+NO_PROGRESS = (
+    "no worker reports samples (joule_trainer.report): the policy sees energy and GPU "
+    "utilisation only"
+)
+
+
+@dataclass(frozen=True)
+class NodeAgents:
+    """Where the node agents run, whose readings are the jobs' energy."""
+
+    namespace: str
+    selector: str
+    port: int
 
 
 class Autoscaler:
-    """Evaluates one job at a time per job (a lock each), any number in parallel."""
+    """Evaluates one job at a time per job (a lock each), any number in parallel.
+    ``agents``: the node agents to read energy from; None: the trainers' self-report."""
 
-    def __init__(self, api: JobApi) -> None:
+    def __init__(self, api: JobApi, agents: NodeAgents | None = None) -> None:
         self.api = api
+        self.agents = agents
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -97,8 +122,57 @@ class Autoscaler:
         now: dt.datetime,
         generation: int,
     ) -> tuple[dict[str, Any], list[Event]]:
-        """Read the workers' /metrics, account energy, ask the policy: the new status and
-        the Events that explain it (posted once it is stored)."""
+        """Read the job's meters, account energy, ask the policy: the new status and the
+        Events that explain it (posted once it is stored)."""
+        workers, names, expected = self._read_workers(spec, pods)
+        trainers = []
+        for key, result in workers.items():
+            if result.reading is not None:
+                uid, rank = key.split("/")
+                trainers.append((counter_key(uid, int(rank), result.reading), result.reading))
+        limits: LimitReport | None = None
+        if self.agents is None:
+            measured = Measured.from_trainers(trainers)
+            unread = sorted(
+                f"{names[k]}: {r.error}" for k, r in workers.items() if r.error and k in expected
+            )
+            complete = not unread
+        else:
+            measured, unread, complete, limits = self._read_agents(
+                self.agents, spec, status, pods, trainers
+            )
+        running = sum(1 for p in pods if p.ready and p.active)
+        # A round that missed a worker says nothing about the job's rate at this size.
+        phase = status.get("phase")
+        steady = phase == "Running" and running == desired_replicas(spec, status) and complete
+        try:
+            room = self.api.capacity()
+        except Exception:  # the accounting must go on: without the cluster's view, no room
+            log.warning("could not read the cluster's free GPUs", exc_info=True)
+            room = Capacity((), waiting_gpus=0, total_gpus=0, jobs=0)
+        cluster = room.view_for(
+            spec.gpus_per_replica, spec.pod.get("nodeSelector"), spec.pod.get("tolerations") or ()
+        )
+        result = evaluate(
+            spec, status, measured, cluster, now, running, steady, alive={p.uid for p in pods},
+            limits=limits,
+        )  # fmt: skip
+        metrics.POLICY_DECISIONS.labels(reason=result.decision.reason).inc()
+        st = dict(result.status)
+        if unread:
+            st["metricsError"] = "; ".join(unread)[:1024]
+        else:
+            st.pop("metricsError", None)
+        # The conditions that follow from this decision, in the same write: a reader never
+        # sees a decision over the cap with a PowerCapExceeded condition still False.
+        st["conditions"] = conditions(st, generation, st.get("conditions", []), now)
+        return st, list(result.events)
+
+    def _read_workers(
+        self, spec: TrainingJobSpec, pods: list[PodView]
+    ) -> tuple[dict[str, Result], dict[str, str], set[str]]:
+        """Every worker process's /metrics: results by "<pod uid>/<rank>", their names, and
+        the keys that must answer (running, ready, not on their way out)."""
         # Every process that runs, including workers on their way out: a terminating pod's
         # last reading still counts (it trains until SIGTERM and checkpoints after it).
         targets, names, expected = [], {}, set()
@@ -110,37 +184,62 @@ class Autoscaler:
                 names[targets[-1].key] = f"{pod.name} rank {rank}"
                 if pod.ready and pod.active:  # one on its way out may have stopped serving
                     expected.add(targets[-1].key)
-        results = scrape_all(targets, SCRAPE_DEADLINE_SECONDS)
-        readings = []
-        for key, result in results.items():
-            if result.reading is not None:
-                uid, rank = key.split("/")
-                readings.append((counter_key(uid, int(rank), result.reading), result.reading))
-        running = sum(1 for p in pods if p.ready and p.active)
-        unread = sorted(
-            f"{names[k]}: {r.error}" for k, r in results.items() if r.error and k in expected
-        )
-        # A round that missed a worker says nothing about the job's rate at this size.
-        phase = status.get("phase")
-        steady = phase == "Running" and running == desired_replicas(spec, status) and not unread
+        return scrape_all(targets, SCRAPE_DEADLINE_SECONDS), names, expected
+
+    def _read_agents(
+        self,
+        agents: NodeAgents,
+        spec: TrainingJobSpec,
+        status: dict[str, Any],
+        pods: list[PodView],
+        trainers: list[tuple[str, Any]],
+    ) -> tuple[Measured, list[str], bool, LimitReport | None]:
+        """Energy from the node agents of the nodes the job's workers run on; samples from
+        the workers that report them (any script can: ``joule_trainer.report``). Returns
+        the measurement, what could not be read, whether every worker was measured, and
+        what the agents report of the job's power limit."""
+        running = [p for p in pods if p.phase == "Running" and p.node]
         try:
-            room = self.api.capacity()
-        except Exception:  # the accounting must go on: without the cluster's view, no room
-            log.warning("could not read the cluster's free GPUs", exc_info=True)
-            room = Capacity((), waiting_gpus=0, total_gpus=0, jobs=0)
-        cluster = room.view_for(
-            spec.gpus_per_replica, spec.pod.get("nodeSelector"), spec.pod.get("tolerations") or ()
+            where = self.api.node_agents(agents.namespace, agents.selector)
+        except Exception:
+            log.warning("could not list the node agents", exc_info=True)
+            where = {}
+        nodes = sorted({p.node for p in running if p.node})
+        unread = [f"node {n}: no node agent runs there" for n in nodes if n not in where]
+        targets = [Target(n, where[n], agents.port) for n in nodes if n in where]
+        results = scrape_all(targets, SCRAPE_DEADLINE_SECONDS, parse=parse_agent_metrics)
+        unread += sorted(
+            f"node agent on {k}: {r.error}" for k, r in results.items() if r.error is not None
         )
-        result = evaluate(
-            spec, status, readings, cluster, now, running, steady, alive={p.uid for p in pods}
+        joules: dict[str, float] = {}
+        util: list[float] = []
+        meters: set[str] = set()
+        complete = not unread
+        gpus = []
+        for pod in running:
+            result = results.get(pod.node or "")
+            reading = result.reading if result is not None else None
+            if reading is None:
+                complete = False
+                continue
+            meters.add(reading.meter)
+            rows = reading.pods.get(pod.uid, ())
+            if spec.gpus_per_replica and len(rows) < spec.gpus_per_replica and pod.active:
+                complete = False  # the agent has not seen this worker's GPUs yet
+            for row in rows:
+                joules[gpu_counter_key(pod.uid, row)] = row.joules
+                if row.utilization is not None:
+                    util.append(row.utilization)
+            if pod.ready and pod.active:
+                gpus.append((pod.name, rows))
+        measured = Measured(
+            joules=joules,
+            samples={key: r.samples for key, r in trainers},
+            source="node",
+            meter=",".join(sorted(meters)) or None,
+            utilization=sum(util) / len(util) if util else None,
+            # Energy comes from the node; progress only from workers that report it.
+            progress="reported by the workers" if trainers else NO_PROGRESS,
         )
-        metrics.POLICY_DECISIONS.labels(reason=result.decision.reason).inc()
-        st = dict(result.status)
-        if unread:
-            st["metricsError"] = "; ".join(unread)[:1024]
-        else:
-            st.pop("metricsError", None)
-        # The conditions that follow from this decision, in the same write: a reader never
-        # sees a decision over the cap with a PowerCapExceeded condition still False.
-        st["conditions"] = conditions(st, generation, st.get("conditions", []), now)
-        return st, list(result.events)
+        limits = limit_report(power_limit(spec, status), gpus) if gpus else None
+        return measured, unread, complete, limits

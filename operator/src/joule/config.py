@@ -43,6 +43,13 @@ class OperatorConfig:
     lease_duration_seconds: int = 8
     renew_deadline_seconds: float = 6.0
     retry_period_seconds: float = 1.0
+    # Where jobs' energy comes from (JOULE_ENERGY_SOURCE): "node", the node agents'
+    # readings of each pod's GPUs; or "trainer", what Joule's trainer reports of itself.
+    energy_source: str = "node"
+    # Where the node agents run (namespace: the operator's own unless set), and their port.
+    node_agent_namespace: str = "default"
+    node_agent_selector: str = "app.kubernetes.io/name=joule,app.kubernetes.io/component=node-agent"
+    node_agent_port: int = 9410
 
     @classmethod
     def from_env(
@@ -90,7 +97,23 @@ class OperatorConfig:
             lease_duration_seconds=int(duration),
             renew_deadline_seconds=deadline,
             retry_period_seconds=retry,
+            energy_source=_choice(env, "JOULE_ENERGY_SOURCE", ENERGY_SOURCES, cls.energy_source),
+            node_agent_namespace=(
+                env.get("JOULE_NODE_AGENT_NAMESPACE") or _own_namespace(namespace_file)
+            ),
+            node_agent_selector=env.get("JOULE_NODE_AGENT_SELECTOR") or cls.node_agent_selector,
+            node_agent_port=_port(env, "JOULE_NODE_AGENT_PORT", cls.node_agent_port),
         )
+
+
+ENERGY_SOURCES = ("node", "trainer")
+
+
+def _choice(env: Mapping[str, str], key: str, allowed: tuple[str, ...], default: str) -> str:
+    raw = env.get(key) or default
+    if raw not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
 
 
 def _number(env: Mapping[str, str], key: str, default: float, minimum: float) -> float:

@@ -60,6 +60,9 @@ class JobApi:
         self._guard = threading.Lock()
         self._cluster: tuple[float, Capacity] | None = None
         self._last_wait: float | None = None  # when a pod last waited for GPUs (monotonic)
+        self._agents: tuple[float, dict[str, str]] | None = None
+        # Whether workers apply their power limit themselves (the trainer energy source).
+        self.trainer_limits = True
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The TrainingJob, or None when it does not exist."""
@@ -95,6 +98,26 @@ class JobApi:
             room = replace(room, quiet_seconds=quiet)
             self._cluster = (now, room)
         return room
+
+    def node_agents(self, namespace: str, selector: str) -> dict[str, str]:
+        """The node agents that run: node name -> pod IP (shared for a few seconds, as the
+        cluster's view is)."""
+        with self._guard:
+            cached = self._agents
+        if cached and time.monotonic() - cached[0] < CLUSTER_VIEW_SECONDS:
+            return cached[1]
+        items = self.core.list_namespaced_pod(
+            namespace, label_selector=selector, _request_timeout=API_TIMEOUT
+        ).items
+        agents = {
+            p.spec.node_name: p.status.pod_ip
+            for p in items
+            if p.spec.node_name and p.status.pod_ip and p.status.phase == "Running"
+            and not p.metadata.deletion_timestamp
+        }  # fmt: skip
+        with self._guard:
+            self._agents = (time.monotonic(), agents)
+        return agents
 
     def pods(self, job: JobRef) -> list[PodView]:
         items = self.core.list_namespaced_pod(
@@ -163,7 +186,7 @@ class JobApi:
         try:
             self.core.create_namespaced_pod(
                 job.namespace,
-                worker_pod(job, spec, index, limit),
+                worker_pod(job, spec, index, limit, self.trainer_limits),
                 _request_timeout=API_TIMEOUT,
             )
             metrics.PODS_CREATED.inc()

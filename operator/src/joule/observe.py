@@ -44,6 +44,7 @@ class PodView:
     ip: str | None = None
     power_limit: str | None = None  # the per-GPU power limit annotation, as set
     owner: str | None = None  # UID of the controller that owns the pod (its TrainingJob)
+    node: str | None = None  # the node it is bound to
 
     @property
     def finished(self) -> bool:
@@ -66,14 +67,14 @@ def view(pod: dict[str, Any]) -> PodView | None:
     phase = status.get("phase", "Pending")
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
     ready = phase == "Running" and conditions.get("Ready", {}).get("status") == "True"
-    scheduled = bool((pod.get("spec") or {}).get("nodeName"))
+    node = (pod.get("spec") or {}).get("nodeName") or None
     return PodView(
         name=meta.get("name", ""),
         uid=meta.get("uid", ""),
         index=index,
         phase=phase,
         ready=ready,
-        scheduled=scheduled,
+        scheduled=node is not None,
         terminating=meta.get("deletionTimestamp") is not None,
         failure=failure(status, conditions),
         ip=status.get("podIP"),
@@ -82,6 +83,7 @@ def view(pod: dict[str, Any]) -> PodView | None:
             (o.get("uid") for o in meta.get("ownerReferences") or [] if o.get("controller")),
             None,
         ),
+        node=node,
     )
 
 

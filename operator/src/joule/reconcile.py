@@ -587,6 +587,13 @@ def conditions(
             "WorkersUnreadable" if unread else "WorkersRead",
             f"could not read /metrics of {unread}" if unread else "every worker answered",
         )
+        refused = (st.get("energy") or {}).get("gpuPowerLimitRefused")
+        if refused or "PowerLimitRefused" in {c.get("type") for c in old}:
+            want["PowerLimitRefused"] = (
+                bool(refused),
+                "PowerLimitRefused" if refused else "PowerLimitAccepted",
+                str(refused or "power limits are applied"),
+            )
     before = {c["type"]: c for c in old}
     out = []
     for ctype, (flag, why, text) in want.items():

@@ -88,7 +88,7 @@ def run_operator(config: OperatorConfig) -> None:
     from prometheus_client import start_http_server
 
     from joule import handlers, metrics
-    from joule.autoscaler import Autoscaler
+    from joule.autoscaler import Autoscaler, NodeAgents
     from joule.kube import JobApi
     from joule.leader import LeaderElector, LeaseLock
     from joule.lifecycle import Reconciler
@@ -150,7 +150,13 @@ def run_operator(config: OperatorConfig) -> None:
     scheduler: Scheduler | None = None
     try:
         api = JobApi(api_client)
-        scheduler = handlers.register(Reconciler(api), config, Autoscaler(api))
+        agents = None
+        api.trainer_limits = config.energy_source == "trainer"
+        if config.energy_source == "node":
+            agents = NodeAgents(
+                config.node_agent_namespace, config.node_agent_selector, config.node_agent_port
+            )
+        scheduler = handlers.register(Reconciler(api), config, Autoscaler(api, agents))
         runtime.scheduler = scheduler
         runtime.kopf_ready = threading.Event()
         custom = client.CustomObjectsApi(api_client)

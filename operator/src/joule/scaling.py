@@ -1,9 +1,11 @@
-"""From the workers' /metrics to status.energy, a policy decision and its Events. Pure.
+"""From what was measured to status.energy, a policy decision and its Events. Pure.
 
-Energy is accounted from each worker process's ``joule_trainer_energy_joules_total``
-counter (samples likewise), keyed by pod UID, local rank and the process's start time
-(``process_start_time_seconds``). A counter seen before adds its increase; a new process (a
-new key, or a counter that went down) adds its whole value. The last value of every pod
+Energy is accounted from counters: each pod's GPUs as its node's agent reports them (keyed
+by pod UID, GPU and when the agent's record began), or, from the trainer itself, each worker
+process's ``joule_trainer_energy_joules_total`` (keyed by pod UID, local rank and the
+process's start time, ``process_start_time_seconds``); samples from the workers' counters.
+A counter seen before adds its increase; a new one (a new key, or a counter that went down)
+adds its whole value. The last value of every pod
 that still exists is carried from round to round, so a pod missing from one scrape (a
 timeout, a round that read nothing) adds only its increase when it is read again. These
 records and the totals they add up to are one record, kept in the job's ConfigMap (see
@@ -17,9 +19,10 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from joule.agent_metrics import LimitReport
 from joule.api.events import Event, fmt_time, parse_time
 from joule.api.growth import mark_growth
 from joule.api.types import TrainingJobSpec
@@ -27,6 +30,8 @@ from joule.policy import ClusterView, Decision, Observations, SizeStats, decide
 from joule.trainer_metrics import TrainerReading
 
 MAX_WINDOW_POINTS = 64
+# A limit no node agent has confirmed this long after it was asked for counts as refused.
+LIMIT_CONFIRM_SECONDS = 60.0
 HISTORY_SMOOTHING = 0.5  # weight of the newest interval in the per-size averages
 DEFAULT_LIMIT = "default"  # limitHistory's key for "no limit set"
 
@@ -48,6 +53,31 @@ def split_energy(energy: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
     kept = {k: v for k, v in energy.items() if k in BOOKKEEPING or k in TOTALS}
     shown = {k: v for k, v in energy.items() if k not in BOOKKEEPING}
     return shown, kept
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One evaluation's readings: counters by where they are kept, and what measured them."""
+
+    joules: Mapping[str, float]
+    samples: Mapping[str, float]
+    source: str  # node | trainer: who measured the energy
+    meter: str | None = None  # with what: nvml, simulated, estimated, rapl, ...
+    utilization: float | None = None  # the job's GPUs' mean busy fraction; None: unknown
+    # Where samples come from, when energy does not come from the workers themselves.
+    progress: str | None = None
+
+    @classmethod
+    def from_trainers(cls, readings: Sequence[tuple[str, TrainerReading]]) -> Measured:
+        """The trainers' self-reported counters (key: ``counter_key``)."""
+        util = [r.utilization for _, r in readings if r.utilization is not None]
+        return cls(
+            joules={key: r.joules for key, r in readings},
+            samples={key: r.samples for key, r in readings},
+            source="trainer",
+            meter=readings[0][1].source if readings else None,
+            utilization=sum(util) / len(util) if util else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -100,7 +130,7 @@ def _thin(window: list[list[float]], limit: int) -> list[list[float]]:
 
 def account(
     energy: Mapping[str, Any],
-    readings: Sequence[tuple[str, TrainerReading]],
+    readings: Sequence[tuple[str, TrainerReading]] | Measured,
     now: dt.datetime,
     window_seconds: float,
     replicas: int,
@@ -112,12 +142,11 @@ def account(
     ``alive``: UIDs of the job's pods that exist now (default: those read). ``interval``:
     the evaluation interval: an interval much shorter (a retry) teaches no rate, and a gap
     much longer (a suspension, an operator down) is no part of the power window."""
+    m = readings if isinstance(readings, Measured) else Measured.from_trainers(readings)
     if alive is None:
-        alive = {key.split("/", 1)[0] for key, _ in readings}
-    joules = {key: r.joules for key, r in readings}
-    samples = {key: r.samples for key, r in readings}
-    added_j, joule_counters = _count(energy.get("counters", {}), joules, alive)
-    added_s, sample_counters = _count(energy.get("sampleCounters", {}), samples, alive)
+        alive = {key.split("/", 1)[0] for key in (*m.joules, *m.samples)}
+    added_j, joule_counters = _count(energy.get("counters", {}), m.joules, alive)
+    added_s, sample_counters = _count(energy.get("sampleCounters", {}), m.samples, alive)
     consumed = float(energy.get("consumedJoules", 0.0)) + added_j
     done = float(energy.get("samples", 0.0)) + added_s
     t = now.timestamp()
@@ -143,8 +172,12 @@ def account(
         "sampleCounters": sample_counters,
         "window": window,
     }
-    if readings:
-        out["source"] = readings[0][1].source
+    if m.joules or m.source != "trainer":
+        out["source"] = m.source
+        if m.meter:
+            out["meter"] = m.meter
+    if m.progress:
+        out["progress"] = m.progress
     first = window[0]
     if t - first[0] > 0:
         out["averageWatts"] = round((consumed - first[1]) / (t - first[0]), 3)
@@ -193,17 +226,21 @@ def limit_key(watts: float | None) -> str:
 def evaluate(
     spec: TrainingJobSpec,
     status: Mapping[str, Any],
-    readings: Sequence[tuple[str, TrainerReading]],
+    readings: Sequence[tuple[str, TrainerReading]] | Measured,
     cluster: ClusterView,
     now: dt.datetime,
     running: int,
     steady: bool,
     alive: Collection[str] | None = None,
+    limits: LimitReport | None = None,
 ) -> Evaluation:
-    """Account energy, ask the policy, and say what changed (status, Events)."""
+    """Account energy, ask the policy, and say what changed (status, Events). ``limits``:
+    what the node agents report of the job's power limit (None: nobody confirms limits, as
+    with the trainer's self-report, which applies them itself)."""
     st = dict(status)
+    m = readings if isinstance(readings, Measured) else Measured.from_trainers(readings)
     energy = account(
-        st.get("energy", {}), readings, now, spec.energy.window_seconds, running, steady, alive,
+        st.get("energy", {}), m, now, spec.energy.window_seconds, running, steady, alive,
         interval=spec.scaling.evaluation_interval_seconds,
     )  # fmt: skip
     if spec.energy.budget_joules is not None:
@@ -216,7 +253,15 @@ def evaluate(
         # The first steady reading at the new size: what the last resize cost, kept per job.
         energy["restartSeconds"] = round((now - last_scale).total_seconds(), 1)
         energy["measuredScale"] = st["lastScaleTime"]
-    util = [r.utilization for _, r in readings if r.utilization is not None]
+    events: list[Event] = []
+    policy_spec = spec.policy_spec()
+    if limits is not None:
+        refusal = _confirm_limit(spec, energy, limits, now, events)
+        if refusal:
+            # Limits do not work for this job: the policy goes on with workers alone.
+            policy_spec = replace(
+                policy_spec, energy=replace(spec.energy, min_gpu_power_limit_watts=None)
+            )
     current = int(st.get("targetReplicas") or spec.replicas)
     # Mid-resize (or before the first steady reading) nothing is measured at any size: the
     # policy then only watches the budget, and keeps the size it is on the way to.
@@ -230,27 +275,33 @@ def evaluate(
         consumed_joules=energy["consumedJoules"],
         samples_done=energy["samples"],
         now=now,
-        gpu_utilization=sum(util) / len(util) if util else None,
+        gpu_utilization=m.utilization,
         history={int(n): _stats(h) for n, h in energy.get("history", {}).items()},
         restart_seconds=float(energy.get("restartSeconds", 30.0)),
         last_scale_time=last_scale,
         gpu_power_limit_watts=energy.get("gpuPowerLimitWatts"),
-        power_limit_time=parse_time(energy.get("gpuPowerLimitTime")),
+        # A limit not yet confirmed in force reads as one just set: the policy waits for it.
+        power_limit_time=(
+            now
+            if energy.get("gpuPowerLimitConfirmed") is False
+            else parse_time(energy.get("gpuPowerLimitTime"))
+        ),
         limit_history={
             None if k == DEFAULT_LIMIT else float(k): _stats(h)
             for k, h in energy.get("limitHistory", {}).items()
             if energy.get("limitHistoryAt", running) == running  # measured at this size
         },
     )
-    decision = decide(spec.policy_spec(), obs, cluster)
+    decision = decide(policy_spec, obs, cluster)
     st["energy"] = energy
-    events: list[Event] = []
     if decision.gpu_power_limit_watts != obs.gpu_power_limit_watts:
         if decision.gpu_power_limit_watts is None:
             energy.pop("gpuPowerLimitWatts", None)
         else:
             energy["gpuPowerLimitWatts"] = decision.gpu_power_limit_watts
         energy["gpuPowerLimitTime"] = fmt_time(now)
+        if limits is not None:
+            energy["gpuPowerLimitConfirmed"] = False  # until the node agents say so
         events.append(Event("Normal", decision.reason, decision.message))
     if decision.replicas != current and not decision.suspend:
         st["targetReplicas"] = decision.replicas
@@ -291,6 +342,51 @@ def evaluate(
                       f"{cap:.0f} W cap, at {decision.replicas} workers")
             )  # fmt: skip
     return Evaluation(st, decision, events)
+
+
+def _confirm_limit(
+    spec: TrainingJobSpec,
+    energy: dict[str, Any],
+    report: LimitReport,
+    now: dt.datetime,
+    events: list[Event],
+) -> str | None:
+    """Keep energy's record of the chosen per-GPU limit in step with what the node agents
+    report; returns why limits do not work for this job (None: they do). The policy's
+    clock for a limit (gpuPowerLimitTime) starts when the limit is confirmed in force, not
+    when it was asked for: until then the GPUs still ran at the old one."""
+    refused = energy.get("gpuPowerLimitRefused")
+    if refused:
+        return str(refused)
+    chosen = energy.get("gpuPowerLimitWatts")
+    if chosen is None and spec.energy.gpu_power_limit_watts is None:
+        energy.pop("gpuPowerLimitConfirmed", None)
+        return None
+    if report.refused is None and report.confirmed:
+        if energy.get("gpuPowerLimitConfirmed") is False:
+            energy["gpuPowerLimitTime"] = fmt_time(now)
+        energy["gpuPowerLimitConfirmed"] = True
+        return None
+    asked = parse_time(energy.get("gpuPowerLimitTime"))
+    waited = (now - asked).total_seconds() if asked is not None else 0.0
+    why = report.refused
+    if why is None and waited < LIMIT_CONFIRM_SECONDS:
+        energy["gpuPowerLimitConfirmed"] = False
+        energy.setdefault("gpuPowerLimitTime", fmt_time(now))
+        return None
+    if why is None:
+        why = f"no node agent confirmed the limit within {LIMIT_CONFIRM_SECONDS:.0f}s"
+    energy["gpuPowerLimitRefused"] = why
+    energy.pop("gpuPowerLimitWatts", None)
+    energy.pop("gpuPowerLimitConfirmed", None)
+    energy["gpuPowerLimitTime"] = fmt_time(now)
+    watts = f"{chosen:g} W" if chosen is not None else "the spec's"
+    events.append(
+        Event("Warning", "PowerLimitRefused",
+              f"the per-GPU power limit ({watts}) was refused: {why}; the policy goes on "
+              "without power limits (fewer workers instead)")
+    )  # fmt: skip
+    return why
 
 
 def next_evaluation(

@@ -19,10 +19,11 @@ import http.client
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
+from joule.trainer_metrics import parse_trainer_metrics
 
 MAX_BYTES = 1 << 20
 CHUNK = 64 * 1024
@@ -45,11 +46,16 @@ class Target:
 
 @dataclass(frozen=True)
 class Result:
-    reading: TrainerReading | None  # None: nothing trained yet, or unreadable (see error)
+    # What ``parse`` made of it (a TrainerReading by default); None: nothing trained yet,
+    # or unreadable (see error).
+    reading: Any
     error: str | None = None  # why it could not be read; None when it answered
 
 
-def scrape(ip: str, port: int, end: float) -> Result:
+Parse = Callable[[str], Any]
+
+
+def scrape(ip: str, port: int, end: float, parse: Parse = parse_trainer_metrics) -> Result:
     """One process's /metrics, read by ``end`` (time.monotonic())."""
     if time.monotonic() >= end:
         return Result(None, "not read: the deadline passed while it waited its turn")
@@ -69,17 +75,19 @@ def scrape(ip: str, port: int, end: float) -> Result:
     if len(body) > MAX_BYTES:
         return Result(None, f"response larger than {MAX_BYTES} bytes")
     try:
-        return Result(parse_trainer_metrics(body.decode()))
+        return Result(parse(body.decode()))
     except (ValueError, UnicodeDecodeError) as exc:
         # The reason's kind only: the text may carry whatever the worker sent.
         return Result(None, f"unparseable /metrics ({type(exc).__name__})")
 
 
-def scrape_all(targets: Sequence[Target], deadline: float) -> dict[str, Result]:
+def scrape_all(
+    targets: Sequence[Target], deadline: float, parse: Parse = parse_trainer_metrics
+) -> dict[str, Result]:
     """Every target's Result, read in parallel; those not done by ``deadline`` seconds from
     now are reported as timed out."""
     end = time.monotonic() + deadline
-    futures = {t.key: _POOL.submit(scrape, t.ip, t.port, end) for t in targets}
+    futures = {t.key: _POOL.submit(scrape, t.ip, t.port, end, parse) for t in targets}
     cf.wait(futures.values(), timeout=max(end - time.monotonic(), 0.0))
     out: dict[str, Result] = {}
     for key, future in futures.items():

@@ -45,7 +45,11 @@ def worker_address(job: JobRef, index: int) -> str:
     return f"{pod_name(job, index)}.{service_name(job)}"
 
 
-def torchrun_env(job: JobRef, spec: TrainingJobSpec, index: int) -> list[dict[str, Any]]:
+def torchrun_env(
+    job: JobRef, spec: TrainingJobSpec, index: int, trainer_limits: bool = True
+) -> list[dict[str, Any]]:
+    """``trainer_limits``: the trainer applies the power-limit annotation itself (the
+    ``trainer`` energy source); with node agents they do, and the worker needs no right to."""
     low, high = spec.bounds
     master = worker_address(job, 0)
     env: list[dict[str, Any]] = [
@@ -70,8 +74,9 @@ def torchrun_env(job: JobRef, spec: TrainingJobSpec, index: int) -> list[dict[st
         {"name": "JOULE_METRICS_PORT", "value": str(METRICS_PORT)},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": POWER_LIMIT_ENV, "value": f"{POWER_DIR}/{POWER_LIMIT_FILE}"},
     ]
+    if trainer_limits:
+        env.append({"name": POWER_LIMIT_ENV, "value": f"{POWER_DIR}/{POWER_LIMIT_FILE}"})
     if not spec.elastic:
         # A fixed-size group: node ranks and the world size mean something and never change.
         env += [
@@ -86,11 +91,15 @@ def torchrun_env(job: JobRef, spec: TrainingJobSpec, index: int) -> list[dict[st
 
 
 def worker_pod(
-    job: JobRef, spec: TrainingJobSpec, index: int, power_limit_watts: float | None = None
+    job: JobRef,
+    spec: TrainingJobSpec,
+    index: int,
+    power_limit_watts: float | None = None,
+    trainer_limits: bool = True,
 ) -> dict[str, Any]:
     """``power_limit_watts``: the per-GPU limit the policy has set (else the spec's)."""
     p = copy.deepcopy(spec.pod)
-    ours = torchrun_env(job, spec, index)
+    ours = torchrun_env(job, spec, index, trainer_limits)
     user_conf = next(
         (e.get("value", "") for e in p.get("env", []) if e["name"] == "PET_RDZV_CONF"), ""
     )

@@ -322,7 +322,14 @@ class Demo:
         _kubectl(info, "wait", "--for=condition=Established", "crd/trainingjobs.joule.dev")
         self.operator_port = free_port()
         say(f"starting the operator (log: {logs / 'operator.log'})")
-        op_env = {**env, "JOULE_METRICS_PORT": str(self.operator_port), "JOULE_LOG_FORMAT": "plain"}
+        op_env = {
+            **env,
+            "JOULE_METRICS_PORT": str(self.operator_port),
+            "JOULE_LOG_FORMAT": "plain",
+            # The demo's operator and workers run as host processes and pods without a node
+            # agent: the trainers' own (estimated, labelled) figures.
+            "JOULE_ENERGY_SOURCE": "trainer",
+        }
         self.start_child("operator", _joule("operator"), op_env, logs / "operator.log")
         self.api = config.new_client_from_config(config_file=str(info.kubeconfig))
         self.core = client.CoreV1Api(self.api)
