@@ -132,6 +132,10 @@ def test_the_deployment_runs_restricted_and_probed(helm: Helm, namespace: str):
         ({"leaderElection": {"enabled": "yes"}}, "/leaderElection/enabled': got string, want"),
         ({"replicas": 2, "leaderElection": {"enabled": False}}, "value must be true"),
         ({"dashboard": {"labels": {"grafana_dashboard": 1}}}, "got number, want string"),
+        ({"energy": {"source": "dcgm"}}, "/energy/source': value must be one of"),
+        ({"nodeAgent": {"gpus": "fake"}}, "/nodeAgent/gpus': value must be one of"),
+        ({"nodeAgent": {"kubeletRootDir": "var/lib/kubelet"}}, "/kubeletRootDir': 'var/lib"),
+        ({"nodeAgent": {"intervalSeconds": 0}}, "/nodeAgent/intervalSeconds': minimum: got 0"),
     ],
 )
 def test_the_schema_refuses_bad_values_at_install(helm: Helm, tmp_path, values, refusal):
@@ -139,6 +143,75 @@ def test_the_schema_refuses_bad_values_at_install(helm: Helm, tmp_path, values, 
     assert proc.returncode != 0
     assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
     assert refusal in proc.stderr, proc.stderr
+
+
+def test_the_node_source_without_node_agents_is_refused(helm: Helm, tmp_path):
+    values = {"nodeAgent": {"enabled": False}}
+    proc = helm("template", "joule", str(CHART), "-f", values_file(tmp_path, values), check=False)
+    assert proc.returncode != 0
+    assert "energy.source node needs nodeAgent.enabled" in proc.stderr, proc.stderr
+    ok = {**values, "energy": {"source": "trainer"}}
+    objects = docs(helm("template", "joule", str(CHART), "-f", values_file(tmp_path, ok)).stdout)
+    assert not [o for o in objects if o["kind"] == "DaemonSet"]
+
+
+def test_the_node_agent_is_the_only_privileged_piece_and_finds_the_kubelet(
+    helm: Helm, tmp_path, namespace: str
+):
+    values = {"nodeAgent": {"kubeletRootDir": "/data/kubelet/", "gpus": "simulated"}}
+    rendered = helm(
+        "template", "joule", str(CHART), "-n", namespace, "-f", values_file(tmp_path, values)
+    ).stdout  # fmt: skip
+    objects = docs(rendered)
+    privileged = [
+        (o["kind"], c["name"])
+        for o in objects
+        if o["kind"] in ("Deployment", "DaemonSet", "Pod")
+        for c in o["spec"].get("template", o)["spec"]["containers"]
+        if (c.get("securityContext") or {}).get("privileged")
+    ]
+    assert privileged == [("DaemonSet", "node-agent")]
+    (ds,) = [o for o in objects if o["kind"] == "DaemonSet"]
+    pod = ds["spec"]["template"]["spec"]
+    paths = {v["name"]: v.get("hostPath", {}).get("path") for v in pod["volumes"]}
+    assert paths["pod-resources"] == "/data/kubelet/pod-resources"
+    (container,) = pod["containers"]
+    assert "--gpus=simulated" in container["args"] and "--simulated-watts=30" in container["args"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # The operator finds this release's agents, and only them.
+    (deploy,) = [o for o in objects if o["kind"] == "Deployment"]
+    env = {
+        e["name"]: e.get("value")
+        for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["JOULE_ENERGY_SOURCE"] == "node"
+    assert env["JOULE_NODE_AGENT_NAMESPACE"] == namespace
+    selector = dict(kv.split("=") for kv in env["JOULE_NODE_AGENT_SELECTOR"].split(","))
+    assert selector == ds["spec"]["selector"]["matchLabels"]
+
+
+def test_the_node_agents_service_account_reads_pods_and_nothing_more(
+    helm: Helm, kubectl: Kubectl, operator_kubeconfig, namespace: str
+):
+    rendered = helm(
+        "template", OPERATOR_RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE,
+        "--show-only", "templates/node-agent.yaml",
+    ).stdout  # fmt: skip
+    rbac = [o for o in docs(rendered) if o["kind"] != "DaemonSet"]
+    kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(rbac))
+    sa = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_RELEASE}-node-agent"
+    must = [("watch", "pods", "--all-namespaces"), ("get", "pods", "-n", namespace)]
+    must_not = [
+        ("patch", "pods", "-n", namespace),
+        ("delete", "pods", "-n", namespace),
+        ("create", "pods", "--subresource=exec", "-n", namespace),
+        ("get", "secrets", "-n", namespace),
+        ("list", "nodes"),
+        ("get", "trainingjobs.joule.dev", "-n", namespace),
+        ("update", "trainingjobs.joule.dev", "--subresource=status", "-n", namespace),
+    ]
+    assert [a for a in must if not can_i(kubectl, sa, *a)] == []
+    assert [a for a in must_not if can_i(kubectl, sa, *a)] == []
 
 
 def rules_of(rendered: str) -> list[dict]:

@@ -77,3 +77,16 @@ requests of every pod (the cluster's free GPUs). */}}
   resources: [customresourcedefinitions]
   verbs: [list, watch]
 {{- end -}}
+
+{{- define "joule.agentSelectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: node-agent
+{{- end -}}
+
+{{- define "joule.agentLabels" -}}
+{{ include "joule.agentSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}

@@ -40,7 +40,13 @@ from joule.cluster.dns import (
 )
 from joule.cluster.nodebuild import NodeBinaries, ensure_node_binaries
 from joule.cluster.nodeconfig import NODE_NAME
-from joule.cluster.nodes import GPU_COUNT_LABEL, GPU_PRODUCT_LABEL, GPU_RESOURCE, gpu_nodes
+from joule.cluster.nodes import (
+    GPU_COUNT_LABEL,
+    GPU_PRESENT_LABEL,
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+    gpu_nodes,
+)
 from joule.cluster.process import ProcessRecord
 from joule.cluster.settings import ClusterSettings, cache_dir
 
@@ -328,6 +334,9 @@ def _start_real_node(
         "joule.dev/local-node": "true",
         GPU_PRODUCT_LABEL: "joule-gpu-slot",  # slots, not GPUs: see the device plugin
         GPU_COUNT_LABEL: str(settings.node_gpus),
+        # As on a GPU node, so that the chart's node agent lands here (not on kwok's
+        # nodes, which run no containers).
+        GPU_PRESENT_LABEL: "true",
     }
     kubeconfig_path = state / "kubeconfigs" / "kubelet.yaml"
     kubelet_argv = nodeconfig.kubelet_argv(bins.kubelet, layout, kubeconfig_path, labels)

@@ -11,6 +11,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # The label NVIDIA's GPU feature discovery puts on real nodes; jobs may select on it.
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+# Also GPU feature discovery's; the chart's node agent selects GPU nodes by it.
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
 NODE_NAME_PREFIX = "gpu-node-"
 
 
