@@ -8,11 +8,17 @@ the job's figure.
 GPU utilisation and memory exist only once a meter has measured them (NVML): a series
 exported before its first value would read 0, and the operator takes a 0 utilisation for an
 idle GPU and shrinks the job. Absent means unknown.
+
+A process without a meter (a user's own script calling ``joule_trainer.report``, whose energy
+the node agent measures) exports no power or energy series at all, rather than a 0 joule
+counter that would claim a source; nor a loss until it reports one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -33,13 +39,14 @@ class TrainerMetrics:
     registry: CollectorRegistry
     samples: Counter
     steps: Counter
-    loss: Gauge
+    loss: Gauge | LateGauge
     step_seconds: Histogram
     throughput: Gauge
     world_size: Gauge
-    power: Gauge
-    energy: Counter
-    power_limit: Gauge
+    # None without a meter (source None): no power or energy series at all.
+    power: Gauge | None
+    energy: Counter | None
+    power_limit: Gauge | None
     labels: dict[str, str]
     # Created with their first measured value (see the module's docstring).
     gpu_utilization: Gauge | None = None
@@ -48,7 +55,19 @@ class TrainerMetrics:
     energy_seen_joules: float = 0.0
 
     @classmethod
-    def create(cls, job: str, replica: str, rank: int, gpu: str, source: str) -> TrainerMetrics:
+    def create(
+        cls,
+        job: str,
+        replica: str,
+        rank: int,
+        gpu: str,
+        source: str | None,
+        *,
+        loss_from_start: bool = True,
+    ) -> TrainerMetrics:
+        """The registry of one process. ``source`` names its meter; None: it has none, and
+        exports no power or energy. ``loss_from_start=False``: the loss series appears with
+        its first value, for a process that may never report one."""
         reg = CollectorRegistry()
         # process_start_time_seconds and friends: the operator tells a restarted process
         # (torchrun restarts crashed ones in place) from the one before by its start time.
@@ -59,7 +78,9 @@ class TrainerMetrics:
         def g(name: str, doc: str, extra: dict[str, str] | None = None) -> Gauge:
             return _gauge(reg, name, doc, {**base, **(extra or {})})
 
-        src = {"source": source}
+        loss_doc = "Mean training loss of the last global batch"
+        src = {"source": source or ""}
+        meter = source is not None
         return cls(
             registry=reg,
             samples=Counter(
@@ -71,7 +92,11 @@ class TrainerMetrics:
             steps=Counter(
                 "joule_trainer_steps", "Optimizer steps completed", names, registry=reg
             ).labels(**base),
-            loss=g("joule_trainer_loss", "Mean training loss of the last global batch"),
+            loss=(
+                g("joule_trainer_loss", loss_doc)
+                if loss_from_start
+                else LateGauge(reg, "joule_trainer_loss", loss_doc, base)
+            ),
             step_seconds=Histogram(
                 "joule_trainer_step_duration_seconds",
                 "Wall time of one optimizer step",
@@ -81,22 +106,30 @@ class TrainerMetrics:
             ).labels(**base),
             throughput=g(
                 "joule_trainer_throughput_samples_per_second",
-                "Samples per second of this rank over the last step",
+                "Samples per second of this rank, over its last step (report(): its last 10 s)",
             ),
             world_size=g("joule_trainer_world_size", "Processes in the training group now"),
-            power=g("joule_trainer_power_watts", "Power drawn by this rank's device", src),
+            power=g("joule_trainer_power_watts", "Power drawn by this rank's device", src)
+            if meter
+            else None,
             energy=Counter(
                 "joule_trainer_energy_joules",
                 "Energy used by this rank's device since the process started",
                 [*names, "source"],
                 registry=reg,
-            ).labels(**base, **src),
-            power_limit=g("joule_trainer_power_limit_watts", "Enforced device power limit", src),
+            ).labels(**base, **src)
+            if meter
+            else None,
+            power_limit=g("joule_trainer_power_limit_watts", "Enforced device power limit", src)
+            if meter
+            else None,
             labels=base,
         )
 
     def record(self, reading: Reading) -> None:
         """One meter reading into the energy counter and the device gauges."""
+        if self.energy is None or self.power is None or self.power_limit is None:
+            raise TypeError("these metrics were created without a meter (source None)")
         delta = reading.energy_joules - self.energy_seen_joules
         if delta > 0:
             self.energy.inc(delta)
@@ -124,8 +157,25 @@ class TrainerMetrics:
         gauge.set(value)
         return gauge
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0") -> tuple[WSGIServer, Thread]:
+        """/metrics on a daemon thread; OSError when the port is taken."""
+        return start_http_server(port, addr=addr, registry=self.registry)
+
+
+class LateGauge:
+    """One labelled gauge series that exists only from its first value on (see the module's
+    docstring). Its first ``set`` registers it: callers from several threads serialise."""
+
+    def __init__(
+        self, registry: CollectorRegistry, name: str, doc: str, labels: dict[str, str]
+    ) -> None:
+        self._registry, self._name, self._doc, self._labels = registry, name, doc, labels
+        self._gauge: Gauge | None = None
+
+    def set(self, value: float) -> None:
+        if self._gauge is None:
+            self._gauge = _gauge(self._registry, self._name, self._doc, self._labels)
+        self._gauge.set(value)
 
 
 def _gauge(registry: CollectorRegistry, name: str, doc: str, labels: dict[str, str]) -> Gauge:
