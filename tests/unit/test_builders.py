@@ -138,3 +138,28 @@ def test_torchrun_restarts_do_not_follow_the_backoff_limit_and_a_users_setting_w
     names = [e["name"] for e in worker_pod(JOB, mine, 0)["spec"]["containers"][0]["env"]]
     assert names.count("PET_MAX_RESTARTS") == 1
     assert env_of(worker_pod(JOB, mine, 0))["PET_MAX_RESTARTS"] == "0"
+
+
+def test_with_node_agents_the_trainer_is_not_told_to_apply_limits_itself():
+    pod = worker_pod(JOB, spec(energy={"gpuPowerLimitWatts": 400}), 0, None, False)
+    assert pod["metadata"]["annotations"][POWER_LIMIT_ANNOTATION] == "400"  # the agent reads it
+    assert "JOULE_POWER_LIMIT_FILE" not in env_of(pod)
+
+
+def test_workers_run_without_privilege_and_the_spec_may_tighten_or_loosen_it():
+    pod = worker_pod(JOB, spec(), 0)
+    (container,) = pod["spec"]["containers"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert pod["spec"]["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    restricted = worker_pod(JOB, spec(podSecurityContext={"runAsNonRoot": True},
+                                      securityContext={"runAsUser": 1000}), 0)  # fmt: skip
+    assert restricted["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert restricted["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert restricted["spec"]["containers"][0]["securityContext"]["runAsUser"] == 1000
+    loose = worker_pod(JOB, spec(securityContext={"capabilities": {"add": ["SYS_PTRACE"]}}), 0)
+    assert loose["spec"]["containers"][0]["securityContext"]["capabilities"] == {
+        "add": ["SYS_PTRACE"]
+    }  # the user's choice, whole

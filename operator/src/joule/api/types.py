@@ -196,6 +196,7 @@ class TrainingJobSpec:
             "imagePullSecrets", "resources", "sharedMemory", "volumes", "volumeMounts",
             "checkpoint", "nodeSelector", "tolerations", "affinity", "priorityClassName",
             "schedulerName", "serviceAccountName", "podLabels", "podAnnotations",
+            "securityContext", "podSecurityContext",
         )  # fmt: skip
         _resources(spec.get("resources") or {})
         if "sharedMemory" in spec:

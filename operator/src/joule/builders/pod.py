@@ -34,6 +34,15 @@ from joule.constants import (
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
+# The restricted Pod Security Standard's container and pod rules, but runAsNonRoot, which an
+# image running as root (many PyTorch images) would fail: a spec that sets it passes all.
+WORKER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+WORKER_POD_SECURITY: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
+
+
 def pod_name(job: JobRef, index: int) -> str:
     """Deterministic, so that creating a pod twice fails with AlreadyExists instead of
     starting a duplicate: the operator can restart at any moment."""
@@ -167,6 +176,9 @@ def worker_pod(
     for key in ("command", "args", "envFrom", "workingDir", "imagePullPolicy"):
         if key in p:
             container[key] = p[key]
+    # Workers need no privilege (the node agent sets GPU power limits): none unless the spec
+    # asks. What the spec sets wins, key by key.
+    container["securityContext"] = {**WORKER_SECURITY, **p.get("securityContext", {})}
 
     name = pod_name(job, index)
     pod_spec: dict[str, Any] = {
@@ -178,6 +190,7 @@ def worker_pod(
         "subdomain": service_name(job),
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {**WORKER_POD_SECURITY, **p.get("podSecurityContext", {})},
     }
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName",
                 "schedulerName", "serviceAccountName", "imagePullSecrets"):  # fmt: skip
