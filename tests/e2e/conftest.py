@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +52,30 @@ class InClusterOperator:
     def metrics_url(self) -> str:
         return f"http://{self.pod()['status']['podIP']}:8080/metrics"
 
+    def agent(self) -> dict:
+        """The node agent's pod on the real node."""
+        out = self.kubectl(
+            "get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=node-agent",
+            "-o", "json",
+        ).stdout  # fmt: skip
+        pods = [p for p in json.loads(out)["items"] if not p["metadata"].get("deletionTimestamp")]
+        assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+        return pods[0]
+
+    def wait_agent(self) -> dict:
+        def ready() -> dict | None:
+            pod = self.agent()
+            conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
+            return pod if conditions.get("Ready") == "True" else None
+
+        return wait_for(ready, timeout=90, what="the node agent to be ready")
+
+    def agent_metrics(self) -> str:
+        """The node agent's /metrics, read as Prometheus would."""
+        ip = self.wait_agent()["status"]["podIP"]
+        with urllib.request.urlopen(f"http://{ip}:9410/metrics", timeout=10) as response:
+            return response.read().decode()
+
     @property
     def log(self) -> Path:
         """The operator pod's log, as the node's log mirror copied it."""
@@ -74,10 +99,21 @@ def _installed(
     from joule.images import ensure_operator
 
     load_image(real_node, ensure_operator(progress=say), "joule-dev/operator")
+    placement = real_node.placement()  # its taint keeps other pods off; these tolerate it
+    layout = real_node.layout
     values = {
         "image": {"repository": IMAGE, "tag": TAG},
         "operator": {"logFormat": "plain", "resyncSeconds": 10, "tickSeconds": 0.5},
-        **real_node.placement(),  # its taint keeps other pods off; this one tolerates it
+        **placement,
+        # Energy from the node agent, over an NVML double: the node has GPU slots, no GPUs.
+        "energy": {"source": "node"},
+        "nodeAgent": {
+            "gpus": "simulated",
+            "intervalSeconds": 2,
+            "kubeletRootDir": str(layout.kubelet_dir),
+            "stateDir": str(layout.state / "joule-node-agent"),
+            **placement,
+        },
     }
     path = tmp_path_factory.mktemp("chart") / "values.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -97,6 +133,7 @@ def _installed(
             ) == pod  # fmt: skip
 
         wait_for(leads, timeout=60, what=f"{pod} to hold the leader Lease")
+        op.wait_agent()
         print(f"\noperator installed by helm and leading in {time.monotonic() - started:.1f}s")
         yield op
     finally:

@@ -1,18 +1,24 @@
-"""Energy limits on the real loop: trainer processes on the local node report (estimated)
-joules, the operator accounts them and acts: a power cap lowers the per-GPU power limit where
-allowed and shrinks the job where not, an exhausted budget suspends it, with the reasons in
-status and in Events."""
+"""Energy limits on the real loop, measured at the node: the chart's node agent runs on the
+local node (privileged, as on a GPU node) and maps each worker's GPU slot to it through the
+kubelet's pod-resources API. The node has no GPUs, so the agent reads an NVML double that
+draws a constant 30 W per GPU under its limit, labelled "simulated" everywhere. The operator
+accounts the agent's per-pod energy and acts: a power cap lowers the per-GPU power limit (the
+agent sets it and confirms it) where allowed and shrinks the job where not, an exhausted
+budget suspends it, with the reasons in status and in Events; the agent restores a lowered
+limit once the job is gone. Workers run unprivileged, as uid 1000."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
+import yaml
 from kubernetes import client
 
-from joule.constants import POWER_LIMIT_ANNOTATION
-from tests.conftest import wait_for
-from tests.e2e.test_local_loop import apply, assert_no_drift, events, running_pods, status
+from joule.agent_metrics import parse_agent_metrics
+from joule.constants import GROUP, POWER_LIMIT_ANNOTATION, VERSION
+from tests.conftest import ROOT, wait_for
+from tests.e2e.test_local_loop import IMAGE, apply, assert_no_drift, running_pods, status
 
 TRAIN = ["--steps", "100000", "--checkpoint-every-steps", "20", "--log-every", "10"]
 
@@ -35,8 +41,7 @@ def condition(st: dict, kind: str) -> str | None:
 def test_a_job_over_its_power_cap_is_scaled_down_and_says_why(
     kubectl, api, core, namespace, operator, local_node, tmp_path
 ):
-    # Two CPU workers draw 13-30 W (estimated: their CPU time x 15 W per core; less when
-    # the machine is busy). A 10 W cap is over either way.
+    # Two workers' simulated GPUs draw 2 x 30 W: over a 10 W cap, with no limit allowed.
     manifest = apply(
         kubectl, namespace, "capped", local_node, tmp_path, TRAIN,
         replicas=2, elastic={"minReplicas": 1, "maxReplicas": 2},
@@ -52,7 +57,8 @@ def test_a_job_over_its_power_cap_is_scaled_down_and_says_why(
     assert st["lastDecision"]["reason"] == "PowerCapExceeded"
     assert "over the 10 W cap" in st["lastDecision"]["message"]
     assert condition(st, "PowerCapExceeded") == "True"
-    assert st["energy"]["source"] == "estimated" and st["energy"]["consumedJoules"] > 0
+    assert st["energy"]["source"] == "node" and st["energy"]["meter"] == "simulated"
+    assert st["energy"]["consumedJoules"] > 0
     wait_for(lambda: len(running_pods(core, namespace, "capped")) == 1, timeout=60,
              what="one worker left")  # fmt: skip
     posted(core, namespace, "capped", "PowerCapExceeded")
@@ -63,8 +69,8 @@ def test_a_job_over_its_power_cap_is_scaled_down_and_says_why(
 def test_over_its_cap_a_job_first_runs_at_a_lower_power_limit_and_keeps_its_workers(
     kubectl, api, core, namespace, operator, local_node, tmp_path
 ):
-    # As above, but the policy may lower each GPU's limit to 1 W. On the local node the
-    # estimated meter enforces a limit by idling between steps (labelled an estimate).
+    # As above, but the policy may lower each GPU's limit to 1 W: the node agent sets it
+    # (the double clamps its draw to it) and confirms it in force.
     manifest = apply(
         kubectl, namespace, "limited", local_node, tmp_path, TRAIN,
         replicas=2, elastic={"minReplicas": 1, "maxReplicas": 2},
@@ -88,12 +94,12 @@ def test_over_its_cap_a_job_first_runs_at_a_lower_power_limit_and_keeps_its_work
         return len(pods) == 2 and values == {f"{limit:g}"}
 
     wait_for(annotated, timeout=30, what="both workers annotated with the limit")
-    applied = wait_for(
-        lambda: [e for e in events(local_node, namespace, "limited")
-                 if e.get("event") == "power_limit" and e.get("watts") == limit],
-        timeout=30, what="the trainer to apply the limit",
-    )  # fmt: skip
-    assert applied[0]["source"] == "estimated"
+    wait_for(lambda: status(api, namespace, "limited")["energy"].get("gpuPowerLimitConfirmed"),
+             timeout=30, what="the node agent to confirm the limit in force")  # fmt: skip
+    uids = {p.metadata.uid for p in running_pods(core, namespace, "limited")}
+    seen = parse_agent_metrics(operator.agent_metrics())
+    gpus = [g for uid in uids for g in seen.pods.get(uid, ())]
+    assert len(gpus) == 2 and {(g.requested, g.enforced) for g in gpus} == {(limit, limit)}
 
     def under_cap():
         st = status(api, namespace, "limited")
@@ -115,6 +121,68 @@ def test_over_its_cap_a_job_first_runs_at_a_lower_power_limit_and_keeps_its_work
     time.sleep(15)  # three evaluations
     st = status(api, namespace, "limited")
     assert st["targetReplicas"] == 1 and len(running_pods(core, namespace, "limited")) == 1
+
+    # The job goes: no lowered limit outlives it (the next tenant gets the default).
+    kubectl("delete", "-n", namespace, "tj/limited", "--wait=true")
+
+    def restored():
+        lines = operator.agent_metrics().splitlines()
+        limits = [float(x.rsplit(" ", 1)[1]) for x in lines
+                  if x.startswith("joule_node_gpu_power_limit_watts{")]  # fmt: skip
+        return len(limits) == 4 and set(limits) == {50.0}  # the double's default
+
+    wait_for(restored, timeout=60, what="every GPU back at its default power limit")
+
+
+@pytest.mark.timeout(400)
+def test_an_unmodified_torchrun_script_is_measured_at_the_node_and_stopped_at_its_budget(
+    kubectl, api, core, namespace, operator, local_node
+):
+    # A plain DDP script (torch only, no Joule import), started by torchrun through
+    # joule-launch: nothing in the worker reports energy, yet the budget holds. The
+    # namespace enforces the restricted Pod Security Standard: the workers need no
+    # privilege, their GPU power is the node agent's business.
+    kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    script = (ROOT / "examples" / "scripts" / "plain_ddp.py").read_text()
+    kubectl(
+        "create", "configmap", "scripts", "-n", namespace, f"--from-literal=plain_ddp.py={script}"
+    )
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainingJob",
+        "metadata": {"name": "plain"},
+        "spec": {
+            "image": IMAGE,
+            "command": ["joule-launch", "/scripts/plain_ddp.py"],
+            "args": ["--steps", "100000000", "--log-every", "500"],
+            "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
+            "gpusPerReplica": 1,
+            "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
+            "sharedMemory": "64Mi",
+            "podSecurityContext": {"runAsNonRoot": True},  # the image runs as uid 1000
+            "volumes": [{"name": "scripts", "configMap": {"name": "scripts"}}],
+            "volumeMounts": [{"name": "scripts", "mountPath": "/scripts", "readOnly": True}],
+            "scaling": {"evaluationIntervalSeconds": 5},
+            "energy": {"budget": "300J", "onBudgetExhausted": "Suspend", "windowSeconds": 10},
+            **local_node.placement(),
+        },
+    }
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(body))
+    wait_for(lambda: running_pods(core, namespace, "plain"), timeout=120,
+             what="the worker to run under the restricted standard")  # fmt: skip
+
+    def suspended():
+        st = status(api, namespace, "plain")
+        return st if st.get("phase") == "Suspended" else None
+
+    st = wait_for(suspended, timeout=300, interval=1.0, what="the budget to suspend the job")
+    assert st["reason"] == "BudgetExhausted"
+    energy = st["energy"]
+    assert energy["source"] == "node" and energy["meter"] == "simulated"
+    assert energy["consumedJoules"] >= 300
+    assert "no worker reports samples" in energy["progress"]
+    assert condition(st, "MetricsUnavailable") == "False"  # no /metrics is no error here
+    posted(core, namespace, "plain", "BudgetExhausted")
 
 
 @pytest.mark.timeout(400)
