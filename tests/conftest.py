@@ -435,3 +435,135 @@ def local_node(real_node: RealNode) -> RealNode:
     """The real node with the trainer image in its containerd, for workers to run."""
     load_trainer_image(real_node)
     return real_node
+
+
+# --- Prometheus: the real server, scraping what a test serves -----------------------------
+
+
+@dataclass
+class PrometheusServer:
+    """A Prometheus on 127.0.0.1 (``prometheus_server`` starts it), asked over its HTTP API."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    folder: Path  # its prometheus.yml, data/ and prometheus.log
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "prometheus.log"
+
+    def query(self, promql: str, timeout: float = 10.0) -> list[dict]:
+        """``data.result`` of an instant query (for a vector: one dict per series, with
+        ``metric`` labels and ``value`` as ``[time, "text"]``)."""
+        return self._get("/api/v1/query", {"query": promql}, timeout)["result"]
+
+    def targets(self) -> list[dict]:
+        """The active scrape targets, with their ``health`` and ``lastError``."""
+        return self._get("/api/v1/targets", {"state": "active"})["activeTargets"]
+
+    def wait_for_series(self, promql: str, timeout: float = 30.0) -> list[dict]:
+        """Poll ``promql`` until it returns at least one series; fail with the targets'
+        health and the log's tail if it does not within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.query(promql)
+            if result:
+                return result
+            if self.process.poll() is not None:
+                raise AssertionError(f"Prometheus exited {self.process.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                health = [(t["scrapeUrl"], t["health"], t["lastError"]) for t in self.targets()]
+                raise AssertionError(
+                    f"{promql!r} returned no series in {timeout:.0f}s; targets: {health}\n"
+                    f"{self.tail()}"
+                )
+            time.sleep(0.5)
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"Prometheus exited {self.process.returncode} before it was ready "
+                    f"(log {self.log}):\n{self.tail()}"
+                )
+            # Refused, reset, or 503 while it replays its WAL: try again.
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response,
+            ):
+                if response.status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"Prometheus at {self.url} not ready in {timeout:.0f}s:\n{self.tail()}"
+                )
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+
+    def _get(self, path: str, params: dict[str, str], timeout: float = 10.0) -> dict:
+        import json
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        address = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(address, timeout=timeout) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as err:  # a bad query: the reason is in the body
+            detail = err.read().decode(errors="replace")
+            raise AssertionError(f"GET {path} {params} -> {err.code}: {detail}") from None
+        if body.get("status") != "success":
+            raise AssertionError(f"GET {path} {params} -> {body}")
+        return body["data"]
+
+
+@pytest.fixture(scope="session")
+def prometheus_tools() -> tuple[Path, Path]:
+    """The prometheus and promtool binaries (built once per version, see `make binaries`)."""
+    from joule.cluster.prometheus import ensure_prometheus
+
+    return ensure_prometheus(progress=say)
+
+
+@pytest.fixture
+def prometheus_server(prometheus_tools: tuple[Path, Path], tmp_path: Path):
+    """``start(targets, interval_s=2.0)`` runs a real Prometheus scraping ``targets`` (job ->
+    ``["host:port", ...]``) on a free port and returns once ``/-/ready`` answers 200; every
+    server started is stopped (SIGTERM, then SIGKILL) when the test ends."""
+    from joule.cluster.prometheus import prometheus_argv, scrape_config
+
+    servers: list[PrometheusServer] = []
+
+    def start(targets: dict[str, list[str]], interval_s: float = 2.0) -> PrometheusServer:
+        folder = tmp_path / f"prometheus-{len(servers)}"
+        folder.mkdir()
+        config = folder / "prometheus.yml"
+        config.write_text(scrape_config(targets, interval_s))
+        port = free_port()
+        argv = prometheus_argv(prometheus_tools[0], config, folder / "data", port)
+        with open(folder / "prometheus.log", "wb") as log:
+            process = subprocess.Popen(argv, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+        server = PrometheusServer(f"http://127.0.0.1:{port}", process, folder)
+        servers.append(server)
+        server.wait_ready(timeout=60)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

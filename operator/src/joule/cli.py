@@ -163,12 +163,15 @@ def cmd_cluster_build(args: argparse.Namespace) -> int:
     from joule.cluster.dns import ensure_coredns
     from joule.cluster.helm import ensure_helm
     from joule.cluster.nodebuild import ensure_node_binaries
+    from joule.cluster.prometheus import ensure_prometheus
     from joule.cluster.realnode import unavailable_reason
 
     bins = ensure_binaries(ClusterSettings(), progress=_say)
     for path in bins.all():
         print(path)
     print(ensure_helm(progress=_say))  # the chart's tests run it
+    for path in ensure_prometheus(progress=_say):  # the metrics tests scrape with it
+        print(path)
     if unavailable_reason() is None:
         node = ensure_node_binaries(ClusterSettings().kubernetes_version, progress=_say)
         for path in (node.containerd, node.ctr, node.shim, node.pause, node.runc):
