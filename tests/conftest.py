@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client, config
 
 from joule.cluster import ClusterInfo, ClusterSettings, down, up
@@ -408,6 +409,35 @@ def load_image(node: RealNode, image, name: str, pull: str | None = None) -> Non
         ctr = node_binaries_for(KUBERNETES_VERSION).ctr
         took += f", pulled in {pull_image(ctr, node.layout, pull):.0f}s"
     say(took)
+
+
+def plain_script_job(kubectl: Kubectl, namespace: str, name: str, placement: dict, **spec) -> dict:
+    """Apply a TrainingJob that runs an unmodified DDP script (examples/scripts/plain_ddp.py,
+    torch only, from a ConfigMap) under joule-launch on the real node: a user's own script,
+    as Joule sees it. ``spec`` adds to (or replaces) the job's spec. Returns the body."""
+    script = (ROOT / "examples" / "scripts" / "plain_ddp.py").read_text()
+    kubectl("create", "configmap", f"{name}-script", "-n", namespace,
+            f"--from-literal=plain_ddp.py={script}")  # fmt: skip
+    body = {
+        "apiVersion": "joule.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": name},
+        "spec": {
+            "image": TRAINER_IMAGE,
+            "command": ["joule-launch", "/scripts/plain_ddp.py"],
+            "args": ["--steps", "100000000", "--log-every", "500"],
+            "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
+            "gpusPerReplica": 1,
+            "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
+            "sharedMemory": "64Mi",
+            "volumes": [{"name": "scripts", "configMap": {"name": f"{name}-script"}}],
+            "volumeMounts": [{"name": "scripts", "mountPath": "/scripts", "readOnly": True}],
+            **placement,
+            **spec,
+        },
+    }
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(body))
+    return body
 
 
 def say(message: str) -> None:

@@ -39,9 +39,10 @@ class InClusterOperator:
         self.node = node
         self.pod_name = ""  # the first pod's, once it runs
 
-    def pod(self) -> dict:
+    def pod(self, component: str = "operator") -> dict:
+        """The release's one live pod of ``component`` (operator, node-agent)."""
         out = self.kubectl(
-            "get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator",
+            "get", "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/component={component}",
             "-o", "json",
         ).stdout  # fmt: skip
         pods = [p for p in json.loads(out)["items"] if not p["metadata"].get("deletionTimestamp")]
@@ -52,19 +53,9 @@ class InClusterOperator:
     def metrics_url(self) -> str:
         return f"http://{self.pod()['status']['podIP']}:8080/metrics"
 
-    def agent(self) -> dict:
-        """The node agent's pod on the real node."""
-        out = self.kubectl(
-            "get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=node-agent",
-            "-o", "json",
-        ).stdout  # fmt: skip
-        pods = [p for p in json.loads(out)["items"] if not p["metadata"].get("deletionTimestamp")]
-        assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
-        return pods[0]
-
     def wait_agent(self) -> dict:
         def ready() -> dict | None:
-            pod = self.agent()
+            pod = self.pod("node-agent")
             conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
             return pod if conditions.get("Ready") == "True" else None
 

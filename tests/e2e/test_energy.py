@@ -12,13 +12,12 @@ from __future__ import annotations
 import time
 
 import pytest
-import yaml
 from kubernetes import client
 
 from joule.agent_metrics import parse_agent_metrics
-from joule.constants import GROUP, POWER_LIMIT_ANNOTATION, VERSION
-from tests.conftest import ROOT, wait_for
-from tests.e2e.test_local_loop import IMAGE, apply, assert_no_drift, running_pods, status
+from joule.constants import POWER_LIMIT_ANNOTATION
+from tests.conftest import plain_script_job, wait_for
+from tests.e2e.test_local_loop import apply, assert_no_drift, running_pods, status
 
 TRAIN = ["--steps", "100000", "--checkpoint-every-steps", "20", "--log-every", "10"]
 
@@ -143,31 +142,12 @@ def test_an_unmodified_torchrun_script_is_measured_at_the_node_and_stopped_at_it
     # namespace enforces the restricted Pod Security Standard: the workers need no
     # privilege, their GPU power is the node agent's business.
     kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
-    script = (ROOT / "examples" / "scripts" / "plain_ddp.py").read_text()
-    kubectl(
-        "create", "configmap", "scripts", "-n", namespace, f"--from-literal=plain_ddp.py={script}"
-    )
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "TrainingJob",
-        "metadata": {"name": "plain"},
-        "spec": {
-            "image": IMAGE,
-            "command": ["joule-launch", "/scripts/plain_ddp.py"],
-            "args": ["--steps", "100000000", "--log-every", "500"],
-            "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
-            "gpusPerReplica": 1,
-            "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
-            "sharedMemory": "64Mi",
-            "podSecurityContext": {"runAsNonRoot": True},  # the image runs as uid 1000
-            "volumes": [{"name": "scripts", "configMap": {"name": "scripts"}}],
-            "volumeMounts": [{"name": "scripts", "mountPath": "/scripts", "readOnly": True}],
-            "scaling": {"evaluationIntervalSeconds": 5},
-            "energy": {"budget": "300J", "onBudgetExhausted": "Suspend", "windowSeconds": 10},
-            **local_node.placement(),
-        },
-    }
-    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(body))
+    plain_script_job(
+        kubectl, namespace, "plain", local_node.placement(),
+        podSecurityContext={"runAsNonRoot": True},  # the image runs as uid 1000
+        scaling={"evaluationIntervalSeconds": 5},
+        energy={"budget": "300J", "onBudgetExhausted": "Suspend", "windowSeconds": 10},
+    )  # fmt: skip
     wait_for(lambda: running_pods(core, namespace, "plain"), timeout=120,
              what="the worker to run under the restricted standard")  # fmt: skip
 

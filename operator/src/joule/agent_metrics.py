@@ -106,6 +106,9 @@ def limit_report(
     agent saw the pod ask for ``desired`` (None: no limit) and NVML has it in force."""
     confirmed = True
     for name, gpus in pods:
+        gpus = list(gpus)
+        if not gpus:
+            confirmed = False  # no agent reports this worker's GPUs (yet)
         for g in gpus:
             if g.refused is not None:
                 return LimitReport(False, f"{name} {g.gpu}: {g.refused}")

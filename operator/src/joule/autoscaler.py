@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from joule import metrics
@@ -26,6 +26,7 @@ from joule.capacity import Capacity
 from joule.constants import METRICS_PORT
 from joule.kube import Conflict, JobApi
 from joule.observe import PodView
+from joule.prometheus_energy import PromQuery, QueryError, query_energy
 from joule.reconcile import conditions, desired_replicas, power_limit
 from joule.scaling import (
     Measured,
@@ -57,11 +58,15 @@ class NodeAgents:
 
 class Autoscaler:
     """Evaluates one job at a time per job (a lock each), any number in parallel.
-    ``agents``: the node agents to read energy from; None: the trainers' self-report."""
+    Energy comes from ``prometheus`` where given, else from the node ``agents``, else from
+    the trainers' self-report."""
 
-    def __init__(self, api: JobApi, agents: NodeAgents | None = None) -> None:
+    def __init__(
+        self, api: JobApi, agents: NodeAgents | None = None, prometheus: PromQuery | None = None
+    ) -> None:
         self.api = api
-        self.agents = agents
+        self.agents = agents  # they set power limits and confirm them
+        self.prometheus = prometheus  # energy from a query, where set; else from the agents
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -131,16 +136,25 @@ class Autoscaler:
                 uid, rank = key.split("/")
                 trainers.append((counter_key(uid, int(rank), result.reading), result.reading))
         limits: LimitReport | None = None
-        if self.agents is None:
+        if self.agents is None and self.prometheus is None:
             measured = Measured.from_trainers(trainers)
             unread = sorted(
                 f"{names[k]}: {r.error}" for k, r in workers.items() if r.error and k in expected
             )
             complete = not unread
         else:
-            measured, unread, complete, limits = self._read_agents(
-                self.agents, spec, status, pods, trainers
-            )
+            if self.agents is not None:
+                measured, unread, complete, limits = self._read_agents(
+                    self.agents, spec, status, pods, trainers
+                )
+            elif any(p.ready and p.active for p in pods):
+                limits = LimitReport(False)  # no agents: no limit is ever confirmed
+            if self.prometheus is not None:
+                util = measured.utilization if self.agents is not None else None
+                measured, unread, complete = self._read_prometheus(
+                    self.prometheus, job, pods, trainers
+                )
+                measured = replace(measured, utilization=util)  # the agents' GPU utilisation
         running = sum(1 for p in pods if p.ready and p.active)
         # A round that missed a worker says nothing about the job's rate at this size.
         phase = status.get("phase")
@@ -186,6 +200,42 @@ class Autoscaler:
                     expected.add(targets[-1].key)
         return scrape_all(targets, SCRAPE_DEADLINE_SECONDS), names, expected
 
+    def _read_prometheus(
+        self,
+        query: PromQuery,
+        job: JobRef,
+        pods: list[PodView],
+        trainers: list[tuple[str, Any]],
+    ) -> tuple[Measured, list[str], bool]:
+        """Energy from the cluster's Prometheus, for the workers that run."""
+        running = [p for p in pods if p.phase == "Running"]
+        found: dict[str, dict[str, float]] = {}
+        unread: list[str] = []
+        if running:
+            try:
+                found = query_energy(
+                    query, job.namespace, [p.name for p in running], SCRAPE_DEADLINE_SECONDS
+                )
+            except QueryError as exc:
+                unread.append(str(exc))
+        joules: dict[str, float] = {}
+        complete = not unread
+        for pod in running:
+            series = found.get(pod.name, {})
+            if not series and pod.ready and pod.active:
+                complete = False  # not scraped yet, or the query misses it
+            for key, value in series.items():
+                joules[f"{pod.uid}/{key}"] = value
+        measured = Measured(
+            joules=joules,
+            samples={key: r.samples for key, r in trainers},
+            source="prometheus",
+            meter=query.meter,
+            progress="reported by the workers" if trainers else NO_PROGRESS,
+            baseline_new=query.counter == "device",
+        )
+        return measured, unread, complete
+
     def _read_agents(
         self,
         agents: NodeAgents,
@@ -221,17 +271,19 @@ class Autoscaler:
             reading = result.reading if result is not None else None
             if reading is None:
                 complete = False
+                if pod.ready and pod.active:
+                    gpus.append((pod.name, ()))  # no agent: no limit can be confirmed
                 continue
             meters.add(reading.meter)
             rows = reading.pods.get(pod.uid, ())
+            if pod.ready and pod.active:
+                gpus.append((pod.name, rows))
             if spec.gpus_per_replica and len(rows) < spec.gpus_per_replica and pod.active:
                 complete = False  # the agent has not seen this worker's GPUs yet
             for row in rows:
                 joules[gpu_counter_key(pod.uid, row)] = row.joules
                 if row.utilization is not None:
                     util.append(row.utilization)
-            if pod.ready and pod.active:
-                gpus.append((pod.name, rows))
         measured = Measured(
             joules=joules,
             samples={key: r.samples for key, r in trainers},

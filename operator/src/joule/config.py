@@ -50,6 +50,15 @@ class OperatorConfig:
     node_agent_namespace: str = "default"
     node_agent_selector: str = "app.kubernetes.io/name=joule,app.kubernetes.io/component=node-agent"
     node_agent_port: int = 9410
+    # Whether node agents run (they set power limits and confirm them, whatever the source).
+    node_agents: bool = True
+    # The "prometheus" source: the server, and a preset query (joule, dcgm) or "custom" with
+    # JOULE_PROMETHEUS_QUERY, _POD_LABEL and _COUNTER (see joule.prometheus_energy).
+    prometheus_url: str = ""
+    prometheus_preset: str = "joule"
+    prometheus_query: str = ""
+    prometheus_pod_label: str = ""
+    prometheus_counter: str = ""
 
     @classmethod
     def from_env(
@@ -82,7 +91,7 @@ class OperatorConfig:
                 f"JOULE_LEASE_RENEW_DEADLINE_SECONDS ({deadline:g}) must be greater than "
                 f"1.2 x JOULE_LEASE_RETRY_PERIOD_SECONDS ({retry:g})"
             )
-        return cls(
+        config = cls(
             namespaces=_namespaces(env, "JOULE_WATCH_NAMESPACES"),
             resync_seconds=_number(env, "JOULE_RESYNC_SECONDS", cls.resync_seconds, 1),
             tick_seconds=_number(env, "JOULE_TICK_SECONDS", cls.tick_seconds, 0.1),
@@ -103,10 +112,41 @@ class OperatorConfig:
             ),
             node_agent_selector=env.get("JOULE_NODE_AGENT_SELECTOR") or cls.node_agent_selector,
             node_agent_port=_port(env, "JOULE_NODE_AGENT_PORT", cls.node_agent_port),
+            node_agents=_boolean(env, "JOULE_NODE_AGENTS", cls.node_agents),
+            prometheus_url=env.get("JOULE_PROMETHEUS_URL", ""),
+            prometheus_preset=_choice(
+                env, "JOULE_PROMETHEUS_PRESET", PROMETHEUS_PRESETS, cls.prometheus_preset
+            ),
+            prometheus_query=env.get("JOULE_PROMETHEUS_QUERY", ""),
+            prometheus_pod_label=env.get("JOULE_PROMETHEUS_POD_LABEL", ""),
+            prometheus_counter=env.get("JOULE_PROMETHEUS_COUNTER", ""),
         )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Settings that only make sense together."""
+        if self.energy_source == "node" and not self.node_agents:
+            raise ValueError("JOULE_ENERGY_SOURCE=node needs the node agents (JOULE_NODE_AGENTS)")
+        if self.energy_source == "prometheus":
+            if not self.prometheus_url.startswith(("http://", "https://")):
+                raise ValueError(
+                    "JOULE_ENERGY_SOURCE=prometheus needs JOULE_PROMETHEUS_URL, an http(s) URL, "
+                    f"got {self.prometheus_url!r}"
+                )
+            if self.prometheus_preset == "custom" and "$pods" not in self.prometheus_query:
+                raise ValueError(
+                    "JOULE_PROMETHEUS_PRESET=custom needs JOULE_PROMETHEUS_QUERY, a PromQL query "
+                    "with $namespace and $pods (the workers' names), returning joules per pod"
+                )
+        if self.prometheus_counter and self.prometheus_counter not in ("pod", "device"):
+            raise ValueError(
+                f"JOULE_PROMETHEUS_COUNTER must be pod or device, got {self.prometheus_counter!r}"
+            )
 
 
-ENERGY_SOURCES = ("node", "trainer")
+ENERGY_SOURCES = ("node", "trainer", "prometheus")
+PROMETHEUS_PRESETS = ("joule", "dcgm", "custom")
 
 
 def _choice(env: Mapping[str, str], key: str, allowed: tuple[str, ...], default: str) -> str:

@@ -93,6 +93,7 @@ def run_operator(config: OperatorConfig) -> None:
     from joule.leader import LeaderElector, LeaseLock
     from joule.lifecycle import Reconciler
     from joule.metrics import LEADER
+    from joule.prometheus_energy import configured
 
     try:
         kube_config.load_incluster_config()
@@ -150,13 +151,20 @@ def run_operator(config: OperatorConfig) -> None:
     scheduler: Scheduler | None = None
     try:
         api = JobApi(api_client)
-        agents = None
+        agents = prometheus = None
         api.trainer_limits = config.energy_source == "trainer"
-        if config.energy_source == "node":
+        if config.energy_source != "trainer" and config.node_agents:
             agents = NodeAgents(
                 config.node_agent_namespace, config.node_agent_selector, config.node_agent_port
             )
-        scheduler = handlers.register(Reconciler(api), config, Autoscaler(api, agents))
+        if config.energy_source == "prometheus":
+            prometheus = configured(
+                config.prometheus_url, config.prometheus_preset, config.prometheus_query,
+                config.prometheus_pod_label, config.prometheus_counter,
+            )  # fmt: skip
+        log.info("energy source: %s", config.energy_source)
+        autoscaler = Autoscaler(api, agents, prometheus)
+        scheduler = handlers.register(Reconciler(api), config, autoscaler)
         runtime.scheduler = scheduler
         runtime.kopf_ready = threading.Event()
         custom = client.CustomObjectsApi(api_client)

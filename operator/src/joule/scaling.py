@@ -66,6 +66,9 @@ class Measured:
     utilization: float | None = None  # the job's GPUs' mean busy fraction; None: unknown
     # Where samples come from, when energy does not come from the workers themselves.
     progress: str | None = None
+    # A new energy counter's first value is a baseline, not energy used (a device's
+    # counter since its driver loaded, read through Prometheus).
+    baseline_new: bool = False
 
     @classmethod
     def from_trainers(cls, readings: Sequence[tuple[str, TrainerReading]]) -> Measured:
@@ -100,16 +103,23 @@ def _stream(key: str) -> str:
 
 
 def _count(
-    prev: Mapping[str, float], now: Mapping[str, float], alive: Collection[str]
+    prev: Mapping[str, float],
+    now: Mapping[str, float],
+    alive: Collection[str],
+    baseline_new: bool = False,
 ) -> tuple[float, dict[str, float]]:
     """The increase of the counters read now over their last values, and the values to carry
-    to the next round: every counter of a pod that still exists, the newest per process."""
+    to the next round: every counter of a pod that still exists, the newest per process.
+    ``baseline_new``: a counter not seen before adds nothing (its value is a baseline)."""
     added = 0.0
     carried = {k: v for k, v in prev.items() if k.split("/", 1)[0] in alive}
     for key, value in now.items():
         # A key without the start time is an earlier operator's record of the same process.
         last = prev.get(key, prev.get(_stream(key)))
-        added += value - last if last is not None and value >= last else value
+        if last is None and baseline_new:
+            pass
+        else:
+            added += value - last if last is not None and value >= last else value
         stream = _stream(key)
         for old in [k for k in carried if k != key and _stream(k) == stream]:
             del carried[old]  # the process that wrote it is gone: this one replaced it
@@ -145,7 +155,7 @@ def account(
     m = readings if isinstance(readings, Measured) else Measured.from_trainers(readings)
     if alive is None:
         alive = {key.split("/", 1)[0] for key in (*m.joules, *m.samples)}
-    added_j, joule_counters = _count(energy.get("counters", {}), m.joules, alive)
+    added_j, joule_counters = _count(energy.get("counters", {}), m.joules, alive, m.baseline_new)
     added_s, sample_counters = _count(energy.get("sampleCounters", {}), m.samples, alive)
     consumed = float(energy.get("consumedJoules", 0.0)) + added_j
     done = float(energy.get("samples", 0.0)) + added_s
