@@ -147,7 +147,7 @@ class OperatorProcess:
             # The host-process operator's tests run their workers on kwok nodes (no node
             # agent there) or read the trainer's own figures; the e2e suite installs the
             # chart, node agent included, and reads the node.
-            "JOULE_ENERGY_SOURCE": "trainer",
+            "JOULE_JOB_ENERGY_SOURCE": "trainer",
             **self.extra_env,
         }
         with open(self.log, "ab") as out:

@@ -199,3 +199,49 @@ def test_a_job_that_used_its_budget_is_suspended_and_its_energy_kept(
     assert status(api, namespace, "budget")["energy"]["consumedJoules"] >= 150
     with pytest.raises(client.ApiException):
         core.read_namespaced_pod("budget-worker-0", namespace)
+
+
+@pytest.mark.timeout(400)
+def test_a_node_agent_restart_loses_and_doubles_none_of_a_jobs_energy(
+    kubectl, api, core, namespace, operator, local_node
+):
+    plain_script_job(
+        kubectl, namespace, "steady", local_node.placement(),
+        scaling={"evaluationIntervalSeconds": 5},
+        energy={"budget": "1MJ", "windowSeconds": 10},
+    )  # fmt: skip
+    (pod,) = wait_for(lambda: running_pods(core, namespace, "steady"), timeout=120,
+                      what="the worker to run")  # fmt: skip
+    uid = pod.metadata.uid
+
+    def record():
+        (gpu,) = parse_agent_metrics(operator.agent_metrics()).pods.get(uid, (None,))
+        return gpu
+
+    before = wait_for(record, timeout=30, what="the agent's record of the worker's GPU")
+    wait_for(lambda: status(api, namespace, "steady").get("energy", {}).get("consumedJoules"),
+             timeout=60, what="a first accounting")  # fmt: skip
+    old = operator.pod("node-agent")["metadata"]["name"]
+    kubectl("delete", "pod", "-n", "joule-e2e", old, "--wait=true")
+    started = time.monotonic()
+    wait_for(lambda: operator.pod("node-agent")["metadata"]["name"] != old, timeout=60,
+             what="the DaemonSet's new agent")  # fmt: skip
+    after = wait_for(record, timeout=90, what="the new agent's record of the worker's GPU")
+    # The same record (kept on the node), still counting: the time the agent was away is
+    # the pod's too, at the double's 30 W.
+    assert after.since == before.since
+    assert after.joules >= before.joules + 30 * (time.monotonic() - started) * 0.5
+
+    def read_again():  # an evaluation that read the new agent (it missed the old one's end)
+        st = status(api, namespace, "steady")
+        at = st.get("energy", {}).get("evaluatedAt", "")
+        return st if at > seen and not st.get("metricsError") else None
+
+    seen = status(api, namespace, "steady")["energy"]["evaluatedAt"]
+    first = wait_for(read_again, timeout=60, what="an evaluation after the agent's restart")
+    time.sleep(12)
+    st = status(api, namespace, "steady")
+    gained = st["energy"]["consumedJoules"] - first["energy"]["consumedJoules"]
+    # About 12 s at 30 W, give or take an evaluation (5 s): no doubled count, no jump.
+    assert 0 < gained <= 30 * (12 + 2 * 5), gained
+    assert st["phase"] == "Running"

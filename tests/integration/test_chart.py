@@ -184,7 +184,7 @@ def test_the_node_agent_is_the_only_privileged_piece_and_finds_the_kubelet(
         e["name"]: e.get("value")
         for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
     }
-    assert env["JOULE_ENERGY_SOURCE"] == "node"
+    assert env["JOULE_JOB_ENERGY_SOURCE"] == "node"
     assert env["JOULE_NODE_AGENT_NAMESPACE"] == namespace
     selector = dict(kv.split("=") for kv in env["JOULE_NODE_AGENT_SELECTOR"].split(","))
     assert selector == ds["spec"]["selector"]["matchLabels"]

@@ -60,7 +60,7 @@ def test_a_jobs_energy_comes_from_a_promql_query_and_its_budget_holds(
     prom = prometheus_server({"joule-node-agent": [node_agent]})
     op = OperatorProcess(operator_kubeconfig, tmp_path / "operator.log")
     op.extra_env = {
-        "JOULE_ENERGY_SOURCE": "prometheus",
+        "JOULE_JOB_ENERGY_SOURCE": "prometheus",
         "JOULE_PROMETHEUS_URL": prom.url,
         "JOULE_PROMETHEUS_PRESET": "joule",
         "JOULE_NODE_AGENTS": "false",

@@ -58,14 +58,14 @@ def test_a_preset_gives_its_query_and_counter_and_settings_override_it():
 @pytest.mark.parametrize(
     ("env", "says"),
     [
-        ({"JOULE_ENERGY_SOURCE": "prometheus"}, "needs JOULE_PROMETHEUS_URL"),
-        ({"JOULE_ENERGY_SOURCE": "prometheus", "JOULE_PROMETHEUS_URL": "p:9090"}, "http"),
-        ({"JOULE_ENERGY_SOURCE": "prometheus", "JOULE_PROMETHEUS_URL": "http://p",
+        ({"JOULE_JOB_ENERGY_SOURCE": "prometheus"}, "needs JOULE_PROMETHEUS_URL"),
+        ({"JOULE_JOB_ENERGY_SOURCE": "prometheus", "JOULE_PROMETHEUS_URL": "p:9090"}, "http"),
+        ({"JOULE_JOB_ENERGY_SOURCE": "prometheus", "JOULE_PROMETHEUS_URL": "http://p",
           "JOULE_PROMETHEUS_PRESET": "custom"}, "needs JOULE_PROMETHEUS_QUERY"),
         ({"JOULE_PROMETHEUS_PRESET": "kepler"}, "must be one of joule, dcgm, custom"),
         ({"JOULE_PROMETHEUS_COUNTER": "gpu"}, "must be pod or device"),
-        ({"JOULE_ENERGY_SOURCE": "node", "JOULE_NODE_AGENTS": "false"}, "needs the node agents"),
-        ({"JOULE_ENERGY_SOURCE": "dcgm"}, "must be one of node, trainer, prometheus"),
+        ({"JOULE_JOB_ENERGY_SOURCE": "node", "JOULE_NODE_AGENTS": "false"}, "the node agents"),
+        ({"JOULE_JOB_ENERGY_SOURCE": "dcgm"}, "must be one of node, trainer, prometheus"),
     ],
 )  # fmt: skip
 def test_bad_energy_settings_stop_the_operator_with_the_setting_named(env, says, tmp_path):

@@ -43,7 +43,7 @@ class OperatorConfig:
     lease_duration_seconds: int = 8
     renew_deadline_seconds: float = 6.0
     retry_period_seconds: float = 1.0
-    # Where jobs' energy comes from (JOULE_ENERGY_SOURCE): "node", the node agents'
+    # Where jobs' energy comes from (JOULE_JOB_ENERGY_SOURCE): "node", the node agents'
     # readings of each pod's GPUs; or "trainer", what Joule's trainer reports of itself.
     energy_source: str = "node"
     # Where the node agents run (namespace: the operator's own unless set), and their port.
@@ -106,7 +106,9 @@ class OperatorConfig:
             lease_duration_seconds=int(duration),
             renew_deadline_seconds=deadline,
             retry_period_seconds=retry,
-            energy_source=_choice(env, "JOULE_ENERGY_SOURCE", ENERGY_SOURCES, cls.energy_source),
+            energy_source=_choice(
+                env, "JOULE_JOB_ENERGY_SOURCE", ENERGY_SOURCES, cls.energy_source
+            ),
             node_agent_namespace=(
                 env.get("JOULE_NODE_AGENT_NAMESPACE") or _own_namespace(namespace_file)
             ),
@@ -127,12 +129,14 @@ class OperatorConfig:
     def check(self) -> None:
         """Settings that only make sense together."""
         if self.energy_source == "node" and not self.node_agents:
-            raise ValueError("JOULE_ENERGY_SOURCE=node needs the node agents (JOULE_NODE_AGENTS)")
+            raise ValueError(
+                "JOULE_JOB_ENERGY_SOURCE=node needs the node agents (JOULE_NODE_AGENTS)"
+            )
         if self.energy_source == "prometheus":
             if not self.prometheus_url.startswith(("http://", "https://")):
                 raise ValueError(
-                    "JOULE_ENERGY_SOURCE=prometheus needs JOULE_PROMETHEUS_URL, an http(s) URL, "
-                    f"got {self.prometheus_url!r}"
+                    "JOULE_JOB_ENERGY_SOURCE=prometheus needs JOULE_PROMETHEUS_URL, an http(s) "
+                    f"URL, got {self.prometheus_url!r}"
                 )
             if self.prometheus_preset == "custom" and "$pods" not in self.prometheus_query:
                 raise ValueError(

@@ -328,7 +328,7 @@ class Demo:
             "JOULE_LOG_FORMAT": "plain",
             # The demo's operator and workers run as host processes and pods without a node
             # agent: the trainers' own (estimated, labelled) figures.
-            "JOULE_ENERGY_SOURCE": "trainer",
+            "JOULE_JOB_ENERGY_SOURCE": "trainer",
         }
         self.start_child("operator", _joule("operator"), op_env, logs / "operator.log")
         self.api = config.new_client_from_config(config_file=str(info.kubeconfig))
