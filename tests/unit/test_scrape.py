@@ -127,3 +127,46 @@ def test_a_worker_sending_a_byte_at_a_time_keeps_to_the_deadline(server):
     result = scrape("127.0.0.1", srv.server_address[1], time.monotonic() + 1.0)
     assert result.reading is None and "deadline" in result.error
     assert time.monotonic() - began < 1.8
+
+
+def test_a_scripts_own_samples_counter_is_read_where_the_spec_says():
+    """spec.progress: a counter the user's script serves (any name, one port per pod) stands
+    in for joule_trainer's series when the energy comes from the node."""
+    from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+    from joule.api import TrainingJobSpec
+    from joule.autoscaler import Autoscaler, NodeAgents
+    from joule.observe import PodView
+    from tests.conftest import free_port
+
+    registry = CollectorRegistry()
+    counter = Counter("imgs_seen", "images trained", ["split"], registry=registry)
+    counter.labels("a").inc(300)
+    counter.labels("b").inc(20)
+    port = free_port()
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        spec = TrainingJobSpec.parse({
+            "image": "x", "gpusPerReplica": 2,
+            "progress": {"samplesMetric": "imgs_seen_total", "port": port},
+        })  # fmt: skip
+        pod = PodView("w0", "uid0", 0, "Running", True, True, False, None, "127.0.0.1")
+        scaler = Autoscaler(None, NodeAgents("ns", "x=y", 9410))  # type: ignore[arg-type]
+        results, _, expected = scaler._read_workers(spec, [pod])
+        assert list(results) == ["uid0/0"] == sorted(expected)  # one endpoint for the pod
+        assert results["uid0/0"].reading.samples == 320
+        # With the trainer's self-report, its own series are read instead, per process.
+        results, _, _ = Autoscaler(None)._read_workers(spec, [pod])  # type: ignore[arg-type]
+        assert list(results) == ["uid0/0", "uid0/1"]
+    finally:
+        server.shutdown()
+
+
+def test_a_declared_samples_metric_must_be_a_metric_name():
+    from joule.api import TrainingJobSpec
+    from joule.api.types import SpecError
+
+    with pytest.raises(SpecError, match="spec.progress.samplesMetric must be a Prometheus"):
+        TrainingJobSpec.parse({"image": "x", "progress": {"samplesMetric": "my samples"}})
+    with pytest.raises(SpecError, match="spec.progress.port must be <= 65535"):
+        TrainingJobSpec.parse({"image": "x", "progress": {"samplesMetric": "s", "port": 70000}})

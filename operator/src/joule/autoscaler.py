@@ -37,6 +37,7 @@ from joule.scaling import (
     split_energy,
 )
 from joule.scrape import Result, Target, scrape_all
+from joule.trainer_metrics import parse_trainer_metrics, samples_parser
 
 log = logging.getLogger("joule.autoscaler")
 # One evaluation waits this long, in all, for the workers' /metrics.
@@ -186,19 +187,28 @@ class Autoscaler:
         self, spec: TrainingJobSpec, pods: list[PodView]
     ) -> tuple[dict[str, Result], dict[str, str], set[str]]:
         """Every worker process's /metrics: results by "<pod uid>/<rank>", their names, and
-        the keys that must answer (running, ready, not on their way out)."""
+        the keys that must answer (running, ready, not on their way out). With energy from
+        outside the workers, a script's own samples counter (spec.progress) may stand in
+        for joule_trainer's series."""
+        progress = spec.progress if self.agents or self.prometheus else None
+        parse = parse_trainer_metrics
+        if progress is not None and progress.samples_metric:
+            parse = samples_parser(progress.samples_metric)
+        # One endpoint per pod where the spec names its port; else one per process.
+        ranks = 1 if progress is not None and progress.port else spec.nproc_per_node
         # Every process that runs, including workers on their way out: a terminating pod's
         # last reading still counts (it trains until SIGTERM and checkpoints after it).
         targets, names, expected = [], {}, set()
         for pod in pods:
             if not pod.ip or pod.phase != "Running":
                 continue
-            for rank in range(spec.nproc_per_node):
-                targets.append(Target(f"{pod.uid}/{rank}", pod.ip, METRICS_PORT + rank))
+            for rank in range(ranks):
+                port = progress.port if progress is not None and progress.port else None
+                targets.append(Target(f"{pod.uid}/{rank}", pod.ip, port or METRICS_PORT + rank))
                 names[targets[-1].key] = f"{pod.name} rank {rank}"
                 if pod.ready and pod.active:  # one on its way out may have stopped serving
                     expected.add(targets[-1].key)
-        return scrape_all(targets, SCRAPE_DEADLINE_SECONDS), names, expected
+        return scrape_all(targets, SCRAPE_DEADLINE_SECONDS, parse=parse), names, expected
 
     def _read_prometheus(
         self,

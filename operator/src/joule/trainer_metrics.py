@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -57,3 +58,27 @@ def parse_trainer_metrics(text: str) -> TrainerReading | None:
         utilization=values.get("joule_trainer_gpu_utilization_ratio"),
         started=values.get("process_start_time_seconds"),
     )
+
+
+def samples_parser(metric: str) -> Callable[[str], TrainerReading | None]:
+    """A parser for a script's own counter of samples (spec.progress.samplesMetric), summed
+    over its series; None until the counter exists. Only samples (and the process's start
+    time, where served) are read: the energy comes from the node."""
+    names = {metric, f"{metric}_total"}
+
+    def parse(text: str) -> TrainerReading | None:
+        total, found, started = 0.0, False, None
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in names:
+                    if not math.isfinite(sample.value) or sample.value < 0:
+                        raise ValueError(f"{metric} is not a finite, non-negative counter")
+                    total += sample.value
+                    found = True
+                elif sample.name == "process_start_time_seconds":
+                    started = sample.value
+        if not found:
+            return None
+        return TrainerReading(0, 0.0, total, 0.0, None, None, 0.0, "?", started=started)
+
+    return parse

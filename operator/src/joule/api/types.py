@@ -97,6 +97,7 @@ INT_FIELDS: dict[str, IntField] = {
     "spec.energy.gpuPowerLimitWatts": IntField(1),
     "spec.energy.minGpuPowerLimitWatts": IntField(1),
     "spec.target.samples": IntField(1),
+    "spec.progress.port": IntField(1, 65535),
 }
 
 
@@ -131,6 +132,7 @@ class TrainingJobSpec:
     scaling: Scaling = field(default_factory=Scaling)
     energy: Energy = field(default_factory=Energy)
     target: Target = field(default_factory=Target)
+    progress: Progress = field(default_factory=lambda: Progress())
     # Parts copied into the pod as they are (the API server validated their shape).
     pod: dict[str, Any] = field(default_factory=dict)
 
@@ -228,6 +230,7 @@ class TrainingJobSpec:
             scaling=scaling,
             energy=energy,
             target=_target(spec.get("target") or {}),
+            progress=_progress(spec.get("progress")),
             pod={k: spec[k] for k in pod_keys if k in spec},
         )
 
@@ -394,6 +397,29 @@ def _energy(d: dict[str, Any]) -> Energy:
 def _watts(d: dict[str, Any], key: str) -> float | None:
     value = _int(d, "spec.energy." + key)
     return float(value) if value is not None else None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where workers report the samples they trained: joule_trainer's series (the default),
+    or a counter the user's script serves, named in spec.progress."""
+
+    samples_metric: str | None = None
+    port: int | None = None  # one /metrics per pod; None: 9090 + local rank per process
+
+
+METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+
+
+def _progress(d: Any) -> Progress:
+    if d is None:
+        return Progress()
+    name = d.get("samplesMetric") if isinstance(d, dict) else None
+    if not isinstance(name, str) or not re.fullmatch(METRIC_NAME, name) or len(name) > 200:
+        raise SpecError(
+            f"spec.progress.samplesMetric must be a Prometheus metric name, not {name!r}"
+        )
+    return Progress(name, _int(d, "spec.progress.port"))
 
 
 def _target(d: dict[str, Any]) -> Target:
