@@ -88,6 +88,9 @@ def test_a_jobs_energy_comes_from_a_promql_query_and_its_budget_holds(
         assert st["reason"] == "BudgetExhausted"
         assert (energy["source"], energy["meter"]) == ("prometheus", "prometheus/joule")
         assert energy["consumedJoules"] >= 300
+        with urllib.request.urlopen(op.metrics_url, timeout=10) as response:
+            exposition = response.read().decode()
+        assert 'joule_operator_energy_source_info{source="prometheus"} 1.0' in exposition
     finally:
         op.stop()
         print(f"\noperator log: {op.log}")

@@ -38,6 +38,13 @@ LEADER = Gauge(
     "0 while it waits as a standby",
 )
 
+ENERGY_SOURCE = Gauge(
+    "joule_operator_energy_source_info",
+    "Where this operator reads jobs' energy: node (the node agents), prometheus, or trainer "
+    "(self-reported by Joule's trainer)",
+    ["source"],
+)
+
 
 class JobPhases(Collector):
     """``joule_operator_jobs{phase}``: how many known jobs are in each phase, at scrape time."""

@@ -163,6 +163,7 @@ def run_operator(config: OperatorConfig) -> None:
                 config.prometheus_pod_label, config.prometheus_counter,
             )  # fmt: skip
         log.info("energy source: %s", config.energy_source)
+        metrics.ENERGY_SOURCE.labels(source=config.energy_source).set(1)
         autoscaler = Autoscaler(api, agents, prometheus)
         scheduler = handlers.register(Reconciler(api), config, autoscaler)
         runtime.scheduler = scheduler
