@@ -166,7 +166,7 @@ def test_a_declared_samples_metric_must_be_a_metric_name():
     from joule.api import TrainingJobSpec
     from joule.api.types import SpecError
 
-    with pytest.raises(SpecError, match="spec.progress.samplesMetric must be a Prometheus"):
+    with pytest.raises(SpecError, match=r"spec\.progress\.samplesMetric must be a Prometheus"):
         TrainingJobSpec.parse({"image": "x", "progress": {"samplesMetric": "my samples"}})
-    with pytest.raises(SpecError, match="spec.progress.port must be <= 65535"):
+    with pytest.raises(SpecError, match=r"spec\.progress\.port must be <= 65535"):
         TrainingJobSpec.parse({"image": "x", "progress": {"samplesMetric": "s", "port": 70000}})
