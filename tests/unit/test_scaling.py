@@ -374,7 +374,7 @@ def test_a_limit_no_agent_confirms_within_a_minute_counts_as_refused():
     lowered = evaluate(spec, st, readings, ClusterView(0), at(10), 2, True, limits=pending)
     late = evaluate(spec, lowered.status, readings, ClusterView(0), at(75), 2, True,
                     limits=pending)  # fmt: skip
-    assert "no node agent confirmed" in late.status["energy"]["gpuPowerLimitRefused"]
+    assert "no node agent put the limit in force" in late.status["energy"]["gpuPowerLimitRefused"]
 
 
 def test_node_energy_and_worker_samples_are_accounted_apart():
@@ -387,3 +387,63 @@ def test_node_energy_and_worker_samples_are_accounted_apart():
     e = account(e, m2, at(10), 60, 1, True, alive={"u1"})
     assert (e["consumedJoules"], e["samples"]) == (160.0, 50.0)
     assert (e["source"], e["meter"]) == ("node", "simulated")
+
+
+def test_a_confirmed_limit_survives_a_round_the_agents_missed_or_had_not_caught_up():
+    from joule.agent_metrics import LimitReport
+
+    spec, st, readings = capped_two_workers(replicas=2)
+    lowered = evaluate(spec, st, readings, ClusterView(0), at(10), 2, True,
+                       limits=LimitReport(False))  # fmt: skip
+    more = [("a/0", reading(300, 1500)), ("b/0", reading(300, 1500))]
+    done = evaluate(spec, lowered.status, more, ClusterView(0), at(20), 2, True,
+                    limits=LimitReport(True))  # fmt: skip
+    # Ten minutes on: an agent restarting (unknown), then one that has not yet applied the
+    # limit to a new worker (pending): neither is a refusal.
+    later = [("a/0", reading(900, 4000)), ("b/0", reading(900, 4000))]
+    missed = evaluate(spec, done.status, later, ClusterView(0), at(620), 2, True,
+                      limits=LimitReport(False, unknown=True))  # fmt: skip
+    behind = evaluate(spec, missed.status, later, ClusterView(0), at(630), 2, True,
+                      limits=LimitReport(False))  # fmt: skip
+    assert "gpuPowerLimitRefused" not in behind.status["energy"]
+    assert behind.status["energy"]["gpuPowerLimitWatts"] == 8.6
+    back = evaluate(spec, behind.status, later, ClusterView(0), at(640), 2, True,
+                    limits=LimitReport(True))  # fmt: skip
+    assert "gpuPowerLimitPendingSince" not in back.status["energy"]
+    # Only a wait of a minute, with the agents answering, counts as refused.
+    stuck = evaluate(spec, back.status, later, ClusterView(0), at(650), 2, True,
+                     limits=LimitReport(False))  # fmt: skip
+    stuck = evaluate(spec, stuck.status, later, ClusterView(0), at(715), 2, True,
+                     limits=LimitReport(False))  # fmt: skip
+    assert "in force within 60s" in stuck.status["energy"]["gpuPowerLimitRefused"]
+
+
+def test_a_refusal_lifts_when_the_spec_changes_its_limits_and_meanwhile_no_limit_is_asked():
+    from joule.agent_metrics import LimitReport
+    from joule.reconcile import power_limit
+
+    spec = TrainingJobSpec.parse({"image": "x", "energy": {"budget": "1MJ",
+                                  "gpuPowerLimitWatts": 150}})  # fmt: skip
+    st = {"targetReplicas": 1, "energy": {}}
+    refused = LimitReport(False, "w0 GPU-a: Invalid Argument")
+    one = evaluate(spec, st, [("a/0", reading(10))], ClusterView(0), at(0), 1, True,
+                   limits=refused)  # fmt: skip
+    assert one.status["energy"]["gpuPowerLimitRefused"] == "w0 GPU-a: Invalid Argument"
+    assert power_limit(spec, one.status) is None  # the workers' annotation goes
+    same = evaluate(spec, one.status, [("a/0", reading(20))], ClusterView(0), at(30), 1, True,
+                    limits=LimitReport(True))  # fmt: skip
+    assert "gpuPowerLimitRefused" in same.status["energy"]  # the same spec: still refused
+    fixed = TrainingJobSpec.parse({"image": "x", "energy": {"budget": "1MJ",
+                                   "gpuPowerLimitWatts": 300}})  # fmt: skip
+    again = evaluate(fixed, same.status, [("a/0", reading(30))], ClusterView(0), at(60), 1,
+                     True, limits=LimitReport(False))  # fmt: skip
+    assert "gpuPowerLimitRefused" not in again.status["energy"]
+    assert power_limit(fixed, again.status) == 300
+
+
+def test_a_counter_read_without_its_start_time_continues_its_record_either_way():
+    from joule.scaling import _count
+
+    assert _count({"u/G@5.00": 100.0}, {"u/G": 110.0}, {"u"})[0] == 10.0
+    assert _count({"u/G": 100.0}, {"u/G@5.00": 110.0}, {"u"})[0] == 10.0
+    assert _count({"u/G@5.00": 100.0}, {"u/G@9.00": 30.0}, {"u"})[0] == 30.0  # a new record

@@ -31,12 +31,15 @@ class PodGpu:
 class AgentReading:
     meter: str  # "nvml" or "simulated": what the agent reads its GPUs with
     pods: Mapping[str, tuple[PodGpu, ...]] = field(default_factory=dict)  # pod UID -> GPUs
+    # pod UID -> devices it holds that the agent cannot measure (MIG slices, hidden GPUs)
+    unmeasured: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def parse_agent_metrics(text: str) -> AgentReading:
     gpus: dict[str, dict[str, float | str]] = {}
     energy: dict[tuple[str, str], dict[str, float]] = {}
     meter = "?"
+    blind: dict[str, list[str]] = {}
     names = {
         "joule_node_gpu_utilization_ratio": "utilization",
         "joule_node_gpu_power_limit_watts": "enforced",
@@ -50,6 +53,8 @@ def parse_agent_metrics(text: str) -> AgentReading:
                 meter = labels.get("source", "?")
             elif s.name in names:
                 gpus.setdefault(labels.get("gpu", ""), {})[names[s.name]] = s.value
+            elif s.name == "joule_node_pod_gpu_unmeasured" and s.value:
+                blind.setdefault(labels.get("pod_uid", ""), []).append(labels.get("gpu", ""))
             elif s.name == "joule_node_gpu_power_limit_refused" and s.value:
                 gpus.setdefault(labels.get("gpu", ""), {})["refused"] = labels.get("error", "?")
             elif s.name.startswith("joule_node_pod_gpu_energy_joules"):
@@ -77,7 +82,11 @@ def parse_agent_metrics(text: str) -> AgentReading:
                 refused=str(g["refused"]) if "refused" in g else None,
             )
         )
-    return AgentReading(meter, {uid: tuple(v) for uid, v in pods.items()})
+    return AgentReading(
+        meter,
+        {uid: tuple(v) for uid, v in pods.items()},
+        {uid: tuple(sorted(v)) for uid, v in blind.items()},
+    )
 
 
 def _num(value: float | str | None) -> float | None:
@@ -93,10 +102,14 @@ def counter_key(pod_uid: str, gpu: PodGpu) -> str:
 
 @dataclass(frozen=True)
 class LimitReport:
-    """Whether the job's GPUs run at the limit the operator asks for."""
+    """Whether the job's GPUs run at the limit the operator asks for: confirmed; refused
+    (NVML's reason); or pending, the agents answered and it is not in force yet. ``unknown``:
+    a worker's GPUs were not reported at all this time (an agent missed, restarting, not yet
+    updated): that says nothing either way, and no wait is counted against it."""
 
     confirmed: bool
     refused: str | None = None  # "<pod> <gpu>: NVML's reason"
+    unknown: bool = False
 
 
 def limit_report(
@@ -104,11 +117,11 @@ def limit_report(
 ) -> LimitReport:
     """``pods``: (pod name, its GPUs) of the workers that run. Confirmed when each GPU's
     agent saw the pod ask for ``desired`` (None: no limit) and NVML has it in force."""
-    confirmed = True
+    confirmed, unknown = True, False
     for name, gpus in pods:
         gpus = list(gpus)
         if not gpus:
-            confirmed = False  # no agent reports this worker's GPUs (yet)
+            unknown = True  # no agent reports this worker's GPUs (yet)
         for g in gpus:
             if g.refused is not None:
                 return LimitReport(False, f"{name} {g.gpu}: {g.refused}")
@@ -116,6 +129,8 @@ def limit_report(
             asked = (g.requested is None) if desired is None else _near(g.requested, desired)
             if not asked or target is None or not _near(g.enforced, target):
                 confirmed = False
+    if unknown:
+        return LimitReport(False, unknown=True)
     return LimitReport(confirmed)
 
 

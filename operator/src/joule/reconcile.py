@@ -288,8 +288,12 @@ def _budget_still_stops(spec: TrainingJobSpec, st: dict[str, Any]) -> bool:
 
 
 def power_limit(spec: TrainingJobSpec, st: dict[str, Any]) -> float | None:
-    """The per-GPU power limit workers should run at: the policy's, else the spec's."""
-    chosen = (st.get("energy") or {}).get("gpuPowerLimitWatts")
+    """The per-GPU power limit workers should run at: the policy's, else the spec's; none
+    while limits are refused for the job (the GPUs run at their default)."""
+    energy = st.get("energy") or {}
+    if energy.get("gpuPowerLimitRefused"):
+        return None
+    chosen = energy.get("gpuPowerLimitWatts")
     return float(chosen) if chosen is not None else spec.energy.gpu_power_limit_watts
 
 

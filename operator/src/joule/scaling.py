@@ -38,7 +38,10 @@ DEFAULT_LIMIT = "default"  # limitHistory's key for "no limit set"
 
 # status.energy keys that are the controller's bookkeeping: kept in the job's ConfigMap
 # (builders.bookkeeping), with the totals they add up to, and not in status.
-BOOKKEEPING = ("counters", "sampleCounters", "window", "history", "limitHistory", "limitHistoryAt")
+BOOKKEEPING = (
+    "counters", "sampleCounters", "window", "history", "limitHistory", "limitHistoryAt",
+    "gpuPowerLimitPendingSince", "gpuPowerLimitRefusedFor",
+)  # fmt: skip
 TOTALS = ("consumedJoules", "samples")
 
 
@@ -114,8 +117,14 @@ def _count(
     added = 0.0
     carried = {k: v for k, v in prev.items() if k.split("/", 1)[0] in alive}
     for key, value in now.items():
-        # A key without the start time is an earlier operator's record of the same process.
-        last = prev.get(key, prev.get(_stream(key)))
+        last = prev.get(key)
+        if last is None:
+            # A key without the start time is an earlier operator's record of the same
+            # process; a reading without it (an exporter that stopped sending it) continues
+            # the newest record of its stream.
+            stream = _stream(key)
+            same = sorted(k for k in prev if k != key and _stream(k) == stream)
+            last = prev[same[-1]] if key == stream and same else prev.get(stream)
         if last is None and baseline_new:
             pass
         else:
@@ -312,6 +321,7 @@ def evaluate(
         energy["gpuPowerLimitTime"] = fmt_time(now)
         if limits is not None:
             energy["gpuPowerLimitConfirmed"] = False  # until the node agents say so
+            energy["gpuPowerLimitPendingSince"] = fmt_time(now)
         events.append(Event("Normal", decision.reason, decision.message))
     if decision.replicas != current and not decision.suspend:
         st["targetReplicas"] = decision.replicas
@@ -364,39 +374,56 @@ def _confirm_limit(
     """Keep energy's record of the chosen per-GPU limit in step with what the node agents
     report; returns why limits do not work for this job (None: they do). The policy's
     clock for a limit (gpuPowerLimitTime) starts when the limit is confirmed in force, not
-    when it was asked for: until then the GPUs still ran at the old one."""
-    refused = energy.get("gpuPowerLimitRefused")
-    if refused:
-        return str(refused)
+    when it was asked for: until then the GPUs still ran at the old one.
+
+    A refusal holds until the spec's limits change (the user's fix); a limit the agents
+    answered for but have not put in force within LIMIT_CONFIRM_SECONDS counts as refused.
+    A round in which they did not answer for every worker counts for nothing."""
+    asked_for = _limit_spec(spec)
+    if energy.get("gpuPowerLimitRefused"):
+        if energy.get("gpuPowerLimitRefusedFor") == asked_for:
+            return str(energy["gpuPowerLimitRefused"])
+        for key in ("gpuPowerLimitRefused", "gpuPowerLimitRefusedFor"):
+            energy.pop(key, None)  # the spec's limits changed: try them
     chosen = energy.get("gpuPowerLimitWatts")
     if chosen is None and spec.energy.gpu_power_limit_watts is None:
         energy.pop("gpuPowerLimitConfirmed", None)
+        energy.pop("gpuPowerLimitPendingSince", None)
+        return None
+    if report.unknown and report.refused is None:
         return None
     if report.refused is None and report.confirmed:
         if energy.get("gpuPowerLimitConfirmed") is False:
             energy["gpuPowerLimitTime"] = fmt_time(now)
         energy["gpuPowerLimitConfirmed"] = True
+        energy.pop("gpuPowerLimitPendingSince", None)
         return None
-    asked = parse_time(energy.get("gpuPowerLimitTime"))
-    waited = (now - asked).total_seconds() if asked is not None else 0.0
+    since = parse_time(energy.setdefault("gpuPowerLimitPendingSince", fmt_time(now))) or now
     why = report.refused
-    if why is None and waited < LIMIT_CONFIRM_SECONDS:
-        energy["gpuPowerLimitConfirmed"] = False
-        energy.setdefault("gpuPowerLimitTime", fmt_time(now))
+    if why is None and (now - since).total_seconds() < LIMIT_CONFIRM_SECONDS:
+        if energy.get("gpuPowerLimitConfirmed") is not True:
+            energy["gpuPowerLimitConfirmed"] = False
         return None
     if why is None:
-        why = f"no node agent confirmed the limit within {LIMIT_CONFIRM_SECONDS:.0f}s"
+        why = f"no node agent put the limit in force within {LIMIT_CONFIRM_SECONDS:.0f}s"
     energy["gpuPowerLimitRefused"] = why
-    energy.pop("gpuPowerLimitWatts", None)
-    energy.pop("gpuPowerLimitConfirmed", None)
+    energy["gpuPowerLimitRefusedFor"] = asked_for
+    for key in ("gpuPowerLimitWatts", "gpuPowerLimitConfirmed", "gpuPowerLimitPendingSince"):
+        energy.pop(key, None)
     energy["gpuPowerLimitTime"] = fmt_time(now)
     watts = f"{chosen:g} W" if chosen is not None else "the spec's"
     events.append(
         Event("Warning", "PowerLimitRefused",
               f"the per-GPU power limit ({watts}) was refused: {why}; the policy goes on "
-              "without power limits (fewer workers instead)")
+              "without power limits (fewer workers instead) until spec.energy's limits change")
     )  # fmt: skip
     return why
+
+
+def _limit_spec(spec: TrainingJobSpec) -> str:
+    """The spec's power-limit settings, as a refusal remembers them."""
+    e = spec.energy
+    return f"{e.gpu_power_limit_watts}/{e.min_gpu_power_limit_watts}"
 
 
 def next_evaluation(
