@@ -48,7 +48,11 @@ class Node:
         return nv
 
     def agent(self) -> Agent:
-        config = AgentConfig("n1", self.tmp, interval=5, rapl_root=self.tmp / "no-rapl")
+        boot = self.tmp / "boot_id"
+        if not boot.exists():
+            boot.write_text("boot-1\n")
+        config = AgentConfig("n1", self.tmp, interval=5, rapl_root=self.tmp / "no-rapl",
+                             boot_id_file=boot)  # fmt: skip
         return Agent(config, Gpus(self.nvml(), "simulated"), lambda: list(self.devices),
                      lambda ns, name: self.pods.get((ns, name)), clock=self.clock)  # fmt: skip
 
@@ -91,6 +95,9 @@ def test_a_pod_is_charged_only_for_its_gpus_while_it_holds_them(tmp_path):
     node.tick(agent, 0)
     node.tick(agent, 5)
     assert pod_energy(agent, "uid-w1") == pytest.approx(150, rel=1e-3)
+    # w0's record stays, final, for the operator's next read; then it goes.
+    assert pod_energy(agent, "uid-w0") == pytest.approx(300, rel=1e-3)
+    node.tick(agent, ledger.RETAIN_SECONDS)
     assert "uid-w0" not in parse_agent_metrics(exposition(agent)).pods
 
 
@@ -201,3 +208,43 @@ def test_a_damaged_ledger_row_restarts_that_record_only():
     loaded = ledger.load([*good, {"uid": "x"}, "junk"])
     assert list(loaded) == [("u", "g")] and loaded[("u", "g")].joules == 7.0
     assert ledger.load({"not": "a list"}) == {}
+
+
+def test_an_unreadable_annotation_is_reported_and_the_gpu_runs_at_its_default(tmp_path):
+    node = Node(tmp_path)
+    agent = node.agent()
+    node.run("a", ["GPU-a"], limit="20")
+    node.tick(agent, 0)
+    node.end("a")
+    node.run("b", ["GPU-a"], limit="150W")  # the next tenant, before the agent saw A go
+    node.tick(agent, 5)
+    gpu = parse_agent_metrics(exposition(agent)).pods["uid-b"][0]
+    assert gpu.enforced == 50.0  # A's lowered limit did not reach B
+    assert gpu.refused is not None and "'150W' is not a number of watts" in gpu.refused
+
+
+def test_a_device_nvml_does_not_list_is_said_unmeasured_not_read_as_zero(tmp_path):
+    node = Node(tmp_path)
+    agent = node.agent()
+    node.run("m", ["MIG-1f2e"])  # a MIG slice: NVML counts energy per physical GPU only
+    node.tick(agent, 0)
+    node.tick(agent, 5)
+    seen = parse_agent_metrics(exposition(agent))
+    assert "uid-m" not in seen.pods  # no energy figure at all
+    assert seen.unmeasured == {"uid-m": ("MIG-1f2e",)}
+
+
+def test_after_a_reboot_the_counters_new_values_are_all_new_energy(tmp_path):
+    node = Node(tmp_path)
+    agent = node.agent()
+    node.run("w0", ["GPU-a"])
+    node.tick(agent, 0)
+    node.tick(agent, 10)  # 300 J
+    # The node reboots (the pod lives on): the driver's counters start again from 0, and
+    # by the time the agent is back they have passed the 300 J it last saw.
+    (tmp_path / "boot_id").write_text("boot-2\n")
+    SimulatedNvml(tmp_path / "gpus.json", GPUS, clock=node.clock).reset_counters()
+    node.clock.t += 20
+    again = node.agent()
+    again.update()
+    assert pod_energy(again, "uid-w0") == pytest.approx(900, rel=1e-3)  # 300 + 600, none lost

@@ -46,6 +46,7 @@ class AgentConfig:
     interval: float = 5.0
     resource: str = "nvidia.com/gpu"
     rapl_root: Path = Path("/sys/class/powercap")
+    boot_id_file: Path = Path("/proc/sys/kernel/random/boot_id")
 
 
 @dataclass
@@ -85,20 +86,34 @@ class Agent:
 
     def _load_ledger(self) -> dict[tuple[str, str], Record]:
         try:
-            rows = json.loads(self._ledger_path().read_text())
+            saved = json.loads(self._ledger_path().read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
             log.warning("ledger %s unreadable (%s): pods' records start afresh",
                         self._ledger_path(), exc)  # fmt: skip
             return {}
-        return ledger_mod.load(rows)
+        if not isinstance(saved, dict):
+            return {}
+        ledger = ledger_mod.load(saved.get("records"))
+        if saved.get("boot") != self.boot_id():
+            # The node rebooted: every GPU counter started again from 0 (a pod that lived
+            # through it keeps its joules; what the counters show now is all new).
+            ledger = ledger_mod.rebooted(ledger)
+        return ledger
 
     def _save_ledger(self) -> None:
         path = self._ledger_path()
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(ledger_mod.dump(self.ledger)))
+        saved = {"boot": self.boot_id(), "records": ledger_mod.dump(self.ledger)}
+        tmp.write_text(json.dumps(saved))
         os.replace(tmp, path)  # never a half-written ledger
+
+    def boot_id(self) -> str:
+        try:
+            return self.config.boot_id_file.read_text().strip()
+        except OSError:
+            return ""
 
     # -- one update ---------------------------------------------------------------------
 
@@ -136,6 +151,12 @@ class Agent:
         self._save_ledger()
         asked = {gpu: w for gpu, reqs in requests.items() if (w := wanted(reqs)) is not None}
         refused = {gpu: why for gpu, why in self.refused.items() if gpu in holders}
+        for gpu, reqs in requests.items():
+            # An annotation the agent cannot read is reported as refused; the GPU runs at
+            # its default meanwhile (plan reads the request as "no limit").
+            bad = next((r.error for r in reqs if r.error), None)
+            if bad is not None:
+                refused.setdefault(gpu, Refusal(None, bad, now))
         snap = Snapshot(
             node=self.config.node,
             source=self.gpus.source,
@@ -147,6 +168,7 @@ class Agent:
             ledger=dict(self.ledger),
             cpu_joules=self._read_rapl(),
             errors=dict(self.errors),
+            unmeasured={gpu: pods for gpu, pods in holders.items() if gpu not in readings},
         )
         self.collector.snapshot = snap
         self.last_success = time.monotonic()
@@ -168,10 +190,6 @@ class Agent:
         limits = {
             gpu: Limits(r.power_limit_watts, r.default_limit_watts) for gpu, r in readings.items()
         }
-        for gpu, reqs in requests.items():  # an annotation the agent cannot use is refused
-            bad = next((r.error for r in reqs if r.error), None)
-            if bad is not None:
-                self.refused[gpu] = Refusal(None, bad, now)
         for action in plan(requests, limits, self.refused, now):
             what = "default" if action.watts is None else f"{action.watts:g} W"
             try:
@@ -190,7 +208,7 @@ class Agent:
             log.info("GPU %s: power limit -> %s (%.1f W in force)", action.gpu, what, enforced)
             with contextlib.suppress(GpuError):  # report what is in force
                 readings[action.gpu] = self.gpus.read(action.gpu)
-        for gpu in [g for g in self.refused if not any(r.error for r in requests.get(g, []))]:
+        for gpu in list(self.refused):
             if wanted(requests.get(gpu, [])) != self.refused[gpu].watts:
                 del self.refused[gpu]  # the request changed: the old refusal no longer holds
 

@@ -51,6 +51,9 @@ class Snapshot:
     ledger: Mapping[tuple[str, str], Record] = field(default_factory=dict)
     cpu_joules: Mapping[str, float] = field(default_factory=dict)  # RAPL package -> joules
     errors: Mapping[str, int] = field(default_factory=dict)  # stage -> failed updates
+    # Held devices NVML does not list (a MIG slice; a GPU it cannot see): their pods are not
+    # measured, and say so rather than read as 0 J.
+    unmeasured: Mapping[str, list[Holder]] = field(default_factory=dict)
 
 
 class SnapshotCollector(Collector):
@@ -151,6 +154,8 @@ def _pod_families(snap: Snapshot) -> Iterator[Metric]:
         labels=POD_LABELS,
     )
     for record in sorted(snap.ledger.values(), key=lambda r: (r.namespace, r.pod, r.gpu)):
+        if record.last_time is None:
+            continue  # never read: no figure yet, rather than a 0
         energy.add_metric(
             [snap.node, record.gpu, record.namespace, record.pod, record.uid, record.job,
              snap.source],
@@ -158,3 +163,12 @@ def _pod_families(snap: Snapshot) -> Iterator[Metric]:
             created=record.since,
         )  # fmt: skip
     yield energy
+    unmeasured = GaugeMetricFamily(
+        "joule_node_pod_gpu_unmeasured",
+        "1 for a device a pod holds that NVML does not list (a MIG slice, a hidden GPU)",
+        labels=["node", "gpu", "namespace", "pod", "pod_uid", "joule_job"],
+    )
+    for gpu, pods in sorted(snap.unmeasured.items()):
+        for h in pods:
+            unmeasured.add_metric([snap.node, gpu, h.namespace, h.name, h.uid, h.job], 1.0)
+    yield unmeasured

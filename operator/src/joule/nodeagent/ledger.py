@@ -45,10 +45,16 @@ class Record:
     last_counter: float | None = None  # the GPU's counter (J) at the last update
     last_time: float | None = None  # unix seconds of the last update
     sampled: bool = False  # from power samples (no energy counter on this GPU)
+    ended: float | None = None  # unix seconds: when the pod was first seen not holding it
 
     @property
     def key(self) -> tuple[str, str]:
         return self.uid, self.gpu
+
+
+# How long a record stays, final, after its pod let go of the GPU: the operator's next
+# evaluation (every 30 s by default) still reads the pod's last joules.
+RETAIN_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ def update(
 ) -> dict[tuple[str, str], Record]:
     """The ledger after one update at ``now``: ``holders`` maps a GPU's UUID to the pods
     holding it, ``meters`` its reading (a GPU not read this time keeps its records as they
-    are). Records of pods that no longer hold their GPU are dropped."""
+    are). A record of a pod that no longer holds its GPU stays, final, for RETAIN_SECONDS."""
     out: dict[tuple[str, str], Record] = {}
     for gpu, pods in holders.items():
         meter = meters.get(gpu)
@@ -79,7 +85,13 @@ def update(
             if meter is None:
                 out[old.key] = old
                 continue
-            out[old.key] = _advance(old, meter, now, share)
+            out[old.key] = _advance(replace(old, ended=None), meter, now, share)
+    for key, old in ledger.items():
+        if key in out:
+            continue
+        ended = old.ended if old.ended is not None else now
+        if now - ended < RETAIN_SECONDS:
+            out[key] = replace(old, ended=ended)
     return out
 
 
@@ -100,6 +112,12 @@ def _advance(old: Record, meter: Meter, now: float, share: float) -> Record:
     return replace(
         old, joules=old.joules + added * share, last_counter=None, last_time=now, sampled=True
     )
+
+
+def rebooted(ledger: Mapping[tuple[str, str], Record]) -> dict[tuple[str, str], Record]:
+    """The ledger after a reboot: the counters restarted from 0, so the next reading adds
+    its whole value (a counter past the last one seen would otherwise add only the excess)."""
+    return {key: replace(r, last_counter=0.0) if not r.sampled else r for key, r in ledger.items()}
 
 
 def dump(ledger: Mapping[tuple[str, str], Record]) -> list[dict[str, Any]]:

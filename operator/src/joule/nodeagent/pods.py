@@ -76,7 +76,9 @@ class PodCache:
                 self._stop.wait(2.0)
 
     def _relist(self) -> str:
-        listed = self.core.list_pod_for_all_namespaces(field_selector=self.selector)
+        listed = self.core.list_pod_for_all_namespaces(
+            field_selector=self.selector, _request_timeout=(10, 60)
+        )
         pods = {(p.metadata.namespace, p.metadata.name): pod_info(p) for p in listed.items}
         with self._lock:
             self._pods = pods
@@ -89,6 +91,9 @@ class PodCache:
             field_selector=self.selector,
             resource_version=version,
             timeout_seconds=WATCH_SECONDS,
+            # The server ends the watch after WATCH_SECONDS; a connection that dies without
+            # a word must not hold the cache stale for ever.
+            _request_timeout=(10, WATCH_SECONDS + 30),
         )
         for event in stream:
             if self._stop.is_set():
