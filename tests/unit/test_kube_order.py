@@ -214,7 +214,7 @@ def test_the_scaling_loop_writes_a_target_and_touches_no_pod(monkeypatch):
     add_cluster_reads(api)
     over = TrainerReading(0, 10, 100, 10.0, 1.0, 30.0, 3000.0, "estimated", started=1.0)
 
-    def read(targets, deadline):
+    def read(targets, deadline, parse=None):
         return {t.key: Result(over) for t in targets}
 
     monkeypatch.setattr("joule.autoscaler.scrape_all", read)
@@ -246,7 +246,7 @@ def test_a_crash_between_the_bookkeeping_and_the_status_neither_loses_nor_double
     add_cluster_reads(api)
     joules = {"now": 1000.0}
 
-    def read(targets, deadline):
+    def read(targets, deadline, parse=None):
         r = TrainerReading(0, 10, 100, 10.0, 1.0, 30.0, joules["now"], "estimated", started=1.0)
         return {t.key: Result(r) for t in targets}
 
@@ -277,7 +277,7 @@ def test_a_hung_worker_does_not_hold_the_jobs_lifecycle(monkeypatch):
     add_cluster_reads(api)
     release = threading.Event()
 
-    def hung(targets, deadline):
+    def hung(targets, deadline, parse=None):
         release.wait(10)
         return {}
 
@@ -312,8 +312,50 @@ def test_a_namesake_jobs_energy_is_not_inherited(monkeypatch):
     api.configmap = {**old, "metadata": {**old["metadata"], "resourceVersion": "7"}}
     r = TrainerReading(0, 10, 100, 10.0, 1.0, 30.0, 50.0, "estimated", started=1.0)
     monkeypatch.setattr(
-        "joule.autoscaler.scrape_all", lambda targets, d: {t.key: Result(r) for t in targets}
+        "joule.autoscaler.scrape_all",
+        lambda targets, d, parse=None: {t.key: Result(r) for t in targets},
     )
     Autoscaler(job_api(api)).evaluate("ns", "j")
     assert api.job["status"]["energy"]["consumedJoules"] == 100  # 2 x 50 J, nothing inherited
     assert api.configmap["metadata"]["ownerReferences"][0]["uid"] == "job-uid"
+
+
+def test_a_deleted_workers_last_joules_from_its_node_agent_count_once(monkeypatch):
+    """The agent keeps a pod's final record a while after it lets go of its GPU; the job's
+    carried counter takes its last increase, once, and then lets it go."""
+    from joule.agent_metrics import AgentReading, PodGpu
+    from joule.autoscaler import Autoscaler, NodeAgents
+    from joule.scrape import Result
+
+    api = FakeApi()
+    running_managed_job(api)
+    add_cluster_reads(api)
+    uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in api.pods.values()}
+    w0, w1 = uids["j-worker-0"], uids["j-worker-1"]
+    joules = {w0: 100.0, w1: 100.0}
+
+    def read(targets, deadline, parse=None):
+        if parse is None or parse.__name__ != "parse_agent_metrics":
+            return {t.key: Result(None, "connection refused") for t in targets}  # no /metrics
+        rows = {uid: (PodGpu("GPU-" + uid, j, since=5.0),) for uid, j in joules.items()}
+        return {t.key: Result(AgentReading("simulated", rows)) for t in targets}
+
+    monkeypatch.setattr("joule.autoscaler.scrape_all", read)
+    agents = NodeAgents("joule-system", "app=agent", 9410)
+
+    def evaluate_at(seconds):
+        edge = job_api(api)
+        edge.clock = lambda: T0 + dt.timedelta(seconds=seconds)
+        edge.node_agents = lambda ns, selector: {"n": "127.0.0.8"}
+        Autoscaler(edge, agents).evaluate("ns", "j")
+        return api.job["status"]["energy"]
+
+    assert evaluate_at(0)["consumedJoules"] == 200
+    del api.pods["j-worker-1"]  # scaled away; its agent still has its final 150 J
+    joules.update({w0: 200.0, w1: 150.0})
+    assert evaluate_at(60)["consumedJoules"] == 350  # +100 and w1's last +50
+    del joules[w1]  # the agent's retention is over
+    joules[w0] = 250.0
+    energy = evaluate_at(120)
+    assert energy["consumedJoules"] == 400 and energy["source"] == "node"
+    assert list(read_bookkeeping(api.configmap)["counters"]) == [f"{w0}/GPU-{w0}@5.00"]

@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 
 from joule.config import OperatorConfig
-from joule.prometheus_energy import PRESETS, QueryError, configured, parse_vector, render
+from joule.prometheus_energy import (
+    PRESETS,
+    QueryError,
+    Series,
+    configured,
+    parse_vector,
+    render,
+)
 
 
 def answer(*series, kind="vector"):
@@ -23,11 +30,11 @@ def test_each_series_is_a_counter_of_its_pod_keyed_by_its_other_labels():
     body = answer(
         {"metric": {"pod": "w0", "gpu": "GPU-a"}, "value": [1.0, "120.5"]},
         {"metric": {"pod": "w0", "gpu": "GPU-b"}, "value": [1.0, "80"]},
-        {"metric": {"pod": "w1", "gpu": "GPU-c"}, "value": [1.0, "7"]},
+        {"metric": {"pod": "w1", "gpu": "GPU-c", "pod_uid": "u1"}, "value": [1.0, "7"]},
     )
     assert parse_vector(body, "pod") == {
-        "w0": {"gpu=GPU-a": 120.5, "gpu=GPU-b": 80.0},
-        "w1": {"gpu=GPU-c": 7.0},
+        "w0": [Series("gpu=GPU-a", 120.5), Series("gpu=GPU-b", 80.0)],
+        "w1": [Series("gpu=GPU-c,pod_uid=u1", 7.0, "u1")],
     }
 
 

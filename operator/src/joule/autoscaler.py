@@ -26,7 +26,7 @@ from joule.capacity import Capacity
 from joule.constants import METRICS_PORT
 from joule.kube import Conflict, JobApi
 from joule.observe import PodView
-from joule.prometheus_energy import PromQuery, QueryError, query_energy
+from joule.prometheus_energy import PromQuery, QueryError, Series, query_energy
 from joule.reconcile import conditions, desired_replicas, power_limit
 from joule.scaling import (
     Measured,
@@ -169,7 +169,9 @@ class Autoscaler:
             spec.gpus_per_replica, spec.pod.get("nodeSelector"), spec.pod.get("tolerations") or ()
         )
         result = evaluate(
-            spec, status, measured, cluster, now, running, steady, alive={p.uid for p in pods},
+            spec, status, measured, cluster, now, running, steady,
+            # The job's pods, and the deleted ones whose last joules were still read.
+            alive={p.uid for p in pods} | {k.split("/", 1)[0] for k in measured.joules},
             limits=limits,
         )  # fmt: skip
         metrics.POLICY_DECISIONS.labels(reason=result.decision.reason).inc()
@@ -219,7 +221,7 @@ class Autoscaler:
     ) -> tuple[Measured, list[str], bool]:
         """Energy from the cluster's Prometheus, for the workers that run."""
         running = [p for p in pods if p.phase == "Running"]
-        found: dict[str, dict[str, float]] = {}
+        found: dict[str, list[Series]] = {}
         unread: list[str] = []
         if running:
             try:
@@ -231,11 +233,12 @@ class Autoscaler:
         joules: dict[str, float] = {}
         complete = not unread
         for pod in running:
-            series = found.get(pod.name, {})
+            # A namesake's series (the worker this one replaced) is not this pod's.
+            series = [x for x in found.get(pod.name, []) if x.uid in (None, pod.uid)]
             if not series and pod.ready and pod.active:
                 complete = False  # not scraped yet, or the query misses it
-            for key, value in series.items():
-                joules[f"{pod.uid}/{key}"] = value
+            for x in series:
+                joules[f"{pod.uid}/{x.key}"] = x.joules
         measured = Measured(
             joules=joules,
             samples={key: r.samples for key, r in trainers},
@@ -264,36 +267,59 @@ class Autoscaler:
         except Exception:
             log.warning("could not list the node agents", exc_info=True)
             where = {}
-        nodes = sorted({p.node for p in running if p.node})
-        unread = [f"node {n}: no node agent runs there" for n in nodes if n not in where]
+        # Every node one of the job's pods is on, finished or on its way out too: the agent
+        # keeps a pod's last joules a while after it lets go of its GPU.
+        nodes = sorted({p.node for p in pods if p.node})
+        needed = {p.node for p in running}
+        unread = [
+            f"node {n}: no node agent runs there" for n in nodes if n not in where and n in needed
+        ]
         targets = [Target(n, where[n], agents.port) for n in nodes if n in where]
         results = scrape_all(targets, SCRAPE_DEADLINE_SECONDS, parse=parse_agent_metrics)
         unread += sorted(
-            f"node agent on {k}: {r.error}" for k, r in results.items() if r.error is not None
+            f"node agent on {k}: {r.error}"
+            for k, r in results.items()
+            if r.error is not None and k in needed
         )
         joules: dict[str, float] = {}
         util: list[float] = []
         meters: set[str] = set()
         complete = not unread
         gpus = []
-        for pod in running:
-            result = results.get(pod.node or "")
-            reading = result.reading if result is not None else None
+        readings = {n: r.reading for n, r in results.items() if r.reading is not None}
+        for pod in pods:
+            reading = readings.get(pod.node or "")
+            is_running = pod.phase == "Running" and pod.node is not None
             if reading is None:
-                complete = False
-                if pod.ready and pod.active:
-                    gpus.append((pod.name, ()))  # no agent: no limit can be confirmed
+                if is_running:
+                    complete = False
+                    if pod.ready and pod.active:
+                        gpus.append((pod.name, ()))  # no agent: no limit can be confirmed
                 continue
-            meters.add(reading.meter)
             rows = reading.pods.get(pod.uid, ())
+            for row in rows:
+                joules[gpu_counter_key(pod.uid, row)] = row.joules
+            if not is_running:
+                continue  # its last joules count; nothing else is asked of it
+            meters.add(reading.meter)
+            blind = reading.unmeasured.get(pod.uid, ())
+            if blind:
+                unread.append(
+                    f"{pod.name}: its node agent cannot measure {', '.join(blind)} (NVML does "
+                    "not list it: a MIG slice, or a GPU the agent cannot see)"
+                )
             if pod.ready and pod.active:
                 gpus.append((pod.name, rows))
             if spec.gpus_per_replica and len(rows) < spec.gpus_per_replica and pod.active:
                 complete = False  # the agent has not seen this worker's GPUs yet
-            for row in rows:
-                joules[gpu_counter_key(pod.uid, row)] = row.joules
-                if row.utilization is not None:
-                    util.append(row.utilization)
+            util += [row.utilization for row in rows if row.utilization is not None]
+        # Workers already deleted whose counters the job keeps: their agent still reports
+        # their last joules for a while (counted once: the counter is carried, not new).
+        kept = {k.split("/", 1)[0] for k in (status.get("energy") or {}).get("counters", {})}
+        for uid in kept - {p.uid for p in pods}:
+            for reading in readings.values():
+                for row in reading.pods.get(uid, ()):
+                    joules[gpu_counter_key(uid, row)] = row.joules
         measured = Measured(
             joules=joules,
             samples={key: r.samples for key, r in trainers},

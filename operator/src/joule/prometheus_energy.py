@@ -45,8 +45,8 @@ PRESETS: dict[str, PromQuery] = {
     # Joule's node agents, scraped by the cluster's Prometheus.
     "joule": PromQuery(
         "",
-        'sum by (pod, gpu) (joule_node_pod_gpu_energy_joules_total{namespace="$namespace",'
-        'pod=~"$pods"})',
+        "sum by (pod, pod_uid, gpu) (joule_node_pod_gpu_energy_joules_total{"
+        'namespace="$namespace",pod=~"$pods"})',
         pod_label="pod",
         counter="pod",
         meter="prometheus/joule",
@@ -86,15 +86,24 @@ def render(query: PromQuery, namespace: str, pods: Iterable[str]) -> str:
     return string.Template(query.query).safe_substitute(namespace=namespace, pods=names)
 
 
-def parse_vector(body: Mapping[str, object], pod_label: str) -> dict[str, dict[str, float]]:
-    """The query's answer as pod name -> {series key: joules}. Pure."""
+@dataclass(frozen=True)
+class Series:
+    key: str  # the series' labels but the pod's name: where its counter is kept
+    joules: float
+    uid: str | None = None  # its pod_uid label, where it has one
+
+
+def parse_vector(body: Mapping[str, object], pod_label: str) -> dict[str, list[Series]]:
+    """The query's answer as pod name -> its series. Pure. A series that names its pod's
+    UID (``pod_uid``) can be told from a namesake's: a worker replaced under the same name
+    while Prometheus still holds the old one's last sample."""
     if body.get("status") != "success":
         raise QueryError(f"Prometheus said {body.get('errorType')}: {body.get('error')}")
     data = body.get("data")
     if not isinstance(data, dict) or data.get("resultType") != "vector":
         kind = data.get("resultType") if isinstance(data, dict) else None
         raise QueryError(f"the energy query must return an instant vector, not {kind}")
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, list[Series]] = {}
     for series in data.get("result") or []:
         labels = dict(series.get("metric") or {})
         pod = labels.get(pod_label)
@@ -104,14 +113,14 @@ def parse_vector(body: Mapping[str, object], pod_label: str) -> dict[str, dict[s
         if not math.isfinite(value) or value < 0:
             raise QueryError(f"the energy of {pod} is not a finite, non-negative counter")
         key = ",".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != pod_label)
-        out.setdefault(pod, {})[key] = value
+        out.setdefault(pod, []).append(Series(key, value, labels.get("pod_uid")))
     return out
 
 
 def query_energy(
     query: PromQuery, namespace: str, pods: Iterable[str], timeout: float
-) -> dict[str, dict[str, float]]:
-    """Ask Prometheus (I/O); pod name -> {series key: joules}."""
+) -> dict[str, list[Series]]:
+    """Ask Prometheus (I/O); pod name -> its series."""
     promql = render(query, namespace, pods)
     url = f"{query.url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
     try:
