@@ -4,8 +4,8 @@ pods and the Events).
 
 The decisions are made deterministic by the policy's own knobs, never by a narrow band of the
 figures this machine measures (on 2 shared cores a second worker adds between about -25 % and
-+35 % throughput, two workers draw an estimated 13-30 W, and a sample costs about the same
-joules at 1 and 2 workers):
++35 % throughput; their energy is the chart's node agent's, over its NVML double: 30 W per
+GPU, clamped by its power limit, labelled simulated):
 
 - a prediction from one measured size is exact (throughput ~ workers^0.8, power per worker
   constant), so growth from 1 worker (+74 %) and EnergyEfficient's move from 2 to 1 (15 % fewer
@@ -29,10 +29,11 @@ from collections.abc import Callable
 import pytest
 from kubernetes import client, watch
 
+from joule.agent_metrics import parse_agent_metrics
 from joule.constants import POWER_LIMIT_ANNOTATION
 from tests.conftest import wait_for
 from tests.e2e.test_energy import TRAIN, condition
-from tests.e2e.test_local_loop import GROUP, PLURAL, VERSION, apply, events, running_pods
+from tests.e2e.test_local_loop import GROUP, PLURAL, VERSION, apply, running_pods
 
 ELASTIC = {"minReplicas": 1, "maxReplicas": 2}
 
@@ -250,15 +251,16 @@ def test_energy_efficient_picks_a_size_and_then_a_power_limit(
         assert all(s.get("targetReplicas") == 1 for s in statuses.all()[sized : tuned + 1]), (
             "the size changed before the limit was tuned"
         )
-        assert st["energy"]["source"] == "estimated"
+        assert (st["energy"]["source"], st["energy"]["meter"]) == ("node", "simulated")
     event(core, namespace, "eff", "PowerLimitTuned", f"-> {limit:.0f} W")
-    # The limit reaches the worker without a restart, and the trainer applies it.
-    applied = wait_for(
-        lambda: [e for e in events(local_node, namespace, "eff")
-                 if e.get("event") == "power_limit" and e.get("watts") == limit],
-        timeout=30, what="the trainer to apply the tuned limit",
-    )  # fmt: skip
-    assert applied[0]["source"] == "estimated"
+    # The limit reaches the worker's GPU without a restart: the node agent sets it.
+    (pod,) = running_pods(core, namespace, "eff")
+
+    def in_force():
+        gpus = parse_agent_metrics(operator.agent_metrics()).pods.get(pod.metadata.uid, ())
+        return [g for g in gpus if g.enforced == limit and g.requested == limit]
+
+    wait_for(in_force, timeout=30, what="the node agent to put the tuned limit in force")
     assert len(running_pods(core, namespace, "eff")) == 1
 
 
@@ -310,7 +312,7 @@ def test_over_its_cap_a_job_lowers_the_power_limit_and_at_the_floor_removes_a_wo
 ):
     # Two workers train under a cap they do not reach; then the user lowers the cap to 1 W
     # (changed only once they train, so the first average over the cap is a training one,
-    # 13-30 W, and not a start-up's partial window). Lowering GPUs to the 2 W floor is tried
+    # 2 x 30 W, and not a start-up's partial window). Lowering GPUs to the 2 W floor is tried
     # first; two workers at 2 W each are still over 1 W, so one is removed.
     energy = {"powerCapWatts": 1000, "windowSeconds": 10, "minGpuPowerLimitWatts": 2}
     with Statuses(api, namespace, "cap") as statuses:
