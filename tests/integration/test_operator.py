@@ -406,3 +406,34 @@ def test_a_worker_the_api_server_refuses_shows_stalled_with_its_message(
     # Room at last: the refusal clears and the worker runs.
     core.delete_namespaced_resource_quota("no-pods", namespace)
     wait_phase(jobs, namespace, "refused", "Running", timeout=60)
+
+
+def test_the_operators_metrics_follow_each_job_and_drop_it_when_it_goes(
+    kubectl, jobs, core, operator, namespace
+):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def series() -> dict[tuple[str, str], float]:
+        import urllib.request
+
+        with urllib.request.urlopen(operator.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        return {
+            (s.name, s.labels.get("phase") or s.labels.get("reason") or ""): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.labels.get("namespace") == namespace and s.labels.get("joule_job") == "seen"
+        }
+
+    apply_job(kubectl, namespace, "seen", replicas=2, backoffLimit=2)
+    wait_phase(jobs, namespace, "seen", "Running")
+    got = wait_for(lambda: (s := series()).get(("joule_job_ready_replicas", "")) == 2 and s,
+                   what="the job's series at 2 ready workers")  # fmt: skip
+    assert got[("joule_job_phase", "Running")] == 1
+    assert got[("joule_job_desired_replicas", "")] == 2
+    assert got[("joule_job_gpus", "")] > 0
+    finish_pod(core, namespace, "seen-worker-1", 137, "OOMKilled")
+    wait_for(lambda: series().get(("joule_job_decisions_total", "WorkerFailed")) == 1,
+             what="the failure counted among the job's decisions")  # fmt: skip
+    kubectl("delete", "tj", "seen", "-n", namespace, "--wait=true")
+    wait_for(lambda: not series(), what="the job's series to go with it")

@@ -24,6 +24,7 @@ from joule.api.events import Event
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.capacity import Capacity
 from joule.constants import METRICS_PORT
+from joule.job_metrics import JOB_SERIES
 from joule.kube import Conflict, JobApi
 from joule.observe import PodView
 from joule.prometheus_energy import PromQuery, QueryError, Series, query_energy
@@ -117,6 +118,7 @@ class Autoscaler:
         for event in events:
             api.post_event(job, event)
             metrics.DECISIONS.labels(reason=event.reason).inc()
+            JOB_SERIES.decided(namespace, name, event.reason)
         return next_evaluation(spec, new, now)
 
     def _assess(

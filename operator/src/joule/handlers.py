@@ -25,6 +25,7 @@ from typing import Any
 
 import kopf
 
+from joule import metrics
 from joule.autoscaler import Autoscaler
 from joule.config import OperatorConfig
 from joule.constants import GROUP, LABEL_JOB, PLURAL, VERSION
@@ -65,6 +66,9 @@ class Scheduler:
             self.known.add(key)
         try:
             outcome = self.reconciler.reconcile(namespace, name)
+        except Exception:
+            metrics.RECONCILE_ERRORS.labels(loop="lifecycle").inc()
+            raise
         finally:
             now = time.monotonic()
             with self.lock:
@@ -125,6 +129,7 @@ class Scheduler:
             if self.autoscaler is not None:
                 after = self.autoscaler.evaluate(*key)
         except Exception:  # retried after a while (the job's own interval is not known here)
+            metrics.RECONCILE_ERRORS.labels(loop="energy").inc()
             log.exception("evaluating %s/%s failed", *key)
             after = self.config.resync_seconds
         finally:

@@ -20,6 +20,7 @@ from joule import metrics
 from joule.api.events import Event
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.constants import POWER_LIMIT_ANNOTATION
+from joule.job_metrics import JOB_SERIES, figures
 from joule.kube import Conflict, JobApi
 from joule.reconcile import (
     Plan,
@@ -81,6 +82,7 @@ class Reconciler:
         if body is None:
             self.forget(namespace, name)
             metrics.JOBS.set(namespace, name, None)
+            JOB_SERIES.set(namespace, name, None)
             return Outcome(None, False, gone=True)
         if body["metadata"].get("deletionTimestamp"):
             return Outcome(None, False)  # the garbage collector takes the children
@@ -125,6 +127,7 @@ class Reconciler:
         for event in p.events:
             api.post_event(job, event)
             metrics.DECISIONS.labels(reason=event.reason).inc()
+            JOB_SERIES.decided(namespace, name, event.reason)
         after = rejection_status(p.status, rejected, now, generation)
         if after != p.status:
             p.status = after
@@ -136,6 +139,7 @@ class Reconciler:
             if rejected is not None:  # once, when the refusal first shows in status
                 api.post_event(job, Event("Warning", rejected.reason, rejected.message))
         metrics.JOBS.set(namespace, name, p.status.get("phase"))
+        JOB_SERIES.set(namespace, name, figures(spec, p.status))
         if p.delete_job:
             log.info("deleting %s/%s: ttlSecondsAfterFinished is up", namespace, name)
             api.delete_job(namespace, name)

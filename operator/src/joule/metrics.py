@@ -30,6 +30,11 @@ POLICY_DECISIONS = Counter(
     "Scaling-policy evaluations, by the reason of the decision (Steady, ScaleUp, PowerCap...)",
     ["reason"],
 )
+RECONCILE_ERRORS = Counter(
+    "joule_operator_reconcile_errors",
+    "Reconciles (lifecycle) and evaluations (energy) that failed with an error; retried",
+    ["loop"],
+)
 PODS_CREATED = Counter("joule_operator_pods_created_total", "Worker pods created")
 PODS_DELETED = Counter("joule_operator_pods_deleted_total", "Worker pods deleted")
 LEADER = Gauge(
@@ -73,4 +78,7 @@ JOBS = JobPhases()
 
 
 def register(registry: CollectorRegistry = REGISTRY) -> None:
+    from joule.job_metrics import JOB_SERIES
+
     registry.register(JOBS)
+    registry.register(JOB_SERIES)
