@@ -580,11 +580,14 @@ def prometheus_server(prometheus_tools: tuple[Path, Path], tmp_path: Path):
 
     servers: list[PrometheusServer] = []
 
-    def start(targets: dict[str, list[str]], interval_s: float = 2.0) -> PrometheusServer:
+    def start(
+        targets: dict[str, list[str]] | None = None, interval_s: float = 2.0, config_text: str = ""
+    ) -> PrometheusServer:
+        """``config_text``: a whole prometheus.yml instead (e.g. Kubernetes discovery)."""
         folder = tmp_path / f"prometheus-{len(servers)}"
         folder.mkdir()
         config = folder / "prometheus.yml"
-        config.write_text(scrape_config(targets, interval_s))
+        config.write_text(config_text or scrape_config(targets or {}, interval_s))
         port = free_port()
         argv = prometheus_argv(prometheus_tools[0], config, folder / "data", port)
         with open(folder / "prometheus.log", "wb") as log:

@@ -103,8 +103,16 @@ def test_placement_and_extra_metadata_pass_through():
     assert pod["spec"]["priorityClassName"] == "high"
     assert pod["metadata"]["labels"]["team"] == "a"
     assert pod["metadata"]["labels"][LABEL_JOB] == "llm"  # ours wins: the selector must hold
-    assert pod["metadata"]["annotations"] == {"note": "x"}
+    assert pod["metadata"]["annotations"] == {
+        "note": "x",
+        # Prometheus' pod discovery finds the workers' series as it finds the operator's.
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9090",
+        "prometheus.io/path": "/metrics",
+    }
     assert pod["spec"]["containers"][0]["command"] == ["torchrun"]
+    quiet = worker_pod(JOB, spec(podAnnotations={"prometheus.io/scrape": "false"}), 0)
+    assert quiet["metadata"]["annotations"]["prometheus.io/scrape"] == "false"  # the user's say
 
 
 def test_headless_service_publishes_not_ready_workers():

@@ -204,10 +204,17 @@ def worker_pod(
         "labels": labels,
         "ownerReferences": [owner_reference(job)],
     }
-    annotations = dict(p.get("podAnnotations") or {})
+    # Prometheus' pod discovery finds the workers' own series (throughput, loss) by these, as
+    # it finds the operator's and the node agents'; podAnnotations may say otherwise.
+    progress = spec.progress
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(progress.port or METRICS_PORT),
+        "prometheus.io/path": "/metrics",
+        **(p.get("podAnnotations") or {}),
+    }
     limit = power_limit_watts or spec.energy.gpu_power_limit_watts
     if limit is not None:
         annotations[POWER_LIMIT_ANNOTATION] = f"{limit:g}"
-    if annotations:
-        metadata["annotations"] = annotations
+    metadata["annotations"] = annotations
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

@@ -125,6 +125,51 @@ def scrape_config(
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def kubernetes_config(
+    kubeconfig: Path,
+    rule_files: Sequence[Path] = (),
+    interval_s: float = 2.0,
+    retention: str = RETENTION,
+) -> str:
+    """A prometheus.yml that finds what to scrape as Prometheus does in a cluster: every pod
+    annotated ``prometheus.io/scrape: "true"`` (the chart's operator and node agents), at
+    its ``prometheus.io/port`` and ``prometheus.io/path``, discovered through the API server
+    of ``kubeconfig``. The pod's namespace and name become ``kubernetes_namespace`` and
+    ``kubernetes_pod``, not ``namespace`` and ``pod``: Joule's series carry those of the
+    pods they describe, and a target label of the same name would rename them
+    ``exported_*``. ``rule_files`` are evaluated (Joule's alerts and recording rules)."""
+    interval = duration(interval_s)
+    meta = "__meta_kubernetes_pod_"
+    job = {
+        "job_name": "kubernetes-pods",
+        "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(kubeconfig)}],
+        "relabel_configs": [
+            {"source_labels": [f"{meta}annotation_prometheus_io_scrape"], "action": "keep",
+             "regex": "true"},
+            {"source_labels": [f"{meta}phase"], "action": "keep", "regex": "Running"},
+            {"source_labels": ["__address__", f"{meta}annotation_prometheus_io_port"],
+             "regex": r"([^:]+)(?::\d+)?;(\d+)", "replacement": "$1:$2",
+             "target_label": "__address__"},
+            {"source_labels": [f"{meta}annotation_prometheus_io_path"], "regex": "(.+)",
+             "target_label": "__metrics_path__"},
+            {"source_labels": ["__meta_kubernetes_namespace"],
+             "target_label": "kubernetes_namespace"},
+            {"source_labels": [f"{meta}name"], "target_label": "kubernetes_pod"},
+        ],
+    }  # fmt: skip
+    config = {
+        "global": {
+            "scrape_interval": interval,
+            "scrape_timeout": interval,
+            "evaluation_interval": interval,
+        },
+        "storage": {"tsdb": {"retention": {"time": retention}}},
+        "rule_files": [str(f) for f in rule_files],
+        "scrape_configs": [job],
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 def duration(seconds: float) -> str:
     """A Prometheus duration (whole units only): ``2.0`` -> ``2s``, ``0.5`` -> ``500ms``."""
     millis = round(seconds * 1000)
