@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -102,7 +103,6 @@ def scrape_config(
     """A prometheus.yml with one static scrape job per entry (job name -> ``host:port``s),
     scraping and evaluating every ``interval_s`` (the scrape timeout is the interval), and
     keeping samples for ``retention``."""
-    interval = duration(interval_s)
     jobs = []
     for job, addresses in targets.items():
         if not _JOB.match(job):
@@ -113,16 +113,7 @@ def scrape_config(
             if "://" in address or "/" in address or ":" not in address:
                 raise ValueError(f"job {job!r}: target {address!r} is not host:port")
         jobs.append({"job_name": job, "static_configs": [{"targets": list(addresses)}]})
-    config = {
-        "global": {
-            "scrape_interval": interval,
-            "scrape_timeout": interval,
-            "evaluation_interval": interval,
-        },
-        "storage": {"tsdb": {"retention": {"time": retention}}},
-        "scrape_configs": jobs,
-    }
-    return yaml.safe_dump(config, sort_keys=False)
+    return _config(interval_s, retention, jobs)
 
 
 def kubernetes_config(
@@ -138,7 +129,6 @@ def kubernetes_config(
     ``kubernetes_pod``, not ``namespace`` and ``pod``: Joule's series carry those of the
     pods they describe, and a target label of the same name would rename them
     ``exported_*``. ``rule_files`` are evaluated (Joule's alerts and recording rules)."""
-    interval = duration(interval_s)
     meta = "__meta_kubernetes_pod_"
     job = {
         "job_name": "kubernetes-pods",
@@ -157,16 +147,29 @@ def kubernetes_config(
             {"source_labels": [f"{meta}name"], "target_label": "kubernetes_pod"},
         ],
     }  # fmt: skip
-    config = {
+    return _config(interval_s, retention, [job], rule_files)
+
+
+def _config(
+    interval_s: float,
+    retention: str,
+    jobs: list[dict[str, Any]],
+    rule_files: Sequence[Path] = (),
+) -> str:
+    """A prometheus.yml: scraping and evaluating every ``interval_s`` (the scrape timeout is
+    the interval), keeping samples for ``retention``."""
+    interval = duration(interval_s)
+    config: dict[str, Any] = {
         "global": {
             "scrape_interval": interval,
             "scrape_timeout": interval,
             "evaluation_interval": interval,
         },
         "storage": {"tsdb": {"retention": {"time": retention}}},
-        "rule_files": [str(f) for f in rule_files],
-        "scrape_configs": [job],
     }
+    if rule_files:
+        config["rule_files"] = [str(f) for f in rule_files]
+    config["scrape_configs"] = jobs
     return yaml.safe_dump(config, sort_keys=False)
 
 
