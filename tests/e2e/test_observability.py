@@ -6,13 +6,19 @@ its decisions annotation, returns data for a capped job training on the local no
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from joule.cluster.prometheus import kubernetes_config
+from joule.report.draw import PANELS_KEY
 from tests.conftest import CHART, wait_for
 from tests.e2e.test_energy import TRAIN
 from tests.e2e.test_local_loop import apply, status
+from tests.report_checks import DECISIONS, colours, not_blank, pixels_of
 
 RULES = CHART / "files" / "prometheus-rules.yaml"
 DASHBOARD = CHART / "files" / "dashboard.json"
@@ -73,3 +79,36 @@ def test_prometheus_discovers_joule_and_every_dashboard_panel_has_data(
     # The rules run: a recorded series has this job, and no operator-down alert fires.
     prom.wait_for_series(f'joule_job:power_watts:rate5m{{namespace="{namespace}"}}', timeout=60)
     assert prom.query('ALERTS{alertname="JouleOperatorDown"}') == []
+
+    # `joule report` draws the same job from the same Prometheus: every panel with its lines,
+    # and the lowered limit among its decisions; and, without Prometheus, from the job's
+    # status and Events.
+    png = report(namespace, "seen", tmp_path / "seen.png", "--prometheus", prom.url)
+    boxes = json.loads(Image.open(png).text[PANELS_KEY])
+    assert not_blank(png) > 0.02
+    for title, names in {
+        "Power (W)": ("power", "cap"), "Energy (J)": ("energy", "budget"),
+        "Workers": ("desired", "ready"), "Throughput (samples/s)": ("throughput",),
+        "GPU power limit (W)": ("limit",),
+    }.items():  # fmt: skip
+        for colour in colours(*names):
+            assert pixels_of(png, colour, tuple(boxes[title])) > 20, (title, colour)
+        assert pixels_of(png, DECISIONS, tuple(boxes[title])) > 5, title
+    page = report(namespace, "seen", tmp_path / "seen.html", "--prometheus", prom.url)
+    assert "<td>PowerLimitLowered</td>" in page.read_text()
+    page = report(namespace, "seen", tmp_path / "status.html",
+                  "--kubeconfig", str(cluster.kubeconfig))  # fmt: skip
+    text = page.read_text()
+    assert "status and Events" in text and "<td>PowerLimitLowered</td>" in text
+
+
+def report(namespace: str, job: str, out: Path, *args: str) -> Path:
+    """`joule report` as a user runs it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "joule", "report", job, "-n", namespace, "--since", "15m",
+         "-o", str(out), *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "no data for" not in proc.stderr, proc.stderr  # every panel drew something
+    return out

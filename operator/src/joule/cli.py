@@ -245,6 +245,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(options, _say)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from joule.report.draw import write
+    from joule.report.model import parse_since
+    from joule.report.sources import from_cluster, from_prometheus
+
+    end = time.time()
+    start = end - parse_since(args.since)
+    out = args.output or Path(f"{args.job}.html")
+    if args.prometheus:
+        report = from_prometheus(args.prometheus, args.namespace, args.job, start, end)
+    else:
+        from kubernetes import config
+
+        api = config.new_client_from_config(config_file=args.kubeconfig)
+        report = from_cluster(api, args.namespace, args.job, start, end)
+    write(report, out)
+    empty = report.empty_panels()
+    _say(
+        f"report of {args.namespace}/{args.job} from {report.source}: {len(report.decisions)} "
+        f"decisions{'; no data for ' + ', '.join(empty) if empty else ''}; written to {out}"
+    )
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     _dev_import("joule.sim.report")
     from joule.sim.report import plot, run, table
@@ -337,6 +363,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="nvidia.com/gpu slots of the local node (slots for pods, not GPUs; default 4)",
     )
     demo.set_defaults(func=cmd_demo)
+
+    rep = sub.add_parser(
+        "report",
+        help="draw one job's power, energy, workers, throughput and decisions over time",
+    )
+    rep.add_argument("job", help="the TrainingJob's name")
+    rep.add_argument("-n", "--namespace", default="default", help="its namespace (default)")
+    rep.add_argument("--since", default="1h", help="how far back: 90s, 30m, 1h, 2h30m (default 1h)")
+    rep.add_argument(
+        "-o", "--output", type=Path, default=None,
+        help="report.html (a page with the figure and every decision) or report.png "
+        "(default: JOB.html)",
+    )  # fmt: skip
+    rep.add_argument(
+        "--prometheus", default=os.environ.get("JOULE_PROMETHEUS_URL", ""), metavar="URL",
+        help="a Prometheus that scrapes the operator (default $JOULE_PROMETHEUS_URL); without "
+        "one, the job's status and Events (no history)",
+    )  # fmt: skip
+    rep.add_argument(
+        "--kubeconfig", default=None, help="without --prometheus (default: $KUBECONFIG)"
+    )
+    rep.set_defaults(func=cmd_report)
 
     sim = sub.add_parser(
         "simulate",
