@@ -247,6 +247,10 @@ def test_the_operators_service_account_can_do_its_job_and_nothing_more(
         ("create", "pods", "-n", namespace),
         ("delete", "pods", "-n", namespace),
         ("create", "services", "-n", namespace),
+        # spec.tensorboard: a Deployment and a Service, deleted when it is turned off.
+        ("create", "deployments.apps", "-n", namespace),
+        ("delete", "deployments.apps", "-n", namespace),
+        ("delete", "services", "-n", namespace),
         ("list", "trainingjobs.joule.dev", "--all-namespaces"),
         ("update", "trainingjobs.joule.dev", "--subresource=status", "-n", namespace),
         ("list", "nodes"),
@@ -263,13 +267,13 @@ def test_the_operators_service_account_can_do_its_job_and_nothing_more(
         ("delete", "nodes"),
         ("patch", "nodes"),
         ("delete", "namespaces"),
-        ("create", "deployments.apps", "-n", namespace),
+        ("update", "deployments.apps", "-n", namespace),
         ("create", "pods", "--subresource=exec", "-n", namespace),
         ("update", "trainingjobs.joule.dev", "-n", namespace),  # spec is the user's
         ("create", "trainingjobs.joule.dev", "-n", namespace),
         ("delete", "customresourcedefinitions"),
         ("create", "serviceaccounts", "--subresource=token", "-n", namespace),
-        ("delete", "services", "-n", namespace),
+        ("update", "services", "-n", namespace),
         ("update", "leases.coordination.k8s.io", "-n", "kube-system"),
     ]
     assert [a for a in must if not can_i(kubectl, sa, *a)] == []

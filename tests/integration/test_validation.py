@@ -81,6 +81,10 @@ QUANTITY = "must be a non-negative quantity"
          f"less than or equal to {MAX_REPLICAS}"),
         ("ok", {"replicas": 2, "elastic": {"minReplicas": MAX_REPLICAS + 1, "maxReplicas": 1}},
          "spec.elastic.minReplicas", f"less than or equal to {MAX_REPLICAS}"),
+        ("ok", {"tensorboard": {"enabled": True}}, "spec.tensorboard",
+         "tensorboard needs checkpoint.volume"),
+        ("ok", {"tensorboard": {"enabled": True}, "checkpoint": {"path": "/c"}},
+         "spec.tensorboard", "tensorboard needs checkpoint.volume"),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 40 else None,
 )  # fmt: skip

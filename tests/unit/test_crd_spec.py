@@ -20,6 +20,7 @@ from joule.api.types import (
 )
 from joule.builders.pod import pod_name
 from joule.builders.service import service_name
+from joule.builders.tensorboard import tensorboard_name
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "joule.dev_trainingjobs.yaml"
@@ -70,7 +71,7 @@ def test_the_longest_name_makes_a_worker_name_that_just_fits_a_dns_label():
     """MAX_NAME_LENGTH is derived from the builders: the longest name any child of a job gets
     is its highest-index worker pod's (also its hostname), and it must fit 63 characters."""
     longest = JobRef("a" * MAX_NAME_LENGTH, "ns", "uid")
-    names = [pod_name(longest, MAX_REPLICAS - 1), service_name(longest)]
+    names = [pod_name(longest, MAX_REPLICAS - 1), service_name(longest), tensorboard_name(longest)]
     assert max(len(n) for n in names) == DNS_LABEL  # fits, and no character to spare
     longer = JobRef("a" * (MAX_NAME_LENGTH + 1), "ns", "uid")
     assert len(pod_name(longer, MAX_REPLICAS - 1)) > DNS_LABEL

@@ -88,6 +88,22 @@ class FakeApi:
 
     def create_namespaced_service(self, ns, svc, **_):
         self._call("service")
+        if svc["metadata"]["name"].endswith("-tensorboard"):
+            self._call("tensorboard service")
+
+    # AppsV1Api (spec.tensorboard)
+    refuse_deployments = False
+
+    def create_namespaced_deployment(self, ns, body, **_):
+        self._call("tensorboard deployment")
+        if self.refuse_deployments:
+            raise ApiException(status=403, reason="Forbidden")
+
+    def delete_namespaced_deployment(self, name, ns, **_):
+        self._call(f"delete deployment {name}")
+
+    def delete_namespaced_service(self, name, ns, **_):
+        self._call(f"delete service {name}")
 
     def create_namespaced_event(self, ns, event, **_):
         self._call("event")
@@ -121,7 +137,7 @@ def job_api(api: FakeApi) -> JobApi:
     from kubernetes import client
 
     edge = JobApi(client.ApiClient(), clock=lambda: T0)
-    edge.core = edge.custom = api
+    edge.core = edge.custom = edge.apps = api
     return edge
 
 
@@ -359,3 +375,39 @@ def test_a_deleted_workers_last_joules_from_its_node_agent_count_once(monkeypatc
     energy = evaluate_at(120)
     assert energy["consumedJoules"] == 400 and energy["source"] == "node"
     assert list(read_bookkeeping(api.configmap)["counters"]) == [f"{w0}/GPU-{w0}@5.00"]
+
+
+TENSORBOARD = {
+    "checkpoint": {"path": "/c", "volume": "c"},
+    "volumes": [{"name": "c", "emptyDir": {}}],
+    "tensorboard": {"enabled": True},
+}
+
+
+def test_a_tensorboard_comes_with_the_first_workers_and_goes_when_turned_off():
+    api = FakeApi()
+    new_job(api, **TENSORBOARD)
+    reconciler(api).reconcile("ns", "j")
+    assert api.calls.count("create") == 2
+    assert "tensorboard deployment" in api.calls and "tensorboard service" in api.calls
+    assert api.job["status"]["tensorboard"]["url"] == "http://j-tensorboard.ns.svc:6006"
+
+    api.calls.clear()
+    reconciler(api).reconcile("ns", "j")  # nothing new: no second create
+    assert "tensorboard deployment" not in api.calls
+
+    api.job["spec"]["tensorboard"] = {"enabled": False}
+    api.job["metadata"]["generation"] = 2
+    reconciler(api).reconcile("ns", "j")
+    assert "delete deployment j-tensorboard" in api.calls
+    assert "delete service j-tensorboard" in api.calls
+    assert "tensorboard" not in api.job["status"]
+
+
+def test_a_refused_tensorboard_is_said_and_does_not_hold_up_the_workers():
+    api = FakeApi()
+    api.refuse_deployments = True
+    new_job(api, **TENSORBOARD)
+    reconciler(api).reconcile("ns", "j")
+    assert api.calls.count("create") == 2  # both workers
+    assert "TensorboardRejected" in api.events

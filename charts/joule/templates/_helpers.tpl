@@ -47,10 +47,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create, delete, patch]
-# The job's headless Service (created once; owned by the job, so collected with it).
+# The job's headless Service and its TensorBoard's (created once; owned by the job, so
+# collected with it; a TensorBoard turned off is deleted).
 - apiGroups: [""]
   resources: [services]
-  verbs: [create]
+  verbs: [create, delete]
+# spec.tensorboard's Deployment (owned by the job).
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [create, delete]
 # The per-job energy bookkeeping (one ConfigMap per job, owned by it).
 - apiGroups: [""]
   resources: [configmaps]

@@ -20,6 +20,9 @@ METRICS_PORT = 9090
 TORCHRUN_MAX_RESTARTS = 3
 SHM_VOLUME = "joule-dshm"
 CHECKPOINT_ENV = "JOULE_CHECKPOINT_DIR"
+# Where workers write TensorBoard event files, when spec.tensorboard is enabled.
+TENSORBOARD_ENV = "JOULE_TENSORBOARD_DIR"
+TENSORBOARD_PORT = 6006
 # Time a worker gets between SIGTERM and SIGKILL to write its final checkpoint.
 TERMINATION_GRACE_SECONDS = 60
 # The per-GPU power limit a worker should run at: the operator sets the pod annotation, a

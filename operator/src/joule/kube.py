@@ -32,6 +32,11 @@ from joule.builders.bookkeeping import (
     read_bookkeeping,
 )
 from joule.builders.labels import selector_string
+from joule.builders.tensorboard import (
+    tensorboard_deployment,
+    tensorboard_name,
+    tensorboard_service,
+)
 from joule.capacity import Capacity, capacity
 from joule.constants import API_VERSION, COMPONENT, GROUP, KIND, PLURAL, VERSION
 from joule.observe import PodView, view
@@ -55,6 +60,7 @@ class JobApi:
         self, api: client.ApiClient, clock: Callable[[], dt.datetime] | None = None
     ) -> None:
         self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._guard = threading.Lock()
@@ -179,6 +185,40 @@ class JobApi:
                 return Rejection(f"service {job.name}", "ServiceRejected", _api_message(exc))
             raise
         return None
+
+    def ensure_tensorboard(self, job: JobRef, spec: TrainingJobSpec) -> Rejection | None:
+        """The job's TensorBoard Deployment and Service (spec.tensorboard), created once."""
+        for what, create in (
+            ("deployment", lambda: self.apps.create_namespaced_deployment(
+                job.namespace, tensorboard_deployment(job, spec), _request_timeout=API_TIMEOUT)),
+            ("service", lambda: self.core.create_namespaced_service(
+                job.namespace, tensorboard_service(job), _request_timeout=API_TIMEOUT)),
+        ):  # fmt: skip
+            try:
+                create()
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue
+                if exc.status is not None and 400 <= exc.status < 500:
+                    name = f"tensorboard {what} {tensorboard_name(job)}"
+                    return Rejection(name, "TensorboardRejected", _api_message(exc))
+                raise
+        return None
+
+    def remove_tensorboard(self, job: JobRef) -> None:
+        """spec.tensorboard turned off: its Deployment and Service go."""
+        name = tensorboard_name(job)
+        for delete in (
+            lambda: self.apps.delete_namespaced_deployment(
+                name, job.namespace, _request_timeout=API_TIMEOUT),
+            lambda: self.core.delete_namespaced_service(
+                name, job.namespace, _request_timeout=API_TIMEOUT),
+        ):  # fmt: skip
+            try:
+                delete()
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
 
     def create_pod(
         self, job: JobRef, spec: TrainingJobSpec, index: int, limit: float | None

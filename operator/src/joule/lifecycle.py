@@ -19,6 +19,7 @@ from typing import Any
 from joule import metrics
 from joule.api.events import Event
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
+from joule.builders.tensorboard import tensorboard_status
 from joule.constants import POWER_LIMIT_ANNOTATION
 from joule.job_metrics import JOB_SERIES, figures
 from joule.kube import Conflict, JobApi
@@ -99,6 +100,7 @@ class Reconciler:
         scaled = follow_user_scale(spec, status, now)
         generation = body["metadata"].get("generation", 1)
         p = plan(job, spec, status, generation, pods, now)
+        p.status = tensorboard_status(job, spec, p.status)
         if scaled is not None:
             p.events.insert(0, scaled)
         # Status first, then pods: the status says what is about to be done and why
@@ -121,6 +123,7 @@ class Reconciler:
             if rejected is not None:
                 break  # the next one would be refused for the same reason
             rejected = api.create_pod(job, spec, index, limit)
+        self._tensorboard(job, spec, stored, p)
         for pod_name, value in power_limit_patches(spec, p.status, pods).items():
             if pod_name not in p.delete:
                 api.annotate_pod(namespace, pod_name, POWER_LIMIT_ANNOTATION, value)
@@ -144,6 +147,18 @@ class Reconciler:
             log.info("deleting %s/%s: ttlSecondsAfterFinished is up", namespace, name)
             api.delete_job(namespace, name)
         return Outcome(p, written, evaluate_after=next_evaluation(spec, p.status, now))
+
+    def _tensorboard(
+        self, job: JobRef, spec: TrainingJobSpec, stored: dict[str, Any], p: Plan
+    ) -> None:
+        """Its TensorBoard made with the first workers (or when turned on), removed when
+        turned off. A refusal is said in an Event; it never holds up the training."""
+        if "tensorboard" in p.status and (p.create or "tensorboard" not in stored):
+            refused = self.api.ensure_tensorboard(job, spec)
+            if refused is not None:
+                self.api.post_event(job, Event("Warning", refused.reason, refused.message))
+        elif "tensorboard" in stored and "tensorboard" not in p.status:
+            self.api.remove_tensorboard(job)
 
     def _invalid(
         self, body: dict[str, Any], job: JobRef, status: dict[str, Any], message: str

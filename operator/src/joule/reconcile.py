@@ -38,7 +38,7 @@ class Rejection:
     invalid field): what, why, and its message."""
 
     what: str  # "worker 1", "service j"
-    reason: str  # PodRejected | ServiceRejected
+    reason: str  # PodRejected | ServiceRejected | TensorboardRejected
     message: str
 
 

@@ -91,7 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="base port of /metrics (plus the local rank); 0 turns it off",
     )
     p.add_argument("--metrics-addr", default=env.get("JOULE_METRICS_ADDR", "0.0.0.0"))
-    p.add_argument("--tensorboard-dir", type=Path, default=None)
+    p.add_argument(
+        "--tensorboard-dir",
+        type=Path,
+        default=env.get("JOULE_TENSORBOARD_DIR") or None,
+        help="write TensorBoard event files here (rank 0); default $JOULE_TENSORBOARD_DIR, "
+        "which Joule sets where spec.tensorboard is enabled",
+    )
     args = p.parse_args(argv)
     for name in ("steps", "global_batch", "micro_batch", "checkpoint_every_steps", "log_every"):
         if getattr(args, name) < 1:
@@ -181,7 +187,8 @@ class Trainer:
         if args.tensorboard_dir and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(args.tensorboard_dir))
+            # Flushed often: the job's TensorBoard shows the steps as they come.
+            self.tb = SummaryWriter(str(args.tensorboard_dir), flush_secs=10)
 
     def _lr_factor(self, step: int) -> float:
         warm = max(self.args.warmup_steps, 1)
@@ -301,9 +308,12 @@ class Trainer:
                     joules=_round(self.metrics.energy_seen_joules),
                     energy_source=self.meter.source,
                 )
-                window_start, window_samples = now, 0
                 if self.tb:
                     self.tb.add_scalar("loss", loss, self.step)
+                    rate = window_samples / max(now - window_start, 1e-9)
+                    self.tb.add_scalar("samples_per_second", rate, self.step)
+                    self.tb.add_scalar("world_size", self.world, self.step)
+                window_start, window_samples = now, 0
             due = (
                 self.step % args.checkpoint_every_steps == 0
                 or time.monotonic() - last_ckpt >= args.checkpoint_every_seconds

@@ -133,6 +133,7 @@ class TrainingJobSpec:
     energy: Energy = field(default_factory=Energy)
     target: Target = field(default_factory=Target)
     progress: Progress = field(default_factory=lambda: Progress())
+    tensorboard: Tensorboard = field(default_factory=lambda: Tensorboard())
     # Parts copied into the pod as they are (the API server validated their shape).
     pod: dict[str, Any] = field(default_factory=dict)
 
@@ -231,6 +232,7 @@ class TrainingJobSpec:
             energy=energy,
             target=_target(spec.get("target") or {}),
             progress=_progress(spec.get("progress")),
+            tensorboard=_tensorboard(spec.get("tensorboard"), spec.get("checkpoint")),
             pod={k: spec[k] for k in pod_keys if k in spec},
         )
 
@@ -406,6 +408,30 @@ class Progress:
 
     samples_metric: str | None = None
     port: int | None = None  # one /metrics per pod; None: 9090 + local rank per process
+
+
+@dataclass(frozen=True)
+class Tensorboard:
+    """A TensorBoard for the job: a Deployment and Service that read the event files the
+    workers write under the checkpoint volume (``log_dir``)."""
+
+    enabled: bool = False
+    image: str | None = None  # None: the job's image
+    log_dir: str = ""  # <checkpoint.path>/tensorboard, where enabled
+
+
+def _tensorboard(d: Any, checkpoint: Any) -> Tensorboard:
+    if not isinstance(d, dict) or not d.get("enabled"):
+        return Tensorboard()
+    if not isinstance(checkpoint, dict) or not checkpoint.get("volume"):
+        raise SpecError(
+            "spec.tensorboard needs spec.checkpoint.volume: TensorBoard reads the workers' "
+            "event files from the job's checkpoint volume"
+        )
+    image = d.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        raise SpecError(f"spec.tensorboard.image must be an image name, not {image!r}")
+    return Tensorboard(True, image, f"{str(checkpoint['path']).rstrip('/')}/tensorboard")
 
 
 METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"

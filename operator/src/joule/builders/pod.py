@@ -26,6 +26,7 @@ from joule.constants import (
     POWER_VOLUME,
     RDZV_PORT,
     SHM_VOLUME,
+    TENSORBOARD_ENV,
     TERMINATION_GRACE_SECONDS,
     TORCHRUN_MAX_RESTARTS,
     WORKER_CONTAINER,
@@ -96,6 +97,8 @@ def torchrun_env(
     checkpoint = spec.pod.get("checkpoint")
     if checkpoint:
         env.append({"name": CHECKPOINT_ENV, "value": checkpoint["path"]})
+    if spec.tensorboard.enabled:
+        env.append({"name": TENSORBOARD_ENV, "value": spec.tensorboard.log_dir})
     return env
 
 
