@@ -106,6 +106,69 @@ def gpu_pod(name: str, count: int) -> client.V1Pod:
     )
 
 
+def holders(core: client.CoreV1Api) -> dict[str, int]:
+    """Pods on the real node that hold GPU slots as the scheduler counts them (every pod not
+    Succeeded or Failed, a deleting one too), with their phase: what a new pod waits behind."""
+    pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={RealNode.name}")
+    held = {}
+    for p in pods.items:
+        if p.status.phase in ("Succeeded", "Failed"):
+            continue
+        slots = sum(
+            int((c.resources.limits or {}).get(DEFAULT_RESOURCE, 0))
+            for c in p.spec.containers
+            if c.resources
+        )
+        if slots:
+            gone = " (deleting)" if p.metadata.deletion_timestamp else ""
+            held[f"{p.metadata.namespace}/{p.metadata.name} {p.status.phase}{gone}"] = slots
+    return held
+
+
+def slot_holders(core: client.CoreV1Api) -> list[str]:
+    return [f"{pod}: {slots}" for pod, slots in holders(core).items()]
+
+
+def wait_free_slots(core: client.CoreV1Api, wanted: int) -> None:
+    """Earlier tests' pods on the node may still be stopping (their namespaces are deleted
+    without waiting): wait for them rather than fail behind them."""
+    try:
+        wait_for(lambda: SLOTS - sum(holders(core).values()) >= wanted, timeout=180,
+                 interval=1.0, what=f"{wanted} free GPU slots on the node")  # fmt: skip
+    except AssertionError as e:
+        raise AssertionError(f"{e}; held by {slot_holders(core)}") from e
+
+
+def why_not_running(core: client.CoreV1Api, namespace: str, name: str) -> str:
+    pod = core.read_namespaced_pod(name, namespace)
+    conditions = [
+        f"{c.type}={c.status} {c.reason or ''} {c.message or ''}".strip()
+        for c in pod.status.conditions or []
+    ]
+    waiting = [
+        f"{s.name}: {s.state.waiting.reason} {s.state.waiting.message or ''}"
+        for s in pod.status.container_statuses or []
+        if s.state and s.state.waiting
+    ]
+    events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+    return (
+        f"phase {pod.status.phase}; conditions {conditions}; waiting {waiting}; "
+        f"events {[f'{e.reason}: {e.message}' for e in events.items]}; "
+        f"slot holders on the node {slot_holders(core)}"
+    )
+
+
+def wait_running(core: client.CoreV1Api, namespace: str, name: str) -> client.V1Pod:
+    def running() -> client.V1Pod | None:
+        pod = core.read_namespaced_pod(name, namespace)
+        return pod if pod.status.phase == "Running" else None
+
+    try:
+        return wait_for(running, timeout=120, interval=0.5, what=f"{name} to run")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {why_not_running(core, namespace, name)}") from e
+
+
 def test_the_kubelet_lists_the_slots_a_pod_holds(
     cluster: ClusterInfo, core: client.CoreV1Api, namespace: str
 ) -> None:
@@ -113,14 +176,10 @@ def test_the_kubelet_lists_the_slots_a_pod_holds(
     assert node.status.allocatable.get(DEFAULT_RESOURCE) == str(SLOTS) == "4"
     all_slots = {f"slot-{i}" for i in range(SLOTS)}
 
+    wait_free_slots(core, 2)
     core.create_namespaced_pod(namespace, gpu_pod("two-slots", 2))
     try:
-
-        def running() -> client.V1Pod | None:
-            pod = core.read_namespaced_pod("two-slots", namespace)
-            return pod if pod.status.phase == "Running" else None
-
-        pod = wait_for(running, timeout=120, interval=0.5, what="the pod with 2 slots to run")
+        pod = wait_running(core, namespace, "two-slots")
         assert pod.spec.node_name == RealNode.name
 
         report = pod_resources(cluster)
@@ -160,13 +219,10 @@ def test_the_kubelet_lists_the_slots_a_pod_holds(
 def test_the_python_client_reads_what_the_go_binary_reads(
     cluster: ClusterInfo, core: client.CoreV1Api, namespace: str
 ) -> None:
+    wait_free_slots(core, 2)
     core.create_namespaced_pod(namespace, gpu_pod("two-slots", 2))
     try:
-
-        def running() -> bool:
-            return core.read_namespaced_pod("two-slots", namespace).status.phase == "Running"
-
-        wait_for(running, timeout=120, interval=0.5, what="the pod with 2 slots to run")
+        wait_running(core, namespace, "two-slots")
         go, python = pod_resources(cluster), python_pod_resources(cluster)
     finally:
         core.delete_namespaced_pod("two-slots", namespace, grace_period_seconds=0)
