@@ -101,3 +101,17 @@ def test_bad_values_name_the_variable(env, message):
 def test_a_watched_namespace_that_is_no_name_is_refused():
     with pytest.raises(ValueError, match=r"JOULE_WATCH_NAMESPACES .* 'Team_A'"):
         OperatorConfig.from_env({"JOULE_WATCH_NAMESPACES": "ml,Team_A"}, namespace_file=NOWHERE)
+
+
+def test_the_api_clients_pool_holds_a_connection_for_every_worker():
+    from kubernetes import client
+
+    from joule.runner import POOL_SPARE, api_configuration
+
+    saved = client.Configuration.get_default_copy()
+    client.Configuration.set_default(client.Configuration())  # the library's default: 5/CPU
+    try:
+        assert api_configuration(16).connection_pool_maxsize >= 16 + POOL_SPARE
+        assert api_configuration(64).connection_pool_maxsize == 64 + POOL_SPARE
+    finally:
+        client.Configuration.set_default(saved)

@@ -46,3 +46,18 @@ def test_a_job_that_returns_404_leaves_every_table_and_is_not_polled_again():
     assert ("ns", "b") in fake.forgotten
     assert fake.calls.count(("ns", "b")) == calls
     assert fake.calls.count(("ns", "a")) > 2  # the live job still is
+
+
+def test_a_tick_after_kopfs_cleanup_shut_the_pools_starts_nothing_and_raises_nothing():
+    fake = FakeReconciler()
+    sched = Scheduler(fake, OperatorConfig(tick_seconds=0.05, resync_seconds=0.05))
+    sched.run("ns", "a")
+    sched.evaluation_due[("ns", "a")] = 0.0
+    # kopf's cleanup handler: stop, then the pools, while the loop is between its wait and
+    # its submits ("cannot schedule new futures after shutdown" was printed on every stop).
+    sched.stop.set()
+    sched.pool.shutdown(wait=True)
+    sched.evaluations.shutdown(wait=True)
+    sched.tick(time.monotonic() + 60)
+    assert sched.inflight == set() and sched.evaluating == set()
+    assert fake.calls == [("ns", "a")]

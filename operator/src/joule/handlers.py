@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -103,25 +104,39 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self.stop.wait(self.config.tick_seconds):
-            now = time.monotonic()
+            self.tick(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        """Start what is due: resyncs on the pool, energy evaluations on theirs."""
+        with self.lock:
+            ready = [
+                k for k in self.known
+                if k not in self.inflight and (
+                    now >= self.due.get(k, float("inf"))
+                    or now - self.seen.get(k, 0.0) >= self.config.resync_seconds
+                )
+            ]  # fmt: skip
+            self.inflight.update(ready)
+            evaluate = [
+                k for k, at in self.evaluation_due.items()
+                if now >= at and k not in self.evaluating
+            ]  # fmt: skip
+            self.evaluating.update(evaluate)
+        for key in ready:
+            self._submit(self.pool, self._resync, key, self.inflight)
+        for key in evaluate:
+            self._submit(self.evaluations, self._evaluate, key, self.evaluating)
+
+    def _submit(
+        self, pool: ThreadPoolExecutor, work: Callable[[Key], None], key: Key, marks: set[Key]
+    ) -> None:
+        try:
+            pool.submit(work, key)
+        except RuntimeError:  # shut down by kopf's cleanup between the tick and here
             with self.lock:
-                ready = [
-                    k for k in self.known
-                    if k not in self.inflight and (
-                        now >= self.due.get(k, float("inf"))
-                        or now - self.seen.get(k, 0.0) >= self.config.resync_seconds
-                    )
-                ]  # fmt: skip
-                self.inflight.update(ready)
-                evaluate = [
-                    k for k, at in self.evaluation_due.items()
-                    if now >= at and k not in self.evaluating
-                ]  # fmt: skip
-                self.evaluating.update(evaluate)
-            for key in ready:
-                self.pool.submit(self._resync, key)
-            for key in evaluate:
-                self.evaluations.submit(self._evaluate, key)
+                marks.discard(key)
+            if not self.stop.is_set():
+                raise
 
     def _evaluate(self, key: Key) -> None:
         after: float | None = None

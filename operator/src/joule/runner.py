@@ -106,7 +106,7 @@ def run_operator(config: OperatorConfig) -> None:
     logging.getLogger("joule").setLevel(logging.INFO)
     # kopf logs every handler run at INFO; our reconcile logs what was decided instead.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    api_client = client.ApiClient()
+    api_client = client.ApiClient(api_configuration(config.workers))
     runtime = _Runtime(electing=config.leader_elect)
 
     # Both servers come up before the election: a standby answers its probes and exports
@@ -182,6 +182,23 @@ def run_operator(config: OperatorConfig) -> None:
             if scheduler is not None:
                 _drain(scheduler, timeout=5.0)
             elector.release()
+
+
+# Besides the reconcile workers: the autoscaler's reads and the initial-sync listing.
+POOL_SPARE = 4
+
+
+def api_configuration(workers: int) -> Any:
+    """The loaded client configuration with a connection pool for every worker: the
+    client's default (5 per CPU) is smaller than 16 workers on 2 cores, and each worker
+    over it opens and drops a connection per call ("Connection pool is full")."""
+    from kubernetes import client
+
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = max(
+        workers + POOL_SPARE, configuration.connection_pool_maxsize or 0
+    )
+    return configuration
 
 
 async def _operate(config: OperatorConfig, runtime: _Runtime, terminating: threading.Event) -> None:
