@@ -176,3 +176,19 @@ def test_the_command_says_clearly_when_prometheus_cannot_be_reached(tmp_path, ca
                  str(tmp_path / "r.png")])  # fmt: skip
     assert code == 2
     assert "could not ask Prometheus at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_the_time_axis_starts_where_the_jobs_data_does_not_at_a_long_since():
+    from dataclasses import replace
+
+    from joule.report.draw import shown_from
+
+    report = sample_report()  # data from 1000 to 1300
+    assert shown_from(replace(report, start=-50000.0)) == pytest.approx(1000 - 9)
+    assert shown_from(replace(report, start=1100.0)) == 1100.0  # the window cuts the data
+    empty = replace(
+        report,
+        panels={t: [Line(ln.name) for ln in ls] for t, ls in report.panels.items()},
+        decisions=[],
+    )
+    assert shown_from(replace(empty, start=5.0)) == 5.0

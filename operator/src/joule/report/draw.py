@@ -94,13 +94,26 @@ def figure(report: Report) -> Figure:
             fontsize=7, va="top", ha="right", color="#0b6e7a",
         )  # fmt: skip
     bottom = axes[-1, 0]
-    bottom.set_xlim(_when(report.start), _when(report.end))
+    bottom.set_xlim(_when(shown_from(report)), _when(report.end))
     bottom.xaxis.set_major_formatter(dates.DateFormatter("%H:%M:%S", tz=dt.UTC))
     bottom.set_xlabel("time (UTC)")
     if report.notes:
         fig.text(0.01, 0.005, "\n".join(report.notes), fontsize=8, color="#555555", va="bottom")
     fig.tight_layout(rect=(0, 0.02 + 0.015 * len(report.notes), 1, 0.97))
     return fig
+
+
+def shown_from(report: Report) -> float:
+    """Where the time axis starts: the window's start, or just before the first point or
+    decision where the job's data begins later (a job younger than --since would otherwise
+    be squeezed against the right edge)."""
+    times = [t for lines in report.panels.values() for line in lines for t in line.times]
+    times += [d.time for d in report.decisions]
+    if not times:
+        return report.start
+    first = min(times)
+    margin = max(0.03 * (report.end - first), 5.0)
+    return max(report.start, first - margin)
 
 
 def write(report: Report, path: Path) -> Path:

@@ -182,8 +182,9 @@ def _number(value: Any) -> float | None:
 def status_panels(
     spec: Mapping[str, Any], status: Mapping[str, Any], now: float
 ) -> dict[str, list[Line]]:
-    """Without Prometheus, what the status holds: the power window's points (time, joules,
-    samples: the last ``spec.energy.windowSeconds``) for energy, power and throughput, and
+    """Without Prometheus, what the status holds, with the power window's points (time,
+    joules, samples: the last ``spec.energy.windowSeconds``, from the job's bookkeeping
+    ConfigMap, as ``energy.window``) for energy, power and throughput, and
     each other figure as one point at ``now``, with the cap and the budget as lines."""
     energy = status.get("energy") or {}
     spec_energy = spec.get("energy") or {}

@@ -9,6 +9,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from joule.api.types import JobRef
+from joule.builders.bookkeeping import bookkeeping_name, read_bookkeeping
 from joule.constants import GROUP, KIND, PLURAL, VERSION
 from joule.report.model import (
     DECISIONS_QUERY,
@@ -93,7 +95,17 @@ def from_cluster(api: Any, namespace: str, job: str, start: float, now: float) -
         for e in events
         if e.involved_object.uid == uid  # not a deleted namesake's
     ]  # fmt: skip
-    panels = status_panels(body.get("spec") or {}, body.get("status") or {}, now)
+    status = dict(body.get("status") or {})
+    # The power window's points are the operator's bookkeeping, in the job's ConfigMap.
+    try:
+        kept = read_bookkeeping(
+            core.read_namespaced_config_map(bookkeeping_name(JobRef(job, namespace, uid)),
+                                            namespace).to_dict()
+        )  # fmt: skip
+    except ApiException:  # not measured yet, or not readable by this user: no window
+        kept = {}
+    status["energy"] = {**(status.get("energy") or {}), "window": kept.get("window") or []}
+    panels = status_panels(body.get("spec") or {}, status, now)
     return Report(
         namespace, job, start, now, "the job's status and Events (no history: give --prometheus)",
         panels, decisions_from_events(ours, start),
