@@ -27,8 +27,6 @@ from tests.conftest import (
 
 NAMESPACE = "joule-e2e"
 RELEASE = "joule"
-IMAGE = "ghcr.io/joule-dev/operator"
-TAG = "0.1.0"
 
 
 class InClusterOperator:
@@ -87,25 +85,17 @@ def operator(
 def _installed(
     helm: Helm, kubectl: Kubectl, real_node: RealNode, tmp_path_factory
 ) -> Iterator[InClusterOperator]:
+    from joule.demo.install import values as demo_values
     from joule.images import ensure_operator
 
     load_image(real_node, ensure_operator(progress=say), "joule-dev/operator")
     placement = real_node.placement()  # its taint keeps other pods off; these tolerate it
-    layout = real_node.layout
-    values = {
-        "image": {"repository": IMAGE, "tag": TAG},
-        "operator": {"logFormat": "plain", "resyncSeconds": 10, "tickSeconds": 0.5},
-        **placement,
-        # Energy from the node agent, over an NVML double: the node has GPU slots, no GPUs.
-        "energy": {"source": "node"},
-        "nodeAgent": {
-            "gpus": "simulated",
-            "intervalSeconds": 2,
-            "kubeletRootDir": str(layout.kubelet_dir),
-            "stateDir": str(layout.state / "joule-node-agent"),
-            **placement,
-        },
-    }
+    # As the demo installs it (operator from the local registry, energy from the node
+    # agent over its NVML double), on the tainted test node, with quicker timers.
+    values = demo_values(real_node.layout)
+    values["operator"]["tickSeconds"] = 0.5
+    values.update(placement)
+    values["nodeAgent"].update(placement)
     path = tmp_path_factory.mktemp("chart") / "values.yaml"
     path.write_text(yaml.safe_dump(values))
     started = time.monotonic()

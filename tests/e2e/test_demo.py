@@ -7,10 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -18,9 +21,14 @@ from typing import TypeVar
 import pytest
 import yaml
 from kubernetes import client, config
+from PIL import Image
 
 from joule.cluster import ClusterSettings, process, status
+from joule.cluster.nodeconfig import run_key
 from joule.cluster.process import ProcessRecord
+from joule.report.draw import PANELS_KEY
+from joule.report.model import PANELS
+from tests.report_checks import DECISIONS, colours, not_blank, pixels_of
 
 DEMO_DATA = Path("/tmp/joule-demo")
 MARKER = "4242"  # a seed no other test uses: finds this demo's workers in /proc
@@ -50,7 +58,7 @@ def claim(job: str) -> dict:
     }
 
 
-def job(name: str, replicas: int, args: list[str]) -> dict:
+def job(name: str, replicas: int, args: list[str], **spec: object) -> dict:
     return {
         "apiVersion": "joule.dev/v1alpha1",
         "kind": "TrainingJob",
@@ -69,14 +77,15 @@ def job(name: str, replicas: int, args: list[str]) -> dict:
             "volumes": [
                 {"name": "c", "persistentVolumeClaim": {"claimName": f"{name}-checkpoints"}}
             ],
+            **spec,
         },
     }
 
 
-def write_examples(folder: Path, name: str, replicas: int, args: list[str]) -> Path:
+def write_examples(folder: Path, name: str, replicas: int, args: list[str], **spec: object) -> Path:
     folder.mkdir()
     (folder / f"{name}.yaml").write_text(
-        yaml.safe_dump_all([claim(name), job(name, replicas, args)])
+        yaml.safe_dump_all([claim(name), job(name, replicas, args, **spec)])
     )
     return folder
 
@@ -101,14 +110,45 @@ def workers(marker: str) -> list[int]:
 
 
 def demo_operators() -> list[int]:
-    """`joule operator` processes on the demo cluster (other tests run theirs on others)."""
-    want = f"KUBECONFIG={ClusterSettings(name='demo').kubeconfig}".encode()
+    """`joule operator` processes in the demo node's pods (found by the node's cgroup: other
+    tests run theirs on other clusters' nodes)."""
+    demo = ClusterSettings(name="demo")
+    root = f"/joule-{run_key(demo.name, demo.state_dir)}/".encode()
     found = []
     for pid in _pids():
         argv = _read(pid, "cmdline").split(b"\0")
-        if b"joule" in argv and b"operator" in argv and want in _read(pid, "environ").split(b"\0"):
+        is_operator = any(a.endswith(b"joule") for a in argv) and b"operator" in argv
+        if is_operator and root in _read(pid, "cgroup"):
             found.append(pid)
     return found
+
+
+def prometheus_url(log: Path) -> str:
+    """The demo's Prometheus, as its output names it."""
+    found = re.search(r"Prometheus: (http://127\.0\.0\.1:\d+)", log.read_text())
+    assert found, f"the demo did not say where Prometheus is:\n{log.read_text()[-3000:]}"
+    return found.group(1)
+
+
+def prometheus_get(url: str, path: str, **params: str) -> dict:
+    query = urllib.parse.urlencode(params)
+    with urllib.request.urlopen(f"{url}{path}?{query}", timeout=10) as response:
+        return json.load(response)["data"]
+
+
+def series_names(url: str) -> set[str]:
+    """The sample names a target serves (a counter's ``_created`` is no series in
+    Prometheus 3 unless asked for)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        s.name
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
 
 
 def cluster_processes() -> list[ProcessRecord]:
@@ -212,15 +252,54 @@ def test_joule_demo_trains_the_examples_and_tears_everything_down(demos, tmp_pat
     text = log.read_text()
     assert "first training step" in text
     assert "short" in text and "Succeeded" in text
-    assert "http://127.0.0.1:" in text  # the operator's metrics URL was shown
+    assert "Prometheus: http://127.0.0.1:" in text  # where to look was shown
     assert "logs -f short-worker-0" in text  # where the worker logs are
     assert "stopped; nothing left running" in text
     # Both workers wrote through the one ReadWriteMany volume, as uid 1000.
     final = DEMO_DATA / "checkpoints" / "short" / "step-000000120.pt"
     assert final.is_file() and final.stat().st_uid == 1000
     assert [e["step"] for e in trainer_events("done")] == [120]
+    # A `joule report` of the job, from the demo's Prometheus, kept after the teardown.
+    png = DEMO_DATA / "reports" / "short.png"
+    assert f"report of default/short: {png.with_suffix('.html')}" in text
+    boxes = json.loads(Image.open(png).text[PANELS_KEY])
+    assert list(boxes) == list(PANELS) and not_blank(png) > 0.02
+    # A fixed job without energy limits is not measured: its workers and decisions show.
+    workers_box = tuple(boxes["Workers"])
+    for colour in colours("target", "ready"):
+        assert pixels_of(png, colour, workers_box) > 20, colour
+    assert pixels_of(png, DECISIONS, workers_box) > 20
     assert workers(MARKER) == [] and demo_operators() == []
     assert demo_cluster_down()
+
+
+def prometheus_sees_every_joule_series(url: str, log: Path) -> None:
+    """The demo's Prometheus scrapes the operator, the node agent and the worker, found by
+    discovery, and holds every series each of them serves, the job's among them."""
+
+    def targets() -> dict[str, str] | None:
+        active = prometheus_get(url, "/api/v1/targets", state="active")["activeTargets"]
+        up = {t["labels"].get("kubernetes_pod", ""): t["scrapeUrl"] for t in active
+              if t["health"] == "up"}  # fmt: skip
+        agent = [p for p in up if p.startswith("joule-node-agent-")]
+        operator = [p for p in up if p.startswith("joule-") and p not in agent]
+        return up if agent and operator and "long-worker-0" in up else None
+
+    up = wait_for(targets, 120, "Prometheus to scrape the operator, agent and worker", log)
+    wanted = {"joule_job_phase", "joule_job_energy_joules_total",
+              "joule_node_pod_gpu_energy_joules_total", "joule_trainer_samples_total"}  # fmt: skip
+
+    def missing() -> set[str]:
+        served = set().union(*(series_names(u) for u in up.values()))
+        names = set(prometheus_get(url, "/api/v1/label/__name__/values"))
+        return {n for n in served if n.startswith("joule_")} - names | (wanted - names)
+
+    deadline = time.monotonic() + 90
+    while (gone := missing()) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert not gone, f"series the demo's Prometheus lacks: {sorted(gone)}"
+    job = prometheus_get(url, "/api/v1/query", query='joule_job_phase{joule_job="long"} == 1')
+    assert [r["metric"]["phase"] for r in job["result"]] == ["Running"]
 
 
 # -- a demo that ends without Ctrl-C: a closed terminal, or killed outright --------------------
@@ -230,12 +309,16 @@ SEED = "4243"  # finds these tests' workers in /proc
 
 
 def long_examples(folder: Path) -> Path:
-    """One tiny worker that checkpoints every step."""
+    """One tiny worker that checkpoints every step, with a budget it never reaches: a job
+    with energy limits is measured (its joule_job_energy_* series)."""
     args = (
         f"--steps {LONG} --global-batch 4 --micro-batch 4 --seed {SEED} --dim 16 "
         "--layers 1 --heads 1 --block 16 --checkpoint-every-steps 1 --log-every 1"
     ).split()
-    return write_examples(folder, "long", 1, args)
+    return write_examples(
+        folder, "long", 1, args, energy={"budget": "100MJ", "windowSeconds": 10},
+        scaling={"evaluationIntervalSeconds": 5},
+    )  # fmt: skip
 
 
 @pytest.mark.timeout(900)
@@ -244,6 +327,7 @@ def test_a_closed_terminal_sighup_tears_the_demo_down_as_ctrl_c_does(demos, tmp_
     # Up first: until then the worker logs of an earlier run may still be there.
     wait_for(lambda: "workers are starting" in log.read_text(), 600, "the examples", log)
     wait_for(lambda: trainer_events("start"), 240, "the worker to train", log)
+    prometheus_sees_every_joule_series(prometheus_url(log), log)
     started = [identity(p) for p in demo_operators() + workers(SEED)]
     node = cluster_processes()
     assert len(started) >= 2 and node, (started, node)

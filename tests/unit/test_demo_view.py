@@ -60,3 +60,18 @@ def test_the_row_shows_the_policys_size_limit_and_newest_event():
     assert (row.desired, row.limit, row.decision) == (1, 5.5, said)
     text = render([row], 3.0, [])
     assert "2/1" in text and " 5.5 " in text and "PowerLimitLowered: average power" in text
+
+
+def test_a_job_measured_by_the_node_agents_shows_the_operators_figures_and_says_simulated():
+    readings = [parse_trainer_metrics(exposition(0, 100.0, 50.0))]
+    job = {
+        "metadata": {"name": "gpt"},
+        "spec": {"replicas": 1},
+        "status": {"phase": "Running", "readyReplicas": 1,
+                   "energy": {"source": "node", "meter": "simulated", "averageWatts": 30.0,
+                              "consumedJoules": 900.0}},
+    }  # fmt: skip
+    row = job_row(job, readings)
+    assert (row.watts, row.joules, row.samples_per_s) == (30.0, 900.0, 100.0)
+    text = render([row], 5.0, [])
+    assert "energy meter: node: simulated" in text and "simulated GPUs, not a measurement" in text

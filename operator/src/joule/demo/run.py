@@ -1,13 +1,15 @@
-"""`joule demo`: the control plane, the CRD, the operator and a real node (kubelet +
-containerd, `nvidia.com/gpu` slots), all on this machine; the trainer image built and pushed
-to the node's registry; the examples applied; a live view until Ctrl-C; everything torn down
-on exit.
+"""`joule demo`: the control plane and a real node (kubelet + containerd, `nvidia.com/gpu`
+slots), all on this machine; the trainer and operator images built and pushed to the node's
+registry; Joule installed with its Helm chart (the operator, and the node agent over its NVML
+double); a Prometheus that finds them and the workers through the API server; the examples
+applied; a live view until Ctrl-C; a `joule report` of each job; everything torn down on exit.
 
 Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all tear down the same way: the jobs are
 deleted first, so the kubelet sends their workers SIGTERM and they write a last checkpoint;
-then the operator stops, then the cluster. What a demo that died anyway left behind (its
-operator, its cluster with the workers, its checkpoints) is stopped and cleared by the next
-start, so every demo starts fresh.
+then Prometheus stops, then the cluster with the operator and the node agent in it. What a
+demo that died anyway left behind (its Prometheus, its cluster with the operator and the
+workers, its checkpoints) is stopped and cleared by the next start, so every demo starts
+fresh.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ import yaml
 from kubernetes import client, config
 
 from joule.cluster import ClusterInfo, ClusterSettings, down, process, status, up
+from joule.cluster.helm import ensure_helm
 from joule.cluster.lifecycle import kubectl
 from joule.cluster.nodeconfig import NODE_NAME
 from joule.cluster.nodes import GPU_RESOURCE
 from joule.cluster.process import ProcessRecord
+from joule.cluster.prometheus import ensure_prometheus, kubernetes_config, prometheus_argv
 from joule.cluster.realnode import NodeRecord, unavailable_reason
 from joule.constants import (
     COMPONENT,
@@ -45,12 +49,16 @@ from joule.constants import (
     TERMINATION_GRACE_SECONDS,
     VERSION,
 )
-from joule.demo import leftovers, storage
+from joule.demo import install, leftovers, storage
 from joule.demo.view import job_row, render
-from joule.images import ensure_trainer, push
+from joule.images import ensure_operator, ensure_trainer, push
+from joule.images.build import Image
 from joule.trainer_metrics import TrainerReading, parse_trainer_metrics
 
 ROOT = Path(__file__).resolve().parents[4]  # the repository (the package is installed -e)
+CHART = ROOT / "charts" / "joule"
+RULES = CHART / "files" / "prometheus-rules.yaml"
+PROMETHEUS_PORT = 9090  # Prometheus' usual port, where it is free
 DEMO_CLUSTER = "demo"
 # The demo's logs and the examples' checkpoints (their ReadWriteMany volumes): cleared when a
 # demo starts, kept after it ends for reading.
@@ -61,6 +69,7 @@ STATE_FILE = DEMO_DATA / "demo.json"
 # Copies of the kubelet's pod logs (<namespace>_<pod>_<uid>/<container>/<n>.log, CRI format),
 # which the kubelet removes with each pod and `down` with the node.
 POD_LOGS = DEMO_DATA / "logs" / "pods"
+REPORTS = DEMO_DATA / "reports"  # `joule report` of each job, drawn as the demo ends
 NODE_READY_TIMEOUT_S = 120.0
 # Deleted jobs' workers get the pods' grace period to checkpoint and exit; then the cluster's
 # teardown kills what is left.
@@ -77,6 +86,22 @@ class Options:
     timeout: float | None = None
     refresh: float = 2.0
     gpus: int = 4
+
+
+@dataclass(frozen=True)
+class Tools:
+    operator: Image
+    helm: Path
+    prometheus: Path
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def free_port() -> int:
@@ -257,6 +282,8 @@ class Demo:
         )
         self.info: ClusterInfo | None = None
         self.pod_logs: Path | None = None  # the kubelet's podLogsDir
+        self.prometheus_url = ""  # once it runs
+        self.started_at = time.time()
         self.children: list[Child] = []
         self.state = leftovers.DemoState()
         self.owns_cluster = False  # not until no other demo runs: its cluster is not ours to stop
@@ -308,6 +335,7 @@ class Demo:
         image = ensure_trainer(progress=say)
         built = f"built in {image.seconds:.0f}s" if image.built else "cached"
         say(f"trainer image {image.ref}: {built}")
+        tools = self.tools()
         info = up(self.settings, progress=say)
         self.info = info
         assert info.node is not None  # real_node=True: up() raises where it cannot start one
@@ -315,22 +343,11 @@ class Demo:
         self.pod_logs = NodeRecord.from_json(info.node).layout().pod_logs
         say(f"pushing the trainer image to the node's registry {registry}")
         push(image, registry=registry, progress=say)
-        logs = DEMO_DATA / "logs"
-        env = {**os.environ, "KUBECONFIG": str(info.kubeconfig)}
+        push(tools.operator, registry=registry, name=install.OPERATOR_NAME, tag=install.TAG,
+             progress=say)  # fmt: skip
         say("installing the TrainingJob CRD")
         _kubectl(info, "apply", "-f", str(ROOT / "crds"))
         _kubectl(info, "wait", "--for=condition=Established", "crd/trainingjobs.joule.dev")
-        self.operator_port = free_port()
-        say(f"starting the operator (log: {logs / 'operator.log'})")
-        op_env = {
-            **env,
-            "JOULE_METRICS_PORT": str(self.operator_port),
-            "JOULE_LOG_FORMAT": "plain",
-            # The demo's operator and workers run as host processes and pods without a node
-            # agent: the trainers' own (estimated, labelled) figures.
-            "JOULE_JOB_ENERGY_SOURCE": "trainer",
-        }
-        self.start_child("operator", _joule("operator"), op_env, logs / "operator.log")
         self.api = config.new_client_from_config(config_file=str(info.kubeconfig))
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
@@ -346,6 +363,8 @@ class Demo:
         what = f"node {NODE_NAME!r} to be Ready with {slots} {GPU_RESOURCE}"
         _wait(node_ready, NODE_READY_TIMEOUT_S, what)
         say(f"node {NODE_NAME!r} Ready: {slots} {GPU_RESOURCE} slots (for pods, not GPUs)")
+        self.install(info, tools)
+        self.start_prometheus(info, tools.prometheus)
         self.make_volumes(info, docs)
         say(f"applying {self.options.examples}")
         for line in _kubectl(info, "apply", "-f", str(self.options.examples)).splitlines():
@@ -356,6 +375,65 @@ class Demo:
         say(
             f"worker logs: KUBECONFIG={info.kubeconfig} {info.kubectl} logs -f {pod} "
             f"(`get pods` lists every worker; `exec` works too); copies kept in {POD_LOGS}"
+        )
+
+    def tools(self) -> Tools:
+        """The operator image, helm and Prometheus: built once (minutes cold), then cached."""
+        say = self.say
+        say("building the operator image if its inputs changed")
+        operator = ensure_operator(progress=say)
+        say(f"operator image {operator.ref}: {'built' if operator.built else 'cached'}")
+        say("building helm and Prometheus from their Go modules if not cached (minutes, once)")
+        helm = ensure_helm(progress=say)
+        prometheus, _ = ensure_prometheus(progress=say)
+        return Tools(operator, helm, prometheus)
+
+    def install(self, info: ClusterInfo, tools: Tools) -> None:
+        """`helm install` of charts/joule: the operator and the node agent, as pods."""
+        assert info.node is not None
+        layout = NodeRecord.from_json(info.node).layout()
+        values_file = DEMO_DATA / "values.yaml"
+        values_file.write_text(yaml.safe_dump(install.values(layout)))
+        self.say(
+            f"helm install {install.RELEASE} charts/joule -n {install.NAMESPACE} -f {values_file}"
+            " (the operator and the node agent, over its NVML double; waits until both run)"
+        )
+        argv = install.install_argv(tools.helm, info.kubeconfig, CHART, values_file)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=360)
+        if proc.returncode != 0:
+            raise RuntimeError(f"helm install failed: {proc.stderr.strip() or proc.stdout}")
+        for component in ("operator", "node-agent"):
+            pod = self.component_pod(component)
+            self.say(f"  {component}: pod {install.NAMESPACE}/{pod.metadata.name} running")
+
+    def component_pod(self, component: str) -> client.V1Pod:
+        pods = self.core.list_namespaced_pod(
+            install.NAMESPACE, label_selector=f"app.kubernetes.io/component={component}"
+        ).items
+        live = [
+            p for p in pods if p.status.phase == "Running" and not p.metadata.deletion_timestamp
+        ]
+        if not live:
+            raise RuntimeError(f"no running {component} pod in {install.NAMESPACE}")
+        return live[0]
+
+    def start_prometheus(self, info: ClusterInfo, binary: Path) -> None:
+        """Prometheus on 127.0.0.1, finding the operator, the node agent and the workers
+        through the API server by their prometheus.io annotations, with Joule's rules."""
+        folder = DEMO_DATA / "prometheus"
+        folder.mkdir()
+        config_file = folder / "prometheus.yml"
+        config_file.write_text(kubernetes_config(info.kubeconfig, [RULES]))
+        port = PROMETHEUS_PORT if port_free(PROMETHEUS_PORT) else free_port()
+        self.prometheus_url = f"http://127.0.0.1:{port}"
+        argv = prometheus_argv(binary, config_file, folder / "data", port)
+        self.start_child(
+            "prometheus", argv, dict(os.environ), DEMO_DATA / "logs" / "prometheus.log"
+        )
+        _wait(lambda: scrape(f"{self.prometheus_url}/-/ready") is not None, 60, "Prometheus")
+        self.say(
+            f"Prometheus: {self.prometheus_url} (it finds the operator, the node agent and the "
+            "workers through the API server; try joule_job_power_watts, or /alerts)"
         )
 
     def make_volumes(self, info: ClusterInfo, docs: list[dict[str, Any]]) -> None:
@@ -390,7 +468,11 @@ class Demo:
 
     def readings(self) -> tuple[dict[str, list[TrainerReading]], list[str]]:
         by_job: dict[str, list[TrainerReading]] = {}
-        endpoints = [f"operator  http://127.0.0.1:{self.operator_port}/metrics"]
+        endpoints = [f"{'prometheus':<9} {self.prometheus_url}"]
+        for component, port in (("operator", 8080), ("node-agent", 9410)):
+            with contextlib.suppress(Exception):  # restarting: shown again next time
+                ip = self.component_pod(component).status.pod_ip
+                endpoints.append(f"{component:<9} http://{ip}:{port}/metrics")
         pods = self.core.list_pod_for_all_namespaces(label_selector=LABEL_JOB).items
         for pod in sorted(pods, key=lambda p: p.metadata.name):
             ip = pod.status.pod_ip
@@ -470,6 +552,31 @@ class Demo:
         except RuntimeError as exc:
             self.say(f"{exc}; the node's teardown stops the rest")
 
+    def write_reports(self) -> None:
+        """`joule report` of each job from the demo's Prometheus, before the jobs go: the
+        pictures of what happened stay in REPORTS."""
+        if not self.prometheus_url:
+            return
+        try:
+            jobs = self.jobs()
+        except Exception:  # the cluster is gone: nothing to name the reports by
+            return
+        from joule.report.draw import write
+        from joule.report.sources import from_prometheus
+
+        REPORTS.mkdir(exist_ok=True)
+        for job in jobs:
+            ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+            try:
+                report = from_prometheus(
+                    self.prometheus_url, ns, name, self.started_at, time.time()
+                )
+                paths = [write(report, REPORTS / f"{name}{suffix}") for suffix in (".html", ".png")]
+            except Exception as exc:  # a report is not worth a teardown left half done
+                self.say(f"no report for {ns}/{name}: {exc}")
+                continue
+            self.say(f"report of {ns}/{name}: {paths[0]} and {paths[1].name}")
+
     def copy_logs(self) -> None:
         if self.pod_logs is not None:
             copy_pod_logs(self.pod_logs, POD_LOGS)
@@ -479,12 +586,16 @@ class Demo:
         if not self.owns_cluster:
             return
         if self.info is not None:
+            self.write_reports()
             try:
                 self.stop_jobs(self.info)
             except Exception as exc:  # the rest of the teardown runs whatever happened here
                 self.say(f"could not delete the jobs ({exc}); the node's teardown stops them")
         self.copy_logs()
-        self.say("stopping the operator and the cluster (control plane, node, registry)")
+        self.say(
+            "stopping Prometheus and the cluster (control plane, node with the operator and "
+            "the node agent, registry)"
+        )
         leftovers.stop([c.record for c in reversed(self.children)], grace_seconds=30)
         down(self.settings)
         STATE_FILE.unlink(missing_ok=True)  # a failure above keeps it, for the next demo

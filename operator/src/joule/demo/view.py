@@ -32,6 +32,10 @@ def job_row(
     what it last did and why; without one, the job's phase reason."""
     status, spec = job.get("status", {}), job.get("spec", {})
     rs = sorted(readings, key=lambda r: r.rank)
+    energy = status.get("energy") or {}
+    # Measured from outside the workers (the node agents, Prometheus): the operator's figures;
+    # else what the trainers say of themselves.
+    measured = energy.get("source") not in (None, "trainer")
     reason, message = status.get("reason", ""), status.get("message", "")
     return JobRow(
         name=job["metadata"]["name"],
@@ -41,11 +45,17 @@ def job_row(
         step=rs[0].steps if rs else None,
         samples_per_s=sum(r.throughput for r in rs) if rs else None,
         loss=rs[0].loss if rs else None,
-        watts=sum(r.watts or 0.0 for r in rs) if rs else None,
-        joules=sum(r.joules for r in rs) if rs else None,
-        source=rs[0].source if rs else "",
+        watts=energy.get("averageWatts")
+        if measured
+        else (sum(r.watts or 0.0 for r in rs) if rs else None),
+        joules=energy.get("consumedJoules")
+        if measured
+        else (sum(r.joules for r in rs) if rs else None),
+        source=f"{energy['source']}: {energy.get('meter', '?')}"
+        if measured
+        else (rs[0].source if rs else ""),
         decision=last_event or (f"{reason}: {message}" if reason else message),
-        limit=(status.get("energy") or {}).get("gpuPowerLimitWatts"),
+        limit=energy.get("gpuPowerLimitWatts"),
     )
 
 
@@ -71,6 +81,8 @@ def render(rows: Iterable[JobRow], elapsed: float, endpoints: Iterable[str]) -> 
         )
     if sources:
         note = " (from CPU time: an estimate, not a measurement)" if "estimated" in sources else ""
+        if any("simulated" in source for source in sources):
+            note = " (the node agent's NVML double: simulated GPUs, not a measurement)"
         lines += ["", f"energy meter: {', '.join(sorted(sources))}{note}"]
     lines += ["LIMIT: the per-GPU power limit Joule set (W); - is the device's default"]
     lines += ["", "metrics:", *(f"  {e}" for e in endpoints)]
