@@ -1,0 +1,62 @@
+"""Secrets reach a job's workers the ways pods take them: an env var from a secretKeyRef,
+envFrom a whole Secret, and a projected volume; on the real node, with the chart's operator,
+which never reads a Secret itself (its RBAC has no Secret verbs: test_chart)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.conftest import TRAINER_IMAGE, wait_for
+
+# The worker prints what it was given, then waits to be deleted.
+SHOW = (
+    'echo "token=$API_TOKEN"; echo "user=$DB_USER"; '
+    'echo "file=$(cat /var/run/creds/bucket-key)"; sleep 3600'
+)
+
+
+def secret(name: str, data: dict[str, str]) -> client.V1Secret:
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    return client.V1Secret(metadata=client.V1ObjectMeta(name=name), data=encoded)
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_gets_secrets_by_key_by_envfrom_and_in_a_projected_volume(
+    kubectl, core, namespace, operator, local_node
+):
+    core.create_namespaced_secret(namespace, secret("api", {"token": "t0ken-42"}))
+    core.create_namespaced_secret(namespace, secret("db", {"DB_USER": "trainer-ro"}))
+    core.create_namespaced_secret(namespace, secret("bucket", {"key": "s3-secret-7"}))
+    body = {
+        "apiVersion": "joule.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": "sec"},
+        "spec": {
+            "image": TRAINER_IMAGE,
+            "command": ["sh", "-c", SHOW],
+            "gpusPerReplica": 1,
+            "env": [{"name": "API_TOKEN",
+                     "valueFrom": {"secretKeyRef": {"name": "api", "key": "token"}}}],
+            "envFrom": [{"secretRef": {"name": "db"}}],
+            "volumes": [{"name": "creds", "projected": {"sources": [
+                {"secret": {"name": "bucket", "items": [{"key": "key", "path": "bucket-key"}]}},
+            ]}}],
+            "volumeMounts": [{"name": "creds", "mountPath": "/var/run/creds", "readOnly": True}],
+            **local_node.placement(),
+        },
+    }  # fmt: skip
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(body))
+
+    def shown() -> str | None:
+        logs = local_node.pod_logs(namespace, "sec-worker-0")
+        text = logs[-1].read_text(errors="replace") if logs else ""
+        return text if "file=" in text else None
+
+    text = wait_for(shown, timeout=180, interval=1.0, what="the worker to print its secrets")
+    assert "token=t0ken-42" in text
+    assert "user=trainer-ro" in text
+    assert "file=s3-secret-7" in text
