@@ -1,6 +1,9 @@
 """Secrets reach a job's workers the ways pods take them: an env var from a secretKeyRef,
 envFrom a whole Secret, and a projected volume; on the real node, with the chart's operator,
-which never reads a Secret itself (its RBAC has no Secret verbs: test_chart)."""
+which never reads a Secret itself (its RBAC has no Secret verbs: test_chart). The job also
+gets the chart's NetworkPolicy (on by default), which selects its worker and nothing else;
+the local node's bridge CNI does not enforce policies, so what is checked is the object the
+API server holds and what its selectors select."""
 
 from __future__ import annotations
 
@@ -60,3 +63,17 @@ def test_a_worker_gets_secrets_by_key_by_envfrom_and_in_a_projected_volume(
     assert "token=t0ken-42" in text
     assert "user=trainer-ro" in text
     assert "file=s3-secret-7" in text
+
+    # Its NetworkPolicy, as the API server holds it: the selector finds this job's worker
+    # only, and the metrics rule admits the chart's operator.
+    policy = client.NetworkingV1Api(core.api_client).read_namespaced_network_policy(
+        "sec-workers", namespace
+    )
+    labels = ",".join(f"{k}={v}" for k, v in policy.spec.pod_selector.match_labels.items())
+    selected = core.list_namespaced_pod(namespace, label_selector=labels).items
+    assert [p.metadata.name for p in selected] == ["sec-worker-0"]
+    peers, metrics = policy.spec.ingress
+    assert peers.ports is None and peers._from[0].pod_selector == policy.spec.pod_selector
+    (operator,) = metrics._from
+    assert operator.pod_selector.match_labels["app.kubernetes.io/component"] == "operator"
+    assert [(p.port, p.protocol) for p in metrics.ports] == [(9090, "TCP")]

@@ -136,6 +136,10 @@ def test_the_deployment_runs_restricted_and_probed(helm: Helm, namespace: str):
         ({"nodeAgent": {"gpus": "fake"}}, "/nodeAgent/gpus': value must be one of"),
         ({"nodeAgent": {"kubeletRootDir": "var/lib/kubelet"}}, "/kubeletRootDir': 'var/lib"),
         ({"nodeAgent": {"intervalSeconds": 0}}, "/nodeAgent/intervalSeconds': minimum: got 0"),
+        (
+            {"jobNetworkPolicy": {"metricsFrom": [{"ports": [9090]}]}},
+            "additional properties 'ports' not allowed",
+        ),
     ],
 )
 def test_the_schema_refuses_bad_values_at_install(helm: Helm, tmp_path, values, refusal):
@@ -143,6 +147,31 @@ def test_the_schema_refuses_bad_values_at_install(helm: Helm, tmp_path, values, 
     assert proc.returncode != 0
     assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
     assert refusal in proc.stderr, proc.stderr
+
+
+def test_job_network_policies_admit_this_operator_and_the_named_scrapers(
+    helm: Helm, tmp_path, namespace: str
+):
+    from joule.config import OperatorConfig
+
+    def setting(values: dict) -> str | None:
+        rendered = helm("template", "joule", str(CHART), "-n", namespace,
+                        "-f", values_file(tmp_path, values)).stdout  # fmt: skip
+        (deploy,) = [o for o in docs(rendered) if o["kind"] == "Deployment"]
+        env = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+        return {e["name"]: e.get("value") for e in env}.get("JOULE_JOB_NETWORK_POLICY")
+
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    value = setting({"jobNetworkPolicy": {"metricsFrom": [prometheus]}})
+    operator, scraper = OperatorConfig.from_env(
+        {"JOULE_JOB_NETWORK_POLICY": value}
+    ).job_network_policy
+    assert operator["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": namespace
+    }
+    assert operator["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert scraper == prometheus
+    assert setting({"jobNetworkPolicy": {"enabled": False}}) is None
 
 
 def test_the_node_source_without_node_agents_is_refused(helm: Helm, tmp_path):
@@ -251,6 +280,7 @@ def test_the_operators_service_account_can_do_its_job_and_nothing_more(
         ("create", "deployments.apps", "-n", namespace),
         ("delete", "deployments.apps", "-n", namespace),
         ("delete", "services", "-n", namespace),
+        ("create", "networkpolicies.networking.k8s.io", "-n", namespace),
         ("list", "trainingjobs.joule.dev", "--all-namespaces"),
         ("update", "trainingjobs.joule.dev", "--subresource=status", "-n", namespace),
         ("list", "nodes"),
@@ -274,6 +304,7 @@ def test_the_operators_service_account_can_do_its_job_and_nothing_more(
         ("delete", "customresourcedefinitions"),
         ("create", "serviceaccounts", "--subresource=token", "-n", namespace),
         ("update", "services", "-n", namespace),
+        ("delete", "networkpolicies.networking.k8s.io", "-n", namespace),
         ("update", "leases.coordination.k8s.io", "-n", "kube-system"),
     ]
     assert [a for a in must if not can_i(kubectl, sa, *a)] == []

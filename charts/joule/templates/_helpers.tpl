@@ -56,6 +56,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [create, delete]
+# jobNetworkPolicy: one NetworkPolicy per job (owned by it).
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [create]
 # The per-job energy bookkeeping (one ConfigMap per job, owned by it).
 - apiGroups: [""]
   resources: [configmaps]

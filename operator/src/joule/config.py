@@ -3,11 +3,13 @@ them); a bad value stops the operator at start with a message naming the variabl
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Where a pod finds its own namespace; the lease lives there unless JOULE_LEASE_NAMESPACE says.
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -56,6 +58,10 @@ class OperatorConfig:
     # JOULE_PROMETHEUS_QUERY, _POD_LABEL and _COUNTER (see joule.prometheus_energy).
     prometheus_url: str = ""
     prometheus_preset: str = "joule"
+    # JOULE_JOB_NETWORK_POLICY: a JSON list of NetworkPolicy peers that may scrape workers'
+    # /metrics; set (even to []), every job gets a NetworkPolicy that admits only its own
+    # workers and these. None: no policy per job.
+    job_network_policy: tuple[dict[str, Any], ...] | None = None
     prometheus_query: str = ""
     prometheus_pod_label: str = ""
     prometheus_counter: str = ""
@@ -122,6 +128,7 @@ class OperatorConfig:
             prometheus_query=env.get("JOULE_PROMETHEUS_QUERY", ""),
             prometheus_pod_label=env.get("JOULE_PROMETHEUS_POD_LABEL", ""),
             prometheus_counter=env.get("JOULE_PROMETHEUS_COUNTER", ""),
+            job_network_policy=_peers(env, "JOULE_JOB_NETWORK_POLICY"),
         )
         config.check()
         return config
@@ -189,6 +196,27 @@ def _port(env: Mapping[str, str], key: str, default: int) -> int:
     if not value.is_integer() or value > 65535:
         raise ValueError(f"{key} must be a port number (0 turns it off), got {env[key]!r}")
     return int(value)
+
+
+def _peers(env: Mapping[str, str], name: str) -> tuple[dict[str, Any], ...] | None:
+    """A JSON list of NetworkPolicy peers (objects with podSelector, namespaceSelector or
+    ipBlock); unset or empty text: None."""
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        peers = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{name} is not JSON: {exc}") from None
+    keys = {"podSelector", "namespaceSelector", "ipBlock"}
+    if not isinstance(peers, list) or not all(
+        isinstance(p, dict) and p and set(p) <= keys for p in peers
+    ):
+        raise ValueError(
+            f"{name} must be a JSON list of NetworkPolicy peers (objects with podSelector, "
+            f"namespaceSelector or ipBlock), got {text[:200]!r}"
+        )
+    return tuple(peers)
 
 
 def _boolean(env: Mapping[str, str], key: str, default: bool) -> bool:

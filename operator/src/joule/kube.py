@@ -32,6 +32,7 @@ from joule.builders.bookkeeping import (
     read_bookkeeping,
 )
 from joule.builders.labels import selector_string
+from joule.builders.networkpolicy import job_network_policy
 from joule.builders.tensorboard import (
     tensorboard_deployment,
     tensorboard_name,
@@ -61,6 +62,7 @@ class JobApi:
     ) -> None:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
+        self.networking = client.NetworkingV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._guard = threading.Lock()
@@ -69,6 +71,8 @@ class JobApi:
         self._agents: tuple[float, dict[str, str]] | None = None
         # Whether workers apply their power limit themselves (the trainer energy source).
         self.trainer_limits = True
+        # Who may scrape workers' /metrics (NetworkPolicyPeers); None: no policy per job.
+        self.metrics_from: list[dict[str, Any]] | None = None
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The TrainingJob, or None when it does not exist."""
@@ -183,6 +187,24 @@ class JobApi:
                 return None
             if exc.status is not None and 400 <= exc.status < 500:
                 return Rejection(f"service {job.name}", "ServiceRejected", _api_message(exc))
+            raise
+        return None
+
+    def ensure_network_policy(self, job: JobRef, spec: TrainingJobSpec) -> Rejection | None:
+        """The job's NetworkPolicy, created once with its first workers, where configured."""
+        if self.metrics_from is None:
+            return None
+        body = job_network_policy(job, spec, self.metrics_from)
+        try:
+            self.networking.create_namespaced_network_policy(
+                job.namespace, body, _request_timeout=API_TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            if exc.status is not None and 400 <= exc.status < 500:
+                what = f"network policy {body['metadata']['name']}"
+                return Rejection(what, "NetworkPolicyRejected", _api_message(exc))
             raise
         return None
 

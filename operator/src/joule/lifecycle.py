@@ -117,7 +117,7 @@ class Reconciler:
         if p.create:
             # Only when workers are being created: the service is needed from then on, and
             # every other reconcile (pod events, resyncs) is spared a POST answered by 409.
-            rejected = api.ensure_service(job)
+            rejected = api.ensure_service(job) or api.ensure_network_policy(job, spec)
         limit = power_limit(spec, p.status)
         for index in p.create:
             if rejected is not None:

@@ -38,11 +38,11 @@ class Rejection:
     invalid field): what, why, and its message."""
 
     what: str  # "worker 1", "service j"
-    reason: str  # PodRejected | ServiceRejected | TensorboardRejected
+    reason: str  # PodRejected | ServiceRejected | NetworkPolicyRejected | TensorboardRejected
     message: str
 
 
-REJECTED = ("PodRejected", "ServiceRejected")
+REJECTED = ("PodRejected", "ServiceRejected", "NetworkPolicyRejected")
 
 
 def plan(

@@ -153,6 +153,8 @@ def run_operator(config: OperatorConfig) -> None:
         api = JobApi(api_client)
         agents = prometheus = None
         api.trainer_limits = config.energy_source == "trainer"
+        if config.job_network_policy is not None:
+            api.metrics_from = list(config.job_network_policy)
         if config.energy_source != "trainer" and config.node_agents:
             agents = NodeAgents(
                 config.node_agent_namespace, config.node_agent_selector, config.node_agent_port
