@@ -32,3 +32,14 @@ def owner_reference(job: JobRef) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def child_metadata(job: JobRef, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """The metadata of an object the job owns: in its namespace, labelled (the job's common
+    labels unless others are given), collected with it."""
+    return {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": common_labels(job) if labels is None else labels,
+        "ownerReferences": [owner_reference(job)],
+    }

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from joule.api.types import JobRef, TrainingJobSpec
-from joule.builders.labels import common_labels, owner_reference, selector
+from joule.builders.labels import child_metadata, selector
 from joule.constants import METRICS_PORT
 
 
@@ -35,12 +35,7 @@ def job_network_policy(
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": {
-            "name": network_policy_name(job),
-            "namespace": job.namespace,
-            "labels": common_labels(job),
-            "ownerReferences": [owner_reference(job)],
-        },
+        "metadata": child_metadata(job, network_policy_name(job)),
         "spec": {
             "podSelector": {"matchLabels": selector(job)},
             "policyTypes": ["Ingress"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from joule.api.types import JobRef
-from joule.builders.labels import common_labels, owner_reference, selector
+from joule.builders.labels import child_metadata, selector
 from joule.constants import METRICS_PORT, RDZV_PORT
 
 
@@ -17,12 +17,7 @@ def worker_service(job: JobRef) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": service_name(job),
-            "namespace": job.namespace,
-            "labels": common_labels(job),
-            "ownerReferences": [owner_reference(job)],
-        },
+        "metadata": child_metadata(job, service_name(job)),
         "spec": {
             "clusterIP": "None",
             "selector": selector(job),

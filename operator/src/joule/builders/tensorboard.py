@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from joule.api.types import JobRef, TrainingJobSpec
-from joule.builders.labels import owner_reference
+from joule.builders.labels import child_metadata
 from joule.builders.pod import WORKER_POD_SECURITY, WORKER_SECURITY
 from joule.constants import LABEL_MANAGED_BY, MANAGED_BY, TENSORBOARD_PORT
 
@@ -66,12 +66,7 @@ def tensorboard_deployment(job: JobRef, spec: TrainingJobSpec) -> dict[str, Any]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {
-            "name": tensorboard_name(job),
-            "namespace": job.namespace,
-            "labels": labels,
-            "ownerReferences": [owner_reference(job)],
-        },
+        "metadata": child_metadata(job, tensorboard_name(job), labels),
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": labels},
@@ -84,12 +79,7 @@ def tensorboard_service(job: JobRef) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": tensorboard_name(job),
-            "namespace": job.namespace,
-            "labels": _labels(job),
-            "ownerReferences": [owner_reference(job)],
-        },
+        "metadata": child_metadata(job, tensorboard_name(job), _labels(job)),
         "spec": {
             "selector": _labels(job),
             "ports": [{"name": "http", "port": TENSORBOARD_PORT, "targetPort": TENSORBOARD_PORT}],
