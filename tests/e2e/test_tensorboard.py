@@ -41,7 +41,15 @@ def test_a_jobs_tensorboard_shows_its_loss_and_goes_when_turned_off(
     url = wait_for(lambda: status(api, namespace, "tb").get("tensorboard", {}).get("url"),
                    timeout=60, what="status.tensorboard.url")  # fmt: skip
     assert url == f"http://tb-tensorboard.{namespace}.svc:6006"
-    service = core.read_namespaced_service("tb-tensorboard", namespace)
+
+    # Status is written first, then the objects it names (the operator's order).
+    def service() -> client.V1Service | None:
+        found = core.list_namespaced_service(
+            namespace, field_selector="metadata.name=tb-tensorboard"
+        )
+        return found.items[0] if found.items else None
+
+    service = wait_for(service, timeout=30, what="the TensorBoard Service")
     assert [p.port for p in service.spec.ports] == [6006]
 
     pod = wait_for(lambda: tensorboard_pod(core, namespace, "tb"), timeout=180, interval=1.0,
