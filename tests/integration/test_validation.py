@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
-from joule.api.types import MAX_NAME_LENGTH, MAX_REPLICAS, parse_quantity
+from joule.api.types import (
+    MAX_NAME_LENGTH,
+    MAX_REPLICAS,
+    SpecError,
+    TrainingJobSpec,
+    parse_quantity,
+)
 from tests.conftest import ROOT, Kubectl, wait_for
 
 CRD = ROOT / "crds" / "joule.dev_trainingjobs.yaml"
@@ -27,7 +33,8 @@ def manifest(name: str, **spec: Any) -> str:
         "apiVersion": API_VERSION,
         "kind": "TrainingJob",
         "metadata": {"name": name},
-        "spec": {"image": "trainer:test", **spec},
+        # image=None leaves the image out.
+        "spec": {k: v for k, v in {"image": "trainer:test", **spec}.items() if v is not None},
     }
     return json.dumps(body)
 
@@ -46,6 +53,25 @@ def refused(proc) -> str:
 NAME_TOO_LONG = f"metadata.name must be at most {MAX_NAME_LENGTH} characters"
 NOT_DNS_1035 = "metadata.name must be a DNS-1035 label"
 QUANTITY = "must be a non-negative quantity"
+# The API server's own words for a schema error.
+REQUIRED = "Required value"
+NOT_ONE_OF = "Unsupported value"
+NO_MATCH = "in body should match"
+TOO_SHORT = "should be at least 1 chars long"
+DUPLICATE = "Duplicate value"
+AT_LEAST = "should be greater than or equal to"
+AT_MOST = "should be less than or equal to"
+
+
+def must_be(kind: str) -> str:
+    return f"must be of type {kind}"
+
+
+BUDGET = "budget must be a positive number of joules or a quantity like 250kWh"
+LABEL_KEY = "each key must be a label key"
+VOL = [{"name": "data", "emptyDir": {}}]
+CKPT = {"checkpoint": {"path": "/ckpt", "volume": "data"}, "volumes": VOL}
+SUBDOMAIN = "should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]"
 
 
 @pytest.mark.parametrize(
@@ -85,6 +111,165 @@ QUANTITY = "must be a non-negative quantity"
          "tensorboard needs checkpoint.volume"),
         ("ok", {"tensorboard": {"enabled": True}, "checkpoint": {"path": "/c"}},
          "spec.tensorboard", "tensorboard needs checkpoint.volume"),
+        # Every other field of the spec, in the CRD's order: what is required, each type,
+        # range, enum and pattern, and the pairs that contradict each other.
+        ("ok", {"image": None}, "spec.image", REQUIRED),
+        ("ok", {"image": ""}, "spec.image", TOO_SHORT),
+        ("ok", {"image": "trainer test"}, "spec.image", NO_MATCH),
+        ("ok", {"command": "python train.py"}, "spec.command", must_be("array")),
+        ("ok", {"args": ["--epochs", 3]}, "spec.args[1]", must_be("string")),
+        ("ok", {"env": [{"value": "x"}]}, "spec.env[0].name", REQUIRED),
+        ("ok", {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]},
+         "spec.env[1]", DUPLICATE),
+        ("ok", {"env": [{"name": "A=B", "value": "1"}]}, "spec.env[0].name", NO_MATCH),
+        ("ok", {"env": [{"name": "EPOCHS", "value": 3}]}, "spec.env[0].value",
+         must_be("string")),
+        ("ok", {"envFrom": "my-config"}, "spec.envFrom", must_be("array")),
+        ("ok", {"workingDir": 5}, "spec.workingDir", must_be("string")),
+        ("ok", {"imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy", NOT_ONE_OF),
+        ("ok", {"imagePullSecrets": [{"name": ""}]}, "spec.imagePullSecrets[0].name",
+         TOO_SHORT),
+        ("ok", {"imagePullSecrets": ["regcred"]}, "spec.imagePullSecrets[0]",
+         must_be("object")),
+        ("ok", {"replicas": 0}, "spec.replicas", f"{AT_LEAST} 1"),
+        ("ok", {"replicas": "2"}, "spec.replicas", must_be("integer")),
+        ("ok", {"replicas": 2, "elastic": {"minReplicas": 3, "maxReplicas": 2}},
+         "spec.elastic.minReplicas",
+         "elastic.minReplicas must be less than or equal to elastic.maxReplicas"),
+        ("ok", {"replicas": 3, "elastic": {"minReplicas": 1, "maxReplicas": 2}},
+         "spec.replicas", "replicas must lie within [elastic.minReplicas, elastic.maxReplicas]"),
+        ("ok", {"elastic": {"minReplicas": 1}}, "spec.elastic.maxReplicas", REQUIRED),
+        ("ok", {"elastic": {"minReplicas": 0, "maxReplicas": 2}}, "spec.elastic.minReplicas",
+         f"{AT_LEAST} 1"),
+        ("ok", {"gpusPerReplica": -1}, "spec.gpusPerReplica", f"{AT_LEAST} 0"),
+        ("ok", {"gpusPerReplica": 65}, "spec.gpusPerReplica", f"{AT_MOST} 64"),
+        ("ok", {"resources": {"limits": {"nvidia.com/gpu": 1}}}, "spec.resources",
+         "set GPUs with spec.gpusPerReplica, not in resources"),
+        ("ok", {"resources": "big"}, "spec.resources", must_be("object")),
+        ("ok", {"sharedMemory": "-1Gi"}, "spec.sharedMemory", "positive quantity of bytes"),
+        ("ok", {"volumes": [{"emptyDir": {}}]}, "spec.volumes[0].name", REQUIRED),
+        ("ok", {"volumes": [{"name": "Data", "emptyDir": {}}]}, "spec.volumes[0].name",
+         NO_MATCH),
+        ("ok", {"volumes": VOL * 2}, "spec.volumes[1]", DUPLICATE),
+        ("ok", {"volumes": [{"name": "joule-dshm", "emptyDir": {}}]}, "spec.volumes[0].name",
+         "joule-dshm and joule-power are the names of Joule's own volumes"),
+        ("ok", {"volumeMounts": [{"name": "data", "mountPath": "/data"}]}, "spec.volumeMounts",
+         "each of volumeMounts must name one of spec.volumes"),
+        ("ok", {"volumes": VOL, "volumeMounts": [{"name": "data"}]},
+         "spec.volumeMounts[0].mountPath", REQUIRED),
+        ("ok", {"volumes": VOL, "volumeMounts": [{"name": "data", "mountPath": "/dev/shm"}]},
+         "spec.volumeMounts[0].mountPath", "/dev/shm and /etc/joule are Joule's own mounts"),
+        ("ok", {"checkpoint": {"volume": "data"}, "volumes": VOL}, "spec.checkpoint.path",
+         REQUIRED),
+        ("ok", {"checkpoint": {"path": "ckpt"}}, "spec.checkpoint.path", "should match '^/'"),
+        ("ok", {"checkpoint": {"path": "/dev/shm", "volume": "data"}, "volumes": VOL},
+         "spec.checkpoint.path", "checkpoint.path must not be /dev/shm"),
+        ("ok", {"checkpoint": {"path": "/etc/joule/ckpt"}}, "spec.checkpoint.path",
+         "nor under /etc/joule"),
+        ("ok", {"checkpoint": {"path": "/ckpt", "volume": "ckpt"}, "volumes": VOL},
+         "spec.checkpoint.volume", "checkpoint.volume must name one of spec.volumes"),
+        ("ok", {"scaling": {"policy": "Fastest"}}, "spec.scaling.policy", NOT_ONE_OF),
+        ("ok", {"scaling": {"policy": "Throughput"}}, "spec.scaling.policy",
+         "needs spec.elastic bounds to scale within"),
+        ("ok", {"scaling": {"evaluationIntervalSeconds": 1}},
+         "spec.scaling.evaluationIntervalSeconds", f"{AT_LEAST} 5"),
+        ("ok", {"scaling": {"cooldownSeconds": -60}}, "spec.scaling.cooldownSeconds",
+         f"{AT_LEAST} 0"),
+        ("ok", {"scaling": {"minGainPercent": 0}}, "spec.scaling.minGainPercent",
+         f"{AT_LEAST} 1"),
+        ("ok", {"scaling": {"minGainPercent": 101}}, "spec.scaling.minGainPercent",
+         f"{AT_MOST} 100"),
+        ("ok", {"energy": {"powerCapWatts": 0}}, "spec.energy.powerCapWatts", f"{AT_LEAST} 1"),
+        ("ok", {"energy": {"powerCapWatts": "300W"}}, "spec.energy.powerCapWatts",
+         must_be("integer")),
+        ("ok", {"energy": {"windowSeconds": 5}}, "spec.energy.windowSeconds", f"{AT_LEAST} 10"),
+        ("ok", {"energy": {"windowSeconds": 86401}}, "spec.energy.windowSeconds",
+         f"{AT_MOST} 86400"),
+        ("ok", {"energy": {"budget": "250 kWh"}}, "spec.energy.budget", BUDGET),
+        ("ok", {"energy": {"budget": "250kwh"}}, "spec.energy.budget", BUDGET),
+        ("ok", {"energy": {"budget": "5000"}}, "spec.energy.budget", BUDGET),
+        ("ok", {"energy": {"budget": "0J"}}, "spec.energy.budget", BUDGET),
+        ("ok", {"energy": {"budget": "0.0kWh"}}, "spec.energy.budget", BUDGET),
+        ("ok", {"energy": {"budget": -5}}, "spec.energy.budget", BUDGET),
+        ("ok", {"energy": {"budget": 1.5}}, "spec.energy.budget", must_be("integer,string")),
+        ("ok", {"energy": {"budget": "5MJ", "onBudgetExhausted": "Stop"}},
+         "spec.energy.onBudgetExhausted", NOT_ONE_OF),
+        ("ok", {"energy": {"gpuPowerLimitWatts": 0}}, "spec.energy.gpuPowerLimitWatts",
+         f"{AT_LEAST} 1"),
+        ("ok", {"energy": {"powerCapWatts": 1000, "gpuPowerLimitWatts": 200,
+                           "minGpuPowerLimitWatts": 300}},
+         "spec.energy.minGpuPowerLimitWatts",
+         "minGpuPowerLimitWatts must not be above gpuPowerLimitWatts"),
+        ("ok", {"energy": {"minGpuPowerLimitWatts": 100}}, "spec.energy.minGpuPowerLimitWatts",
+         "needs powerCapWatts, budget or scaling.policy EnergyEfficient"),
+        ("ok", {"target": {"samples": 0}}, "spec.target.samples", f"{AT_LEAST} 1"),
+        ("ok", {"target": {"deadline": "tomorrow"}}, "spec.target.deadline",
+         must_be("date-time")),
+        ("ok", {"target": {"deadline": "2030-01-01"}}, "spec.target.deadline",
+         must_be("date-time")),
+        ("ok", {"tensorboard": {"enabled": "yes"}, **CKPT}, "spec.tensorboard.enabled",
+         must_be("boolean")),
+        ("ok", {"tensorboard": {"enabled": True, "image": ""}, **CKPT}, "spec.tensorboard.image",
+         TOO_SHORT),
+        ("ok", {"tensorboard": {"enabled": True, "image": "tb :1"}, **CKPT},
+         "spec.tensorboard.image", NO_MATCH),
+        ("ok", {"progress": {"port": 9090}}, "spec.progress.samplesMetric", REQUIRED),
+        ("ok", {"progress": {"samplesMetric": "my-samples"}}, "spec.progress.samplesMetric",
+         NO_MATCH),
+        ("ok", {"progress": {"samplesMetric": "s_total", "port": 0}}, "spec.progress.port",
+         f"{AT_LEAST} 1"),
+        ("ok", {"progress": {"samplesMetric": "s_total", "port": 65536}}, "spec.progress.port",
+         f"{AT_MOST} 65535"),
+        ("ok", {"nodeSelector": {"gpu": True}}, "spec.nodeSelector.gpu", must_be("string")),
+        ("ok", {"nodeSelector": {"gpu pool": "a100"}}, "spec.nodeSelector", LABEL_KEY),
+        ("ok", {"nodeSelector": {"pool": "a100 x8"}}, "spec.nodeSelector.pool", NO_MATCH),
+        ("ok", {"tolerations": "gpu"}, "spec.tolerations", must_be("array")),
+        ("ok", {"tolerations": [{"key": "gpu", "operator": "exists"}]},
+         "spec.tolerations[0].operator", NOT_ONE_OF),
+        ("ok", {"tolerations": [{"key": "gpu", "effect": "Never"}]},
+         "spec.tolerations[0].effect", NOT_ONE_OF),
+        ("ok", {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "yes"}]},
+         "spec.tolerations[0].value", "value must be empty when its operator is Exists"),
+        ("ok", {"tolerations": [{"value": "yes"}]}, "spec.tolerations[0].operator",
+         "a toleration without a key must have operator Exists"),
+        ("ok", {"tolerations": [{"key": "gpu", "tolerationSeconds": 60}]},
+         "spec.tolerations[0].tolerationSeconds", "tolerationSeconds needs effect NoExecute"),
+        ("ok", {"affinity": "gpu-nodes"}, "spec.affinity", must_be("object")),
+        ("ok", {"securityContext": "root"}, "spec.securityContext", must_be("object")),
+        ("ok", {"securityContext": {"privileged": True}}, "spec.securityContext.privileged",
+         "privileged true needs allowPrivilegeEscalation true too"),
+        ("ok", {"securityContext": {"privileged": "yes"}}, "spec.securityContext.privileged",
+         must_be("boolean")),
+        ("ok", {"securityContext": {"runAsUser": -1}}, "spec.securityContext.runAsUser",
+         f"{AT_LEAST} 0"),
+        ("ok", {"securityContext": {"runAsNonRoot": True, "runAsUser": 0}},
+         "spec.securityContext.runAsUser", "runAsNonRoot true and runAsUser 0 contradict"),
+        ("ok", {"podSecurityContext": {"fsGroup": "users"}}, "spec.podSecurityContext.fsGroup",
+         must_be("integer")),
+        ("ok", {"podSecurityContext": {"runAsGroup": 2**31}},
+         "spec.podSecurityContext.runAsGroup", f"{AT_MOST} {2**31 - 1}"),
+        ("ok", {"podSecurityContext": {"runAsNonRoot": True, "runAsUser": 0}},
+         "spec.podSecurityContext.runAsUser", "runAsNonRoot true and runAsUser 0 contradict"),
+        ("ok", {"priorityClassName": "High Priority"}, "spec.priorityClassName", SUBDOMAIN),
+        ("ok", {"schedulerName": "Volcano"}, "spec.schedulerName", SUBDOMAIN),
+        ("ok", {"serviceAccountName": "trainer_sa"}, "spec.serviceAccountName", SUBDOMAIN),
+        ("ok", {"podLabels": {"team": 1}}, "spec.podLabels.team", must_be("string")),
+        ("ok", {"podLabels": {"-team": "ml"}}, "spec.podLabels", LABEL_KEY),
+        ("ok", {"podLabels": {"team": "ml-" + "x" * 61}}, "spec.podLabels.team",
+         "Too long: may not be more than 63 bytes"),
+        ("ok", {"podLabels": {f"l{i}": "x" for i in range(65)}}, "spec.podLabels",
+         "must have at most 64 items"),
+        ("ok", {"podAnnotations": {"note": 1}}, "spec.podAnnotations.note", must_be("string")),
+        ("ok", {"podAnnotations": {"Example.com/note": "x"}}, "spec.podAnnotations", LABEL_KEY),
+        ("ok", {"backoffLimit": -1}, "spec.backoffLimit", f"{AT_LEAST} 0"),
+        ("ok", {"activeDeadlineSeconds": 0}, "spec.activeDeadlineSeconds", f"{AT_LEAST} 1"),
+        ("ok", {"ttlSecondsAfterFinished": -1}, "spec.ttlSecondsAfterFinished",
+         f"{AT_LEAST} 0"),
+        ("ok", {"cleanPodPolicy": "Failed"}, "spec.cleanPodPolicy", NOT_ONE_OF),
+        ("ok", {"suspend": "yes"}, "spec.suspend", must_be("boolean")),
+        ("ok", {"startupTimeoutSeconds": 0}, "spec.startupTimeoutSeconds", f"{AT_LEAST} 1"),
+        # A misspelt field is refused (kubectl validates strictly), not dropped in silence.
+        ("ok", {"replica": 2}, "spec.replica", "unknown field"),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 40 else None,
 )  # fmt: skip
@@ -93,6 +278,49 @@ def test_bad_input_is_refused_at_apply_with_the_field_named(
 ):
     stderr = refused(apply(kubectl, namespace, name, **spec))
     assert field in stderr and message in stderr, stderr
+
+
+# Unusual but valid: the rules above must not refuse these, nor may the parser refuse what the
+# API server stored (the operator would mark the job InvalidSpec).
+GOOD_SPECS = [
+    {"image": "localhost:5000/team/trainer@sha256:" + "0" * 64},
+    {"env": [{"name": "my.var-1", "value": "x"}]},  # relaxed names, as pods take them
+    {"volumes": VOL, "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
+     "checkpoint": {"path": "/data/ckpt", "volume": "data"}},
+    {"energy": {"budget": "0.5kWh", "powerCapWatts": 900, "gpuPowerLimitWatts": 300,
+                "minGpuPowerLimitWatts": 300}},
+    {"energy": {"budget": "007MJ", "onBudgetExhausted": "Warn"}},
+    {"energy": {"budget": 1}},
+    {"target": {"samples": 1, "deadline": "2030-01-01t00:00:00z"}},  # RFC 3339 allows t and z
+    {"target": {"deadline": "2030-01-01T00:00:00.123456789+01:00"}},
+    {"nodeSelector": {"example.com/pool": "a100", "kubernetes.io/os": "linux", "empty": ""}},
+    {"tolerations": [{"operator": "Exists"},
+                     {"key": "gpu", "effect": "NoExecute", "tolerationSeconds": 30},
+                     {"key": "dedicated", "operator": "Equal", "value": "ops"}]},
+    {"securityContext": {"privileged": True, "allowPrivilegeEscalation": True}},
+    {"securityContext": {"runAsUser": 0, "capabilities": {"add": ["SYS_PTRACE"]}}},
+    {"podSecurityContext": {"runAsNonRoot": True, "runAsUser": 2**31 - 1, "fsGroup": 0,
+                            "seccompProfile": {"type": "RuntimeDefault"}}},
+    {"priorityClassName": "system-cluster-critical", "schedulerName": "volcano",
+     "serviceAccountName": "trainer.sa"},
+    {"podLabels": {"x" * 63: "y" * 63, "example.com/team": "ml_a.b-c"},
+     "podAnnotations": {"example.com/note": "any text: at all"}},
+]  # fmt: skip
+
+
+def test_unusual_but_valid_specs_pass_the_api_server_and_then_the_parser(kubectl, crd, namespace):
+    failed = []
+    for spec in GOOD_SPECS:
+        proc = apply(kubectl, namespace, "ok", "--dry-run=server", "-o", "json", **spec)
+        if proc.returncode != 0:
+            failed.append((spec, proc.stderr.strip()))
+            continue
+        stored = json.loads(proc.stdout)  # with the schema's defaults, as the operator reads it
+        try:
+            TrainingJobSpec.parse(stored["spec"], name=stored["metadata"]["name"])
+        except SpecError as exc:
+            failed.append((spec, f"parser: {exc}"))
+    assert not failed, failed
 
 
 GOOD_RESOURCES = {

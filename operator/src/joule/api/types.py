@@ -69,6 +69,8 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # within the API server's cost budget.
 MAX_RESOURCES = 16
 MAX_QUANTITY_LENGTH = 64
+# The largest user or group ID a pod may run as.
+MAX_ID = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,16 @@ INT_FIELDS: dict[str, IntField] = {
     "spec.energy.minGpuPowerLimitWatts": IntField(1),
     "spec.target.samples": IntField(1),
     "spec.progress.port": IntField(1, 65535),
+    # User and group IDs, bounded as the pod's validation bounds them. The parser copies the
+    # security contexts into the pods as they are and does not read these.
+    **{
+        f"spec.{context}.{key}": IntField(0, MAX_ID)
+        for context, keys in (
+            ("securityContext", ("runAsUser", "runAsGroup")),
+            ("podSecurityContext", ("runAsUser", "runAsGroup", "fsGroup")),
+        )
+        for key in keys
+    },
 }
 
 
@@ -452,7 +464,9 @@ def _target(d: dict[str, Any]) -> Target:
     deadline = None
     if d.get("deadline"):
         try:
-            deadline = dt.datetime.fromisoformat(str(d["deadline"]).replace("Z", "+00:00"))
+            # RFC 3339 (and the API server's date-time) allows a lowercase t and z.
+            text = str(d["deadline"]).upper().replace("Z", "+00:00")
+            deadline = dt.datetime.fromisoformat(text)
         except ValueError:
             raise SpecError(f"spec.target.deadline {d['deadline']!r} is not RFC 3339") from None
         if deadline.tzinfo is None:
