@@ -29,6 +29,8 @@ def test_pod_carries_gpus_labels_owner_and_a_stable_dns_name():
     assert pod["spec"]["hostname"] == "llm-worker-1"
     assert pod["spec"]["subdomain"] == "llm"
     assert pod["spec"]["restartPolicy"] == "Never"
+    # A worker that dies without a message file leaves its log's tail for the job's status.
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
 def test_torchrun_contract_for_a_fixed_size_job():

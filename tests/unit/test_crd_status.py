@@ -111,7 +111,8 @@ def test_every_status_field_the_operator_writes_survives_the_schema():
         seen |= {f"energy.{k}" for k in st.get("energy", {})}
     # The states above did write the fields this check is for.
     for field in ("completingSince", "specReplicas", "targetReplicas", "lastDecision",
-                  "podFailure", "energy.gpuPowerLimitWatts", "energy.evaluatedAt",
+                  "podFailure", "lastFailureTime", "energy.gpuPowerLimitWatts",
+                  "energy.evaluatedAt",
                   "energy.budgetRemainingJoules", "energy.meter", "energy.progress",
                   "energy.gpuPowerLimitConfirmed", "energy.gpuPowerLimitRefused"):  # fmt: skip
         assert field in seen, field

@@ -69,3 +69,27 @@ def test_image_pull_backoff_and_unschedulable():
 def test_a_pod_without_our_index_label_is_ignored_and_deleting_is_not_active():
     assert view({"metadata": {"name": "x", "labels": {}}, "status": {}}) is None
     assert not view(pod({"phase": "Running"}, deleting=True)).active
+
+
+def failed_pod(terminated, **status):
+    return view(
+        pod({"phase": "Failed", "containerStatuses": [{"state": {"terminated": terminated}}],
+             **status})
+    )  # fmt: skip
+
+
+def test_the_containers_oom_kill_wins_over_the_pods_generic_reason():
+    v = failed_pod({"exitCode": 137, "reason": "OOMKilled"}, reason="Failed", message="failed")
+    assert (v.failure.reason, v.failure.exit_code) == ("OOMKilled", 137)
+    assert v.failure.message == "exited with code 137"  # no log, no message file
+
+
+def test_the_log_tail_a_worker_left_is_quoted_by_its_last_line_only():
+    # FallbackToLogsOnError: the kubelet's message is the log's tail (up to 80 lines).
+    tail = "Traceback (most recent call last):\n  File 'train.py'\nValueError: bad lr\n\n"
+    v = failed_pod({"exitCode": 1, "reason": "Error", "message": tail})
+    assert (v.failure.reason, v.failure.exit_code) == ("Error", 1)
+    assert v.failure.message == "ValueError: bad lr"
+    long = failed_pod({"exitCode": 1, "message": "x" * 1000})
+    assert long.failure.reason == "Error"  # a terminated container without a reason
+    assert len(long.failure.message) == 256 and long.failure.message.endswith("...")

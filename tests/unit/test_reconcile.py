@@ -65,19 +65,22 @@ def test_deciding_again_on_the_same_world_changes_nothing():
     assert again.create == [] and again.delete == [] and again.events == []
 
 
-def test_a_failed_worker_is_replaced_and_counted_once():
+def test_a_failed_worker_is_counted_once_and_without_backoff_replaced_at_once():
+    s = spec(backoffLimit=3, restartBackoffSeconds=0)
     oom = Failure("OOMKilled", "killed", 137)
     pods = [pod(0), pod(1, phase="Failed", failure=oom)]
-    plan = run(spec(backoffLimit=3), pods, {"phase": "Running"})
+    plan = run(s, pods, {"phase": "Running"})
     assert plan.delete == ["j-worker-1"]
     assert plan.status["restarts"] == 1
     assert plan.status["podFailure"]["reason"] == "OOMKilled"
     assert "WorkerFailed" in reasons(plan)
+    assert "replacing it now" in plan.events[0].message
+    assert plan.status["reason"] != "BackingOff" and plan.requeue_after is None
     # The operator restarts before the pod is gone: the same failure is not counted again.
-    again = run(spec(backoffLimit=3), pods, plan.status)
+    again = run(s, pods, plan.status)
     assert again.status["restarts"] == 1
     # Once the failed pod is gone, its replacement is created.
-    replaced = run(spec(backoffLimit=3), [pod(0)], again.status)
+    replaced = run(s, [pod(0)], again.status)
     assert replaced.create == [1]
     assert "handledFailures" not in replaced.status
 
@@ -423,6 +426,8 @@ def test_a_suspension_before_the_job_started_does_not_lengthen_its_deadline():
         ("Pending", "Unschedulable", "False", "False", "True"),  # stalled, not reconciling
         ("Starting", "ImagePullBackOff", "False", "False", "True"),
         ("Failed", "BackoffLimitExceeded", "False", "False", "True"),
+        # Waiting to replace a failed worker: the operator will retry by itself.
+        ("Resizing", "BackingOff", "False", "True", "False"),
     ],
 )
 def test_conditions_say_what_kstatus_reads(phase, reason, ready, reconciling, stalled):
@@ -433,3 +438,138 @@ def test_conditions_say_what_kstatus_reads(phase, reason, ready, reconciling, st
     st = {"phase": phase, "reason": reason, "message": "m"}
     got = {c["type"]: c["status"] for c in conditions(st, 1, [], dt.datetime(2026, 1, 1))}
     assert (got["Ready"], got["Reconciling"], got["Stalled"]) == (ready, reconciling, stalled)
+
+
+# --- restart backoff: a worker that fails on every start ------------------------------------
+
+
+def condition(st, ctype):
+    return next(c["status"] for c in st["conditions"] if c["type"] == ctype)
+
+
+def test_restart_delays_double_from_the_base_up_to_the_cap():
+    from joule.reconcile import restart_delay
+
+    delays = [restart_delay(spec(), n) for n in range(1, 9)]
+    assert delays == [10, 20, 40, 80, 160, 300, 300, 300]  # the default base, 10 s
+    assert [restart_delay(spec(restartBackoffSeconds=2), n) for n in (1, 2, 3)] == [2, 4, 8]
+    assert restart_delay(spec(restartBackoffSeconds=0), 5) == 0  # replace at once
+    assert restart_delay(spec(restartBackoffSeconds=900), 3) == 900  # a base above the cap
+    assert restart_delay(spec(), 10_000) == 300  # no overflow, however many restarts
+
+
+def test_a_failed_worker_is_replaced_only_once_its_backoff_is_over():
+    s = spec(backoffLimit=3)
+    oom = Failure("OOMKilled", "exited with code 137", 137)
+    failed = run(s, [pod(0), pod(1, phase="Failed", failure=oom)], {"phase": "Running"})
+    st = failed.status
+    assert st["lastFailureTime"] == fmt_time(T0) and st["restarts"] == 1
+    assert failed.delete == ["j-worker-1"] and failed.create == []
+    event = next(e for e in failed.events if e.reason == "WorkerFailed")
+    assert event.message == (
+        "j-worker-1 failed (OOMKilled, exit code 137): exited with code 137; "
+        "replacing it in 10s (restart 1 of 3)"
+    )
+    assert (st["phase"], st["reason"]) == ("Resizing", "BackingOff")
+    assert st["message"] == (
+        "j-worker-1 failed (OOMKilled, exit code 137): exited with code 137; replacing it "
+        "in 10s, at 2026-01-01T00:00:10Z (restart 1 of 3)"
+    )
+    assert failed.requeue_after == 10  # woken when the wait is over
+    # Waiting is progress, not a stall: the operator retries by itself.
+    assert condition(st, "Reconciling") == "True"
+    assert (condition(st, "Stalled"), condition(st, "Ready")) == ("False", "False")
+
+    # The failed pod is gone; the wait is not over: nothing is created, the status stands
+    # (its message names the end of the wait, so it is not rewritten while the job waits).
+    waiting = run(s, [pod(0)], st, after(3))
+    assert waiting.create == [] and waiting.requeue_after == 7
+    assert (waiting.status["reason"], waiting.status["message"]) == (st["reason"], st["message"])
+    assert run(s, [pod(0)], waiting.status, after(6)).status == waiting.status
+
+    replaced = run(s, [pod(0)], waiting.status, after(10))
+    assert replaced.create == [1]
+    assert replaced.status["reason"] != "BackingOff"
+    running = run(s, [pod(0), pod(1)], replaced.status, after(20))
+    assert running.status["phase"] == "Running" and "podFailure" not in running.status
+
+
+def test_each_failure_doubles_the_wait():
+    s = spec(backoffLimit=5)
+    st = {"phase": "Running"}
+    waits = []
+    for n in range(1, 5):
+        now = after(1000 * n)
+        crash = Failure("Error", "boom", 1)
+        failed = run(s, [pod(0), pod(1, phase="Failed", uid=f"crash-{n}", failure=crash)], st, now)
+        assert failed.status["restarts"] == n
+        waits.append(failed.requeue_after)
+        st = run(s, [pod(0), pod(1)], failed.status, now + dt.timedelta(seconds=500)).status
+    assert waits == [10, 20, 40, 80]
+
+
+def test_an_operator_restart_mid_wait_keeps_the_wait():
+    """All the wait needs is in the stored status: a new operator (a fresh plan from the
+    status read back from the API server) waits out the rest, no more and no less."""
+    import json
+
+    s = spec(backoffLimit=3, restartBackoffSeconds=30)
+    crash = Failure("Error", "ValueError: bad lr", 1)
+    failed = run(s, [pod(0), pod(1, phase="Failed", failure=crash)], {"phase": "Running"})
+    stored = json.loads(json.dumps(failed.status))  # as the API server keeps it
+    resumed = run(s, [pod(0)], stored, after(25))
+    assert resumed.create == [] and resumed.requeue_after == 5
+    assert resumed.status["reason"] == "BackingOff"
+    assert "ValueError: bad lr" in resumed.status["message"]
+    assert run(s, [pod(0)], stored, after(30)).create == [1]
+
+
+def test_a_worker_failing_at_once_on_every_start_backs_off_then_fails_with_its_reason():
+    s = spec(replicas=1, backoffLimit=2, restartBackoffSeconds=2)
+    crash = Failure("Error", "config.yaml: no such file", 1)
+    st = run(s, [], {}).status  # created
+    now, seen = T0, []
+    for n in range(1, 4):
+        now += dt.timedelta(seconds=1)
+        dead = [pod(0, phase="Failed", uid=f"start-{n}", failure=crash)]
+        p = run(s, dead, st, now)
+        st = p.status
+        seen.append((st["phase"], st["reason"], p.requeue_after))
+        if st["phase"] == "Failed":
+            break
+        # Before the startup timeout of a gang that never ran: the clock starts again with
+        # the replacement, so the wait does not use it up.
+        assert "attemptStartTime" not in st
+        assert run(s, [], st, now).create == []  # the pod is gone; still waiting
+        now += dt.timedelta(seconds=p.requeue_after)
+        p = run(s, [], st, now)
+        assert p.create == [0]
+        st = p.status
+    assert seen == [("Pending", "BackingOff", 2), ("Pending", "BackingOff", 4),
+                    ("Failed", "BackoffLimitExceeded", None)]  # fmt: skip
+    assert st["message"] == (
+        "j-worker-0 failed (Error, exit code 1): config.yaml: no such file; "
+        "3 restarts > backoffLimit=2"
+    )
+    assert st["podFailure"] == {
+        "pod": "j-worker-0", "reason": "Error", "message": "config.yaml: no such file",
+        "exitCode": 1,
+    }  # fmt: skip
+    assert condition(st, "Stalled") == "True"
+
+
+def test_an_oom_killed_worker_past_the_limit_fails_the_job_naming_the_oom_kill():
+    oom = Failure("OOMKilled", "exited with code 137", 137)
+    p = run(spec(replicas=1, backoffLimit=0), [pod(0, phase="Failed", failure=oom)],
+            {"phase": "Running"})  # fmt: skip
+    assert (p.status["phase"], p.status["reason"]) == ("Failed", "BackoffLimitExceeded")
+    assert "j-worker-0 failed (OOMKilled, exit code 137)" in p.status["message"]
+    assert p.create == [] and p.requeue_after is None
+
+
+def test_a_shorter_backoff_in_the_spec_takes_effect_at_once():
+    s = spec(backoffLimit=3, restartBackoffSeconds=60)
+    crash = Failure("Error", "boom", 1)
+    st = run(s, [pod(0), pod(1, phase="Failed", failure=crash)], {"phase": "Running"}).status
+    assert run(s, [pod(0)], st, after(10)).create == []
+    assert run(spec(backoffLimit=3, restartBackoffSeconds=0), [pod(0)], st, after(10)).create == [1]

@@ -13,6 +13,7 @@ def test_defaults_match_the_crd():
     assert (s.replicas, s.gpus_per_replica, s.backoff_limit) == (1, 1, 3)
     assert s.clean_pod_policy == CleanPodPolicy.RUNNING
     assert s.startup_timeout_seconds == 300
+    assert s.restart_backoff_seconds == 10
     assert s.bounds == (1, 1) and not s.elastic
 
 
@@ -47,6 +48,8 @@ def test_bad_specs_name_the_field(spec, message):
         ({"gpusPerReplica": 65}, r"spec.gpusPerReplica must be <= 64"),
         ({"scaling": {"cooldownSeconds": 86401}}, r"spec.scaling.cooldownSeconds must be <="),
         ({"energy": {"windowSeconds": 5}}, r"spec.energy.windowSeconds must be >= 10"),
+        ({"restartBackoffSeconds": -1}, r"spec.restartBackoffSeconds must be >= 0"),
+        ({"restartBackoffSeconds": 3601}, r"spec.restartBackoffSeconds must be <= 3600"),
     ],
 )
 def test_out_of_range_integers_name_the_field_and_the_bound(spec, message):

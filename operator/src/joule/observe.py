@@ -87,14 +87,21 @@ def view(pod: dict[str, Any]) -> PodView | None:
     )
 
 
+# Longest termination message kept, in characters: a status line, not a log.
+MAX_MESSAGE = 256
+
+
 def failure(status: dict[str, Any], conditions: dict[str, dict[str, Any]]) -> Failure | None:
+    # The container's own terminated reason (OOMKilled, Error) comes first: the pod's reason,
+    # where it has one, is a generic one.
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         term = state.get("terminated")
         if term and term.get("exitCode", 0) != 0:
             reason = term.get("reason") or "Error"
             code = term.get("exitCode")
-            return Failure(reason, term.get("message") or f"exited with code {code}", code)
+            said = last_line(term.get("message") or "")
+            return Failure(reason, said or f"exited with code {code}", code)
         waiting = state.get("waiting")
         if waiting and waiting.get("reason") in BLOCKING_WAITING:
             return Failure(waiting["reason"], waiting.get("message") or waiting["reason"])
@@ -104,3 +111,14 @@ def failure(status: dict[str, Any], conditions: dict[str, dict[str, Any]]) -> Fa
     if status.get("phase") == "Failed":
         return Failure(status.get("reason") or "Failed", status.get("message") or "pod failed")
     return None
+
+
+def last_line(text: str) -> str:
+    """The last non-blank line of a termination message, shortened to MAX_MESSAGE. Workers
+    use FallbackToLogsOnError, so the message is their log's tail (up to 80 lines) where they
+    wrote no message file: its last line is the one that says why (a traceback's error)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = lines[-1]
+    return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 3] + "..."

@@ -154,7 +154,11 @@ def plan(
 
     desired = desired_replicas(spec, st)
     present = {p.index for p in pods}
-    out.create = [i for i in range(desired) if i not in present]
+    # A failed worker's replacement waits out its backoff (no worker is created meanwhile),
+    # so that a worker failing at once on every start does not spin through backoffLimit.
+    backoff = _backoff_left(spec, st, now)
+    if backoff is None:
+        out.create = [i for i in range(desired) if i not in present]
     # Shrink from the highest index down, so worker 0 (the rendezvous host) stays.
     surplus = sorted(
         (p for p in pods if p.index >= desired and not p.terminating), key=lambda p: -p.index
@@ -180,7 +184,10 @@ def plan(
     wanted = [p for p in pods if p.index < desired and p.active]
     all_running = len(wanted) == desired and all(p.ready for p in wanted) and not surplus
     blocking = next((p for p in wanted if p.failure), None)
-    if blocking and blocking.failure:
+    # The wait is shown while a worker is missing (not once the job no longer needs it);
+    # the failure waited on stays in podFailure meanwhile.
+    waiting = backoff if backoff is not None and len(wanted) < desired else None
+    if blocking and blocking.failure and waiting is None:
         st["podFailure"] = _failure_dict(blocking.name, blocking.failure)
 
     if all_running:
@@ -206,7 +213,63 @@ def plan(
         _set_phase(st, Phase.RESIZING, reason, msg)
     else:
         _starting(spec, st, wanted, desired, blocking, now, out)
+    if waiting is not None and not Phase(st["phase"]).finished:
+        _backing_off(spec, st, waiting, now, out)
     return _close(out, st, job, spec, generation, pods, now)
+
+
+# Kubernetes Jobs' pod backoff: the base delay doubles with each failure, up to 6 min there.
+MAX_RESTART_BACKOFF_SECONDS = 300
+
+
+def restart_delay(spec: TrainingJobSpec, restarts: int) -> float:
+    """Seconds a failed worker's replacement waits, once ``restarts`` restarts are counted
+    (1 for the first failure): restartBackoffSeconds * 2^(restarts-1), at most 300 s (or
+    restartBackoffSeconds itself, where larger); 0 with restartBackoffSeconds 0."""
+    base = spec.restart_backoff_seconds
+    if base <= 0 or restarts <= 0:
+        return 0.0
+    cap = max(MAX_RESTART_BACKOFF_SECONDS, base)
+    return float(min(base * 2 ** min(restarts - 1, 16), cap))  # 2^16: past any cap
+
+
+def _backoff_left(spec: TrainingJobSpec, st: dict[str, Any], now: dt.datetime) -> float | None:
+    """Seconds left before a failed worker may be replaced (from status.lastFailureTime,
+    so an operator restart keeps the wait); None: no wait."""
+    failed_at = parse_time(st.get("lastFailureTime"))
+    if failed_at is None:
+        return None
+    delay = restart_delay(spec, int(st.get("restarts", 0)))
+    left = delay - (now - failed_at).total_seconds()
+    return left if left > 0 else None
+
+
+def _backing_off(
+    spec: TrainingJobSpec, st: dict[str, Any], left: float, now: dt.datetime, plan: Plan
+) -> None:
+    """Say that the job waits to replace a failed worker, and wake it when the wait is over.
+    The message names the end of the wait rather than counting down, so that it does not
+    change (and the status is not rewritten) on every reconcile while the job waits."""
+    restarts = int(st.get("restarts", 0))
+    delay = restart_delay(spec, restarts)
+    failed_at = parse_time(st.get("lastFailureTime")) or now
+    failure = st.get("podFailure") or {}
+    what = "a worker failed"
+    if failure.get("pod"):
+        what = f"{failure['pod']} failed ({_describe(failure)}): {failure.get('message', '')}"
+    until = fmt_time(failed_at + dt.timedelta(seconds=delay))
+    st["reason"] = "BackingOff"
+    st["message"] = (
+        f"{what}; replacing it in {delay:.0f}s, at {until} "
+        f"(restart {restarts} of {spec.backoff_limit})"
+    )
+    plan.requeue_after = _min(plan.requeue_after, left)
+
+
+def _describe(failure: dict[str, Any]) -> str:
+    """'OOMKilled, exit code 137': a failure's reason and exit code, as a status says them."""
+    code = failure.get("exitCode")
+    return f"{failure.get('reason', 'Failed')}{'' if code is None else f', exit code {code}'}"
 
 
 def _growth_time_left(spec: TrainingJobSpec, st: dict[str, Any], now: dt.datetime) -> float | None:
@@ -421,26 +484,33 @@ def _count_failures(
     first = new[0]
     fail = first.failure or Failure("Failed", "pod failed")
     st["podFailure"] = _failure_dict(first.name, fail)
-    code = f", exit code {fail.exit_code}" if fail.exit_code is not None else ""
+    # The replacement's wait runs from now (see _backoff_left), kept in status so that an
+    # operator restart keeps it too.
+    st["lastFailureTime"] = fmt_time(now)
     if st["restarts"] > spec.backoff_limit:
         _finish(
             st,
             Phase.FAILED,
             "BackoffLimitExceeded",
-            f"{first.name} failed ({fail.reason}{code}): {fail.message}; "
+            f"{first.name} failed ({_describe(st['podFailure'])}): {fail.message}; "
             f"{st['restarts']} restarts > backoffLimit={spec.backoff_limit}",
             now,
             plan,
         )
         plan.delete = sorted({*plan.delete, *(p.name for p in pods if p.active)})
         return True
+    # The startup clock starts again with the replacement: a wait never uses up
+    # startupTimeoutSeconds.
+    st.pop("attemptStartTime", None)
+    delay = restart_delay(spec, st["restarts"])
+    when = f"in {delay:.0f}s" if delay > 0 else "now"
     for pod in new:
-        f = pod.failure or Failure("Failed", "pod failed")
+        f = _failure_dict(pod.name, pod.failure or Failure("Failed", "pod failed"))
         plan.events.append(
             Event(
                 "Warning",
                 "WorkerFailed",
-                f"{pod.name} failed ({f.reason}{code if pod is first else ''}); replacing it "
+                f"{pod.name} failed ({_describe(f)}): {f['message']}; replacing it {when} "
                 f"(restart {st['restarts']} of {spec.backoff_limit})",
             )
         )

@@ -91,6 +91,7 @@ INT_FIELDS: dict[str, IntField] = {
     "spec.activeDeadlineSeconds": IntField(1),
     "spec.ttlSecondsAfterFinished": IntField(0),
     "spec.startupTimeoutSeconds": IntField(1, None, 300),
+    "spec.restartBackoffSeconds": IntField(0, 3600, 10),
     "spec.scaling.evaluationIntervalSeconds": IntField(5, 3600, 30),
     "spec.scaling.cooldownSeconds": IntField(0, 86400, 120),
     "spec.scaling.minGainPercent": IntField(1, 100, 5),
@@ -141,6 +142,9 @@ class TrainingJobSpec:
     clean_pod_policy: CleanPodPolicy = CleanPodPolicy.RUNNING
     suspend: bool = False
     startup_timeout_seconds: int = 300
+    # The wait before a failed worker's replacement, doubled with each restart (see
+    # reconcile.restart_delay); 0 replaces at once.
+    restart_backoff_seconds: int = 10
     scaling: Scaling = field(default_factory=Scaling)
     energy: Energy = field(default_factory=Energy)
     target: Target = field(default_factory=Target)
@@ -240,6 +244,7 @@ class TrainingJobSpec:
             clean_pod_policy=clean,
             suspend=bool(spec.get("suspend", False)),
             startup_timeout_seconds=_int(spec, "spec.startupTimeoutSeconds"),
+            restart_backoff_seconds=_int(spec, "spec.restartBackoffSeconds"),
             scaling=scaling,
             energy=energy,
             target=_target(spec.get("target") or {}),

@@ -175,6 +175,9 @@ def worker_pod(
             {"name": "rdzv", "containerPort": RDZV_PORT},
             {"name": "metrics", "containerPort": METRICS_PORT},
         ],
+        # A worker that fails without writing /dev/termination-log leaves its log's tail as
+        # the termination message, which the job's status then quotes (its last line).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     for key in ("command", "args", "envFrom", "workingDir", "imagePullPolicy"):
         if key in p:
