@@ -262,6 +262,8 @@ SUBDOMAIN = "should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]"
         ("ok", {"podAnnotations": {"note": 1}}, "spec.podAnnotations.note", must_be("string")),
         ("ok", {"podAnnotations": {"Example.com/note": "x"}}, "spec.podAnnotations", LABEL_KEY),
         ("ok", {"backoffLimit": -1}, "spec.backoffLimit", f"{AT_LEAST} 0"),
+        ("ok", {"restartBackoffSeconds": -1}, "spec.restartBackoffSeconds", f"{AT_LEAST} 0"),
+        ("ok", {"restartBackoffSeconds": 3601}, "spec.restartBackoffSeconds", f"{AT_MOST} 3600"),
         ("ok", {"activeDeadlineSeconds": 0}, "spec.activeDeadlineSeconds", f"{AT_LEAST} 1"),
         ("ok", {"ttlSecondsAfterFinished": -1}, "spec.ttlSecondsAfterFinished",
          f"{AT_LEAST} 0"),
