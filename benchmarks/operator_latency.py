@@ -6,9 +6,11 @@
    the moment the last of its pods is seen by a watch. p50 / p99 over ``--jobs`` jobs.
 2. Burst: create ``--burst`` jobs at once; time until every pod exists, and until every
    job's status says Running (created, scheduled, marked Running by kwok, status written).
-3. The operator's memory (RSS now, and its peak) after the burst.
+3. Sequential again, now that every job of the burst exists.
+4. The operator's memory (RSS now, and its peak) after all that.
 
-It brings up its own cluster (``bench``: 16 nodes x 32 GPUs, so capacity never limits) and
+It brings up its own cluster (``bench``: kwok nodes of 32 GPUs, 16 or as many as all the
+jobs need, so capacity never limits) and
 takes it down at the end. Not a test: nothing is asserted, the numbers are for reading.
 """
 
@@ -85,14 +87,35 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def sequential(
+    custom: client.CustomObjectsApi, clock: PodClock, ns: str, stem: str, jobs: int, note: str
+) -> None:
+    """Create ``jobs`` jobs one at a time; print create call -> all pods exist."""
+    latencies = []
+    for i in range(jobs):
+        name = f"{stem}-{i}"
+        start = time.monotonic()
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job_body(name))
+        done = clock.wait_for([f"{name}-worker-0", f"{name}-worker-1"])
+        latencies.append(done - start)
+    print(f"\nsequential{note}: {jobs} jobs x 2 workers, create call -> all pods exist")
+    print(
+        f"  p50 {pct(latencies, 0.5) * 1000:.0f} ms   p99 {pct(latencies, 0.99) * 1000:.0f} ms"
+        f"   mean {statistics.mean(latencies) * 1000:.0f} ms",
+        flush=True,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=50, help="sequential jobs (default 50)")
     parser.add_argument("--burst", type=int, default=200, help="jobs at once (default 200)")
     args = parser.parse_args()
 
-    settings = ClusterSettings(name="bench", nodes=16, shape=NodeShape(gpus=32))
-    print("bringing up the bench cluster (16 nodes x 32 GPUs)...", flush=True)
+    gpus = 2 * (2 * args.jobs + args.burst)
+    nodes = max(16, -(-gpus // 32))
+    settings = ClusterSettings(name="bench", nodes=nodes, shape=NodeShape(gpus=32))
+    print(f"bringing up the bench cluster ({nodes} nodes x 32 GPUs)...", flush=True)
     info = up(settings)
     print(f"cluster up in {info.started_in_s or 0:.1f}s", flush=True)
     kubectl = [str(info.kubectl), f"--kubeconfig={info.kubeconfig}"]
@@ -122,20 +145,7 @@ def main() -> int:
         time.sleep(1)  # default ServiceAccount
         clock = PodClock(core, ns)
 
-        latencies = []
-        for i in range(args.jobs):
-            name = f"seq-{i}"
-            start = time.monotonic()
-            custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job_body(name))
-            done = clock.wait_for([f"{name}-worker-0", f"{name}-worker-1"])
-            latencies.append(done - start)
-        print(f"\nsequential: {args.jobs} jobs x 2 workers, create call -> all pods exist")
-        print(
-            f"  p50 {pct(latencies, 0.5) * 1000:.0f} ms   p99 {pct(latencies, 0.99) * 1000:.0f} ms"
-            f"   mean {statistics.mean(latencies) * 1000:.0f} ms",
-            flush=True,
-        )
-
+        sequential(custom, clock, ns, "seq", args.jobs, "")
         names = [f"burst-{i}" for i in range(args.burst)]
         start = time.monotonic()
         with ThreadPoolExecutor(16) as pool:
@@ -177,12 +187,17 @@ def main() -> int:
             flush=True,
         )
 
+        # The same one-at-a-time creates, now that the burst's jobs all exist: what a
+        # cluster full of jobs costs each new one.
+        sequential(custom, clock, ns, "late", args.jobs, f", with {args.jobs + args.burst} "
+                   "jobs existing")  # fmt: skip
+
         status = Path(f"/proc/{operator.pid}/status").read_text()
         peak = next(
             int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")
         )
         print(
-            f"\noperator memory with {args.jobs + args.burst} jobs: "
+            f"\noperator memory with {2 * args.jobs + args.burst} jobs: "
             f"RSS {(rss_bytes(operator.pid) or 0) / 2**20:.0f} MiB, peak {peak / 1024:.0f} MiB"
         )
         clock.stop()

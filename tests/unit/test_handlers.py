@@ -14,7 +14,7 @@ class FakeReconciler:
         self.calls: list[tuple[str, str]] = []
         self.forgotten: list[tuple[str, str]] = []
 
-    def reconcile(self, namespace, name):
+    def reconcile(self, namespace, name, cached=False):
         self.calls.append((namespace, name))
         if (namespace, name) in self.gone:
             return Outcome(None, False, gone=True)
@@ -61,3 +61,61 @@ def test_a_tick_after_kopfs_cleanup_shut_the_pools_starts_nothing_and_raises_not
     sched.tick(time.monotonic() + 60)
     assert sched.inflight == set() and sched.evaluating == set()
     assert fake.calls == [("ns", "a")]
+
+
+class SlowReconciler(FakeReconciler):
+    """Holds each reconcile until released, to trigger a job many times while one runs."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def reconcile(self, namespace, name, cached=False):
+        self.entered.set()
+        self.release.wait(5)
+        self.calls.append((namespace, name))
+        return Outcome(Plan(), False)
+
+
+def settle(slow: SlowReconciler, sched: Scheduler) -> None:
+    """Let the held reconciles go, and wait until none is in flight or queued."""
+    slow.release.set()
+    deadline = time.monotonic() + 5
+    while (sched.inflight or sched.again) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_burst_of_triggers_while_a_reconcile_runs_is_one_more_reconcile():
+    slow = SlowReconciler()
+    sched = Scheduler(slow, OperatorConfig(resync_seconds=3600))
+    try:
+        sched.trigger("ns", "a")
+        assert slow.entered.wait(5)
+        for _ in range(50):  # fifty pod events of the job while its reconcile runs
+            sched.trigger("ns", "a")
+        sched.trigger("ns", "b")  # another job is not held behind it
+        settle(slow, sched)
+    finally:
+        sched.stop.set()
+        sched.pool.shutdown(wait=True)
+    assert slow.calls.count(("ns", "a")) == 2  # the one running, and one for all fifty
+    assert slow.calls.count(("ns", "b")) == 1
+    assert sched.inflight == set() and sched.again == set()
+
+
+def test_a_trigger_for_a_job_forgotten_meanwhile_is_not_run_again():
+    slow = SlowReconciler()
+    sched = Scheduler(slow, OperatorConfig(resync_seconds=3600))
+    try:
+        sched.trigger("ns", "a")
+        assert slow.entered.wait(5)
+        sched.trigger("ns", "a")
+        sched.forget("ns", "a")  # its DELETED event
+        settle(slow, sched)
+    finally:
+        sched.stop.set()
+        sched.pool.shutdown(wait=True)
+    assert slow.calls == [("ns", "a")]

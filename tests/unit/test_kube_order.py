@@ -411,3 +411,39 @@ def test_a_refused_tensorboard_is_said_and_does_not_hold_up_the_workers():
     reconciler(api).reconcile("ns", "j")
     assert api.calls.count("create") == 2  # both workers
     assert "TensorboardRejected" in api.events
+
+
+def test_a_watch_triggered_reconcile_starts_from_the_watched_body_without_reading_it():
+    api = FakeApi()
+    new_job(api)
+    edge = job_api(api)
+    edge.remember_job(copy.deepcopy(api.job))  # kopf's ADDED event
+    Reconciler(edge).reconcile("ns", "j", cached=True)
+    assert "get" not in api.calls
+    assert sorted(api.pods) == ["j-worker-0", "j-worker-1"]
+    # Its own status write is what the next watch-triggered reconcile starts from.
+    assert edge.job("ns", "j", cached=True)["status"] == api.job["status"]
+
+
+def test_a_stale_watched_body_is_refused_at_the_status_write_and_the_redo_reads_afresh():
+    api = FakeApi()
+    new_job(api, replicas=2)
+    edge = job_api(api)
+    edge.remember_job(copy.deepcopy(api.job))  # replicas 2, resourceVersion 0
+    # The user scaled to 1 (and the job's resourceVersion moved) before the watch said so.
+    api.job["spec"]["replicas"] = 1
+    api.job["metadata"]["resourceVersion"] = str(next(api.rv))
+    Reconciler(edge).reconcile("ns", "j", cached=True)
+    assert api.calls[:4] == ["list", "status", "get", "list"]  # refused (409), then read
+    assert sorted(api.pods) == ["j-worker-0"]  # decided on the fresh spec only
+    assert api.events.count("CreatedWorkers") == 1
+
+
+def test_an_older_watch_event_does_not_replace_a_newer_body():
+    api = FakeApi()
+    new_job(api)
+    edge = job_api(api)
+    old = copy.deepcopy(api.job)
+    Reconciler(edge).reconcile("ns", "j")  # writes status: a newer resourceVersion
+    edge.remember_job(old)  # the watch's event for the job as created, arriving late
+    assert edge.job("ns", "j", cached=True)["status"] == api.job["status"]

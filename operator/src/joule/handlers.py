@@ -1,7 +1,8 @@
 """kopf glue: which events lead to a reconcile. No decisions here (see ``reconcile``).
 
 Three triggers feed the same level-triggered ``Reconciler.reconcile``: watch events of a job
-(including the initial listing when the operator starts), events of its pods, and a resync
+(including the initial listing when the operator starts), changes of its pods (from the pod
+cache's own watch, ``podcache``, which the API server filters by Joule's label), and a resync
 thread that reconciles jobs whose startup timeout, deadline or TTL is due, or that have not
 been looked at for ``resync_seconds``. The same thread runs the energy and scaling loop
 (``Autoscaler.evaluate``) for jobs whose evaluation is due, apart from their reconciles: a
@@ -13,6 +14,10 @@ handler with backoff and hold every later change of the job behind it, and both 
 timers keep state (annotations, a finalizer) on the user's object. A finalizer would make
 jobs undeletable whenever the operator is not running, and annotations look like drift to
 GitOps tools. The object stays exactly as the user wrote it.
+
+Triggers are coalesced per job: one reconcile in flight and at most one queued behind it,
+however many events arrive meanwhile (a burst of pod events is one reconcile, not one each:
+the reconcile is level-triggered and reads the newest state when it starts).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import kopf
 from joule import metrics
 from joule.autoscaler import Autoscaler
 from joule.config import OperatorConfig
-from joule.constants import GROUP, LABEL_JOB, PLURAL, VERSION
+from joule.constants import GROUP, PLURAL, VERSION
 from joule.lifecycle import Reconciler
+from joule.podcache import PodCache
 
 log = logging.getLogger("joule.handlers")
 Key = tuple[str, str]
@@ -49,6 +55,8 @@ class Scheduler:
         self.seen: dict[Key, float] = {}
         self.known: set[Key] = set()
         self.inflight: set[Key] = set()
+        self.again: set[Key] = set()  # triggered while in flight: reconciled once more after
+        self.pod_cache: PodCache | None = None  # started and stopped with the resync thread
         self.evaluation_due: dict[Key, float] = {}
         self.evaluating: set[Key] = set()
         self.lock = threading.Lock()
@@ -61,12 +69,31 @@ class Scheduler:
         )
         self.thread = threading.Thread(target=self._loop, name="joule-resync", daemon=True)
 
-    def run(self, namespace: str, name: str) -> None:
+    def trigger(self, namespace: str, name: str) -> None:
+        """Reconcile the job soon, on the pool: at once when none is in flight, else once
+        more when the one in flight ends (however often this is called meanwhile)."""
+        key = (namespace, name)
+        with self.lock:
+            self.known.add(key)
+            if key in self.inflight:
+                self.again.add(key)
+                metrics.RECONCILE_TRIGGERS.labels(outcome="coalesced").inc()
+                return
+            self.inflight.add(key)
+        metrics.RECONCILE_TRIGGERS.labels(outcome="started").inc()
+        self._submit(self.pool, self._triggered, key, self.inflight)
+
+    def _triggered(self, key: Key) -> None:
+        """A watch event's reconcile: from the job's body as the watch reported it (timers
+        and periodic resyncs read it from the API server)."""
+        self._resync(key, cached=True)
+
+    def run(self, namespace: str, name: str, cached: bool = False) -> None:
         key = (namespace, name)
         with self.lock:
             self.known.add(key)
         try:
-            outcome = self.reconciler.reconcile(namespace, name)
+            outcome = self.reconciler.reconcile(namespace, name, cached=cached)
         except Exception:
             metrics.RECONCILE_ERRORS.labels(loop="lifecycle").inc()
             raise
@@ -98,6 +125,7 @@ class Scheduler:
             for table in (self.due, self.seen, self.evaluation_due):
                 table.pop(key, None)
             self.known.discard(key)
+            self.again.discard(key)
         self.reconciler.forget(namespace, name)
         if self.autoscaler is not None:
             self.autoscaler.forget(namespace, name)
@@ -153,14 +181,19 @@ class Scheduler:
                 if key in self.known:
                     self._set_evaluation(key, after, time.monotonic())
 
-    def _resync(self, key: Key) -> None:
+    def _resync(self, key: Key, cached: bool = False) -> None:
         try:
-            self.run(*key)
+            self.run(*key, cached=cached)
         except Exception:  # a failed resync is retried on the next tick
             log.exception("reconciling %s/%s failed", *key)
         finally:
             with self.lock:
-                self.inflight.discard(key)
+                again = key in self.again and key in self.known
+                self.again.discard(key)
+                if not again:
+                    self.inflight.discard(key)
+            if again:  # still marked in flight: nothing else starts it meanwhile
+                self._submit(self.pool, self._triggered, key, self.inflight)
 
 
 def register(
@@ -175,10 +208,14 @@ def register(
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         scheduler.thread.start()
+        if scheduler.pod_cache is not None:
+            scheduler.pod_cache.start()
 
     @kopf.on.cleanup()
     def shutdown(**_: Any) -> None:
         scheduler.stop.set()
+        if scheduler.pod_cache is not None:
+            scheduler.pod_cache.stop.set()
         scheduler.pool.shutdown(wait=False, cancel_futures=True)
         scheduler.evaluations.shutdown(wait=False, cancel_futures=True)
 
@@ -187,10 +224,8 @@ def register(
         if event.get("type") == "DELETED":
             scheduler.forget(namespace, name)  # the garbage collector takes the children
             return
-        scheduler.run(namespace, name)
-
-    @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-    def pod_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
-        scheduler.run(namespace, labels[LABEL_JOB])
+        if event.get("object"):
+            reconciler.api.remember_job(event["object"])
+        scheduler.trigger(namespace, name)
 
     return scheduler

@@ -9,6 +9,7 @@ request timeout, so a hung API server cannot hold a job's lock for ever.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import logging
@@ -41,6 +42,7 @@ from joule.builders.tensorboard import (
 from joule.capacity import Capacity, capacity
 from joule.constants import API_VERSION, COMPONENT, GROUP, KIND, PLURAL, VERSION
 from joule.observe import PodView, view
+from joule.podcache import PodCache, version_number
 from joule.reconcile import Rejection
 
 log = logging.getLogger("joule.kube")
@@ -73,6 +75,10 @@ class JobApi:
         self.trainer_limits = True
         # Who may scrape workers' /metrics (NetworkPolicyPeers); None: no policy per job.
         self.metrics_from: list[dict[str, Any]] | None = None
+        # Jobs' pods from one watch (None: a LIST per read, as before the cache is set).
+        self.pod_cache: PodCache | None = None
+        # The newest body of each job, from its watch events and our own status writes.
+        self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The TrainingJob, or None when it does not exist."""
@@ -84,6 +90,39 @@ class JobApi:
             if exc.status == 404:
                 return None
             raise
+
+    def job(self, namespace: str, name: str, cached: bool = False) -> dict[str, Any] | None:
+        """The TrainingJob: ``cached``, as its watch last reported it (or as this operator
+        last wrote it), when there is such a body; else read from the API server. A stale
+        body costs nothing lasting: the status write it leads to is refused (409) and the
+        reconcile redone from a fresh read."""
+        if cached:
+            with self._guard:
+                held = self._jobs.get((namespace, name))
+            if held is not None:
+                return copy.deepcopy(held)
+        body = self.get_job(namespace, name)
+        if body is None:
+            self.forget_job(namespace, name)
+        else:
+            self.remember_job(body)
+        return body
+
+    def remember_job(self, body: dict[str, Any]) -> None:
+        """A job's body from its watch: kept unless a newer one is held already."""
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        version = version_number(meta.get("resourceVersion"))
+        with self._guard:
+            held = self._jobs.get(key)
+            held_version = version_number((held or {}).get("metadata", {}).get("resourceVersion"))
+            if held_version is not None and version is not None and held_version > version:
+                return
+            self._jobs[key] = copy.deepcopy(body)
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._jobs.pop((namespace, name), None)
 
     def capacity(self) -> Capacity:
         """Free GPUs per node and waiting GPUs, shared by every job's evaluation for a few
@@ -130,6 +169,10 @@ class JobApi:
         return agents
 
     def pods(self, job: JobRef) -> list[PodView]:
+        if self.pod_cache is not None:
+            cached = self.pod_cache.pods(job)
+            if cached is not None:
+                return cached
         items = self.core.list_namespaced_pod(
             job.namespace, label_selector=selector_string(job), _request_timeout=API_TIMEOUT
         ).items
@@ -246,12 +289,13 @@ class JobApi:
         self, job: JobRef, spec: TrainingJobSpec, index: int, limit: float | None
     ) -> Rejection | None:
         try:
-            self.core.create_namespaced_pod(
+            created = self.core.create_namespaced_pod(
                 job.namespace,
                 worker_pod(job, spec, index, limit, self.trainer_limits),
                 _request_timeout=API_TIMEOUT,
             )
             metrics.PODS_CREATED.inc()
+            self._observe(created)
         except ApiException as exc:
             if exc.status == 409:
                 return None  # created by an earlier reconcile (or an earlier operator)
@@ -268,23 +312,34 @@ class JobApi:
     def annotate_pod(self, namespace: str, name: str, key: str, value: str | None) -> None:
         """Set (or, with None, remove) one annotation: a merge patch touches nothing else."""
         try:
-            self.core.patch_namespaced_pod(
+            patched = self.core.patch_namespaced_pod(
                 name,
                 namespace,
                 {"metadata": {"annotations": {key: value}}},
                 _request_timeout=API_TIMEOUT,
             )
+            self._observe(patched)
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
     def delete_pod(self, namespace: str, name: str) -> None:
         try:
-            self.core.delete_namespaced_pod(name, namespace, _request_timeout=API_TIMEOUT)
+            deleted = self.core.delete_namespaced_pod(name, namespace, _request_timeout=API_TIMEOUT)
             metrics.PODS_DELETED.inc()
+            self._observe(deleted)
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    def _observe(self, answer: Any) -> None:
+        """What a pod call returned, into the cache at once: the next reconcile must see
+        what this one did, though the watch has not reported it yet."""
+        if self.pod_cache is None or answer is None:
+            return
+        pod = self.core.api_client.sanitize_for_serialization(answer)
+        if isinstance(pod, dict) and pod.get("kind", "Pod") == "Pod" and "spec" in pod:
+            self.pod_cache.observe(pod)
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:
@@ -318,7 +373,7 @@ class JobApi:
             "status": status,
         }
         try:
-            return self.custom.replace_namespaced_custom_object_status(
+            stored = self.custom.replace_namespaced_custom_object_status(
                 GROUP,
                 VERSION,
                 meta["namespace"],
@@ -327,8 +382,11 @@ class JobApi:
                 new_body,
                 _request_timeout=API_TIMEOUT,
             )
+            self.remember_job(stored)
+            return stored
         except ApiException as exc:
             if exc.status == 409:
+                self.forget_job(meta["namespace"], meta["name"])  # the redo reads afresh
                 raise Conflict() from exc
             if exc.status == 404:
                 return body

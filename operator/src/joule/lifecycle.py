@@ -63,13 +63,16 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         with self._guard:
             self._locks.pop((namespace, name), None)
+        self.api.forget_job(namespace, name)
 
-    def reconcile(self, namespace: str, name: str) -> Outcome:
+    def reconcile(self, namespace: str, name: str, cached: bool = False) -> Outcome:
+        """``cached``: start from the job's body as its watch reported it (a watch event
+        triggered this), instead of reading it; a redo after a conflict always reads."""
         with self.lock(namespace, name):
-            for _ in range(3):  # a status conflict means we decided on stale data: redo
+            for attempt in range(3):  # a status conflict means we decided on stale data: redo
                 started = time.monotonic()
                 try:
-                    return self._reconcile_once(namespace, name)
+                    return self._reconcile_once(namespace, name, cached and attempt == 0)
                 except Conflict:
                     metrics.RECONCILE_CONFLICTS.inc()
                     continue
@@ -77,9 +80,9 @@ class Reconciler:
                     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
             return Outcome(None, False)
 
-    def _reconcile_once(self, namespace: str, name: str) -> Outcome:
+    def _reconcile_once(self, namespace: str, name: str, cached: bool) -> Outcome:
         api = self.api
-        body = api.get_job(namespace, name)
+        body = api.job(namespace, name, cached)
         if body is None:
             self.forget(namespace, name)
             metrics.JOBS.set(namespace, name, None)

@@ -20,6 +20,16 @@ RECONCILE_CONFLICTS = Counter(
     "joule_operator_reconcile_conflicts_total",
     "Status writes refused because the job changed meanwhile (the reconcile is redone)",
 )
+RECONCILE_TRIGGERS = Counter(
+    "joule_operator_reconcile_triggers_total",
+    "Reasons to reconcile a job (its watch events, its pods' changes): started at once, or "
+    "coalesced into the one queued behind a reconcile in flight",
+    ["outcome"],
+)
+POD_CACHE_PODS = Gauge(
+    "joule_operator_pod_cache_pods",
+    "Worker pods held in the operator's pod cache (from its label-selected watch)",
+)
 DECISIONS = Counter(
     "joule_operator_decisions_total",
     "Decisions the operator made and recorded as Events, by reason",

@@ -93,6 +93,7 @@ def run_operator(config: OperatorConfig) -> None:
     from joule.leader import LeaderElector, LeaseLock
     from joule.lifecycle import Reconciler
     from joule.metrics import LEADER
+    from joule.podcache import PodCache
     from joule.prometheus_energy import configured
 
     try:
@@ -168,6 +169,9 @@ def run_operator(config: OperatorConfig) -> None:
         metrics.ENERGY_SOURCE.labels(source=config.energy_source).set(1)
         autoscaler = Autoscaler(api, agents, prometheus)
         scheduler = handlers.register(Reconciler(api), config, autoscaler)
+        # Reconciles read pods from this watch; each change of a job's pods reconciles it.
+        api.pod_cache = PodCache(api.core, config.namespaces, scheduler.trigger)
+        scheduler.pod_cache = api.pod_cache
         runtime.scheduler = scheduler
         runtime.kopf_ready = threading.Event()
         custom = client.CustomObjectsApi(api_client)
