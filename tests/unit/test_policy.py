@@ -2,6 +2,7 @@
 
 import datetime as dt
 import itertools
+import math
 from dataclasses import replace
 
 import pytest
@@ -428,8 +429,11 @@ def test_does_not_oscillate_on_constant_input(case):
     settings_seen = [(o.replicas, None)]
     n, limit, history, tried = o.replicas, None, {}, {}
     long_ago = NOW - dt.timedelta(days=1)
-    # Enough rounds for every size, and for a limit search of 10 % steps down to the floor.
-    for _ in range(3 * (job.max_replicas - job.min_replicas + 2) + 16):
+    # Enough rounds for every size, and for a limit search of 10 % steps down to the floor
+    # (from a GPU's whole draw: a floor far below it takes that many more steps).
+    floor = job.energy.min_gpu_power_limit_watts or per_worker_w
+    descent = math.ceil(math.log(max(per_worker_w / floor, 1.0)) / math.log(1 / 0.9))
+    for _ in range(3 * (job.max_replicas - job.min_replicas + 2) + 16 + descent):
         thr = base * n**alpha * speed(job, per_worker_w, limit)
         current = replace(
             o, replicas=n, throughput=thr, watts=power(job, per_worker_w, n, limit),
