@@ -170,7 +170,8 @@ def test_a_crash_between_status_and_pods_loses_no_start_time_and_counts_no_resta
     api.crash_on = "create"
     with pytest.raises(Crash):
         reconciler(api).reconcile("ns", "j")
-    assert api.pods == {}  # it died before creating anything...
+    # It died creating a worker (the other of the batch, created in parallel, may exist)...
+    assert len(api.pods) <= 1
     started = api.job["status"]["startTime"]  # ...but the status it acted on is stored
     assert api.job["status"]["attemptStartTime"] == started
     reconciler(api).reconcile("ns", "j")  # a new operator
@@ -447,3 +448,26 @@ def test_an_older_watch_event_does_not_replace_a_newer_body():
     Reconciler(edge).reconcile("ns", "j")  # writes status: a newer resourceVersion
     edge.remember_job(old)  # the watch's event for the job as created, arriving late
     assert edge.job("ns", "j", cached=True)["status"] == api.job["status"]
+
+
+def test_workers_are_created_in_doubling_batches_and_a_refusal_stops_the_next_batch():
+    api = FakeApi()
+    new_job(api, replicas=16)
+    refused_from = 8  # a quota for 8 workers
+
+    real_create = api.create_namespaced_pod
+
+    def create(ns, pod, **kw):
+        if int(pod["metadata"]["name"].rsplit("-", 1)[1]) >= refused_from:
+            api._call("create")
+            raise ApiException(status=403, reason="Forbidden: exceeded quota")
+        return real_create(ns, pod, **kw)
+
+    api.create_namespaced_pod = create
+    reconciler(api).reconcile("ns", "j")
+    # Batches of 2, 4, 8: the third (workers 6-13) meets the quota and no fourth is tried.
+    assert api.calls.count("create") == 2 + 4 + 8
+    assert sorted(api.pods, key=lambda n: int(n.rsplit("-", 1)[1])) == [
+        f"j-worker-{i}" for i in range(8)
+    ]
+    assert api.job["status"]["reason"] == "PodRejected"

@@ -32,3 +32,6 @@ POWER_VOLUME = "joule-power"
 POWER_DIR = "/etc/joule"
 POWER_LIMIT_FILE = "gpu-power-limit-watts"
 POWER_LIMIT_ENV = "JOULE_POWER_LIMIT_FILE"
+
+# API calls in flight at once for the batches of workers being created, across every job.
+CREATE_FANOUT = 8

@@ -223,7 +223,10 @@ class JobApi:
     def ensure_service(self, job: JobRef) -> Rejection | None:
         try:
             self.core.create_namespaced_service(
-                job.namespace, worker_service(job), _request_timeout=API_TIMEOUT
+                job.namespace,
+                worker_service(job),
+                _preload_content=False,  # nothing in the answer is needed
+                _request_timeout=API_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status == 409:
@@ -292,6 +295,7 @@ class JobApi:
             created = self.core.create_namespaced_pod(
                 job.namespace,
                 worker_pod(job, spec, index, limit, self.trainer_limits),
+                _preload_content=False,
                 _request_timeout=API_TIMEOUT,
             )
             metrics.PODS_CREATED.inc()
@@ -316,6 +320,7 @@ class JobApi:
                 name,
                 namespace,
                 {"metadata": {"annotations": {key: value}}},
+                _preload_content=False,
                 _request_timeout=API_TIMEOUT,
             )
             self._observe(patched)
@@ -325,7 +330,9 @@ class JobApi:
 
     def delete_pod(self, namespace: str, name: str) -> None:
         try:
-            deleted = self.core.delete_namespaced_pod(name, namespace, _request_timeout=API_TIMEOUT)
+            deleted = self.core.delete_namespaced_pod(
+                name, namespace, _preload_content=False, _request_timeout=API_TIMEOUT
+            )
             metrics.PODS_DELETED.inc()
             self._observe(deleted)
         except ApiException as exc:
@@ -333,11 +340,16 @@ class JobApi:
                 raise
 
     def _observe(self, answer: Any) -> None:
-        """What a pod call returned, into the cache at once: the next reconcile must see
-        what this one did, though the watch has not reported it yet."""
+        """What a pod call returned (raw: the client's models cost milliseconds of CPU per
+        pod), into the cache at once: the next reconcile must see what this one did,
+        though the watch has not reported it yet."""
         if self.pod_cache is None or answer is None:
             return
-        pod = self.core.api_client.sanitize_for_serialization(answer)
+        data = getattr(answer, "data", answer)
+        try:
+            pod = json.loads(data) if isinstance(data, (bytes, str)) else data
+        except ValueError:
+            return
         if isinstance(pod, dict) and pod.get("kind", "Pod") == "Pod" and "spec" in pod:
             self.pod_cache.observe(pod)
 

@@ -13,18 +13,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from joule import metrics
 from joule.api.events import Event
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.builders.tensorboard import tensorboard_status
-from joule.constants import POWER_LIMIT_ANNOTATION
+from joule.constants import CREATE_FANOUT, POWER_LIMIT_ANNOTATION
 from joule.job_metrics import JOB_SERIES, figures
 from joule.kube import Conflict, JobApi
 from joule.reconcile import (
     Plan,
+    Rejection,
     follow_user_scale,
     plan,
     power_limit,
@@ -34,6 +38,7 @@ from joule.reconcile import (
 from joule.scaling import next_evaluation
 
 log = logging.getLogger("joule.reconcile")
+FIRST_BATCH = 2  # workers created at once in a job's first round; each next one doubles
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Reconciler:
         self.api = api
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
+        self._fanout = ThreadPoolExecutor(max_workers=CREATE_FANOUT, thread_name_prefix="create")
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
@@ -116,16 +122,7 @@ class Reconciler:
             body = api.write_status(body, p.status)
         for pod in p.delete:
             api.delete_pod(namespace, pod)
-        rejected = None
-        if p.create:
-            # Only when workers are being created: the service is needed from then on, and
-            # every other reconcile (pod events, resyncs) is spared a POST answered by 409.
-            rejected = api.ensure_service(job) or api.ensure_network_policy(job, spec)
-        limit = power_limit(spec, p.status)
-        for index in p.create:
-            if rejected is not None:
-                break  # the next one would be refused for the same reason
-            rejected = api.create_pod(job, spec, index, limit)
+        rejected = self._create(job, spec, p) if p.create else None
         self._tensorboard(job, spec, stored, p)
         for pod_name, value in power_limit_patches(spec, p.status, pods).items():
             if pod_name not in p.delete:
@@ -150,6 +147,29 @@ class Reconciler:
             log.info("deleting %s/%s: ttlSecondsAfterFinished is up", namespace, name)
             api.delete_job(namespace, name)
         return Outcome(p, written, evaluate_after=next_evaluation(spec, p.status, now))
+
+    def _create(self, job: JobRef, spec: TrainingJobSpec, p: Plan) -> Rejection | None:
+        """The plan's workers, in parallel batches that double (2, 4, 8, ...) as the API
+        server accepts them, as a ReplicaSet's slow start: a refusal (quota, admission)
+        stops at the batch it met, and a small job is one round trip. The Service and the
+        NetworkPolicy go with the first batch: created only when workers are, so every
+        other reconcile is spared a POST answered by 409."""
+        api, limit = self.api, power_limit(spec, p.status)
+        calls: list[Callable[[], Rejection | None]] = [
+            lambda: api.ensure_service(job),
+            lambda: api.ensure_network_policy(job, spec),
+        ]
+        pending, size = list(p.create), FIRST_BATCH
+        while pending:
+            batch, pending = pending[:size], pending[size:]
+            calls += [partial(api.create_pod, job, spec, index, limit) for index in batch]
+            # map re-raises the first error: the reconcile fails as a sequential one would.
+            answers = list(self._fanout.map(lambda call: call(), calls))
+            refused = next((a for a in answers if a is not None), None)
+            if refused is not None:
+                return refused  # the next batch would be refused for the same reason
+            calls, size = [], size * 2
+        return None
 
     def _tensorboard(
         self, job: JobRef, spec: TrainingJobSpec, stored: dict[str, Any], p: Plan

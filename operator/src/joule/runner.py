@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from joule.config import OperatorConfig
-from joule.constants import GROUP, PLURAL, VERSION
+from joule.constants import CREATE_FANOUT, GROUP, PLURAL, VERSION
 from joule.health import InitialSync, Limits, ProbeServer, Vitals
 
 if TYPE_CHECKING:
@@ -190,8 +190,9 @@ def run_operator(config: OperatorConfig) -> None:
             elector.release()
 
 
-# Besides the reconcile workers: the autoscaler's reads and the initial-sync listing.
-POOL_SPARE = 4
+# Besides the reconcile workers: the parallel creates of a batch of workers, the
+# autoscaler's reads and the initial-sync listing.
+POOL_SPARE = 4 + CREATE_FANOUT
 
 
 def api_configuration(workers: int) -> Any:
