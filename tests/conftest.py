@@ -175,7 +175,16 @@ class OperatorProcess:
 @pytest.fixture(scope="session")
 def crd(kubectl: Kubectl) -> None:
     kubectl("apply", "-f", str(ROOT / "crds"))
-    kubectl("wait", "--for=condition=Established", "crd/trainingjobs.joule.dev", "--timeout=60s")
+
+    def established() -> bool:
+        # Not `kubectl wait`: asked before the API server has written the CRD's first
+        # conditions, it fails at once ("<nil> is of the type <nil>") instead of waiting.
+        proc = kubectl("get", "crd/trainingjobs.joule.dev", "-o",
+                       "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+                       check=False)  # fmt: skip
+        return proc.stdout.strip() == "True"
+
+    wait_for(established, timeout=60, what="the TrainingJob CRD to be Established")
 
 
 CHART = ROOT / "charts" / "joule"

@@ -408,6 +408,35 @@ def test_a_worker_the_api_server_refuses_shows_stalled_with_its_message(
     wait_phase(jobs, namespace, "refused", "Running", timeout=60)
 
 
+def stalled_with(jobs, namespace: str, name: str) -> dict:
+    def stalled():
+        st = job(jobs, namespace, name).get("status") or {}
+        cond = {c["type"]: c for c in st.get("conditions", [])}
+        return st if cond.get("Stalled", {}).get("status") == "True" else None
+
+    return wait_for(stalled, what=f"{name} to be Stalled")
+
+
+def test_a_job_gives_its_author_no_more_than_creating_pods_would(kubectl, jobs, core, namespace):
+    """The operator creates the workers with its own rights, but admission judges them in
+    the job's namespace as it would the author's own pods: a hostPath where the baseline
+    Pod Security Standard is enforced, or a ServiceAccount the namespace does not have, is
+    refused, and the job says so."""
+    kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=baseline")
+    apply_job(kubectl, namespace, "host", replicas=1,
+              volumes=[{"name": "root", "hostPath": {"path": "/"}}],
+              volumeMounts=[{"name": "root", "mountPath": "/host"}])  # fmt: skip
+    st = stalled_with(jobs, namespace, "host")
+    assert st["reason"] == "PodRejected"
+    assert "violates PodSecurity" in st["message"] and "hostPath" in st["message"], st
+    # The operator's own account lives in another namespace; this one has no such account.
+    apply_job(kubectl, namespace, "borrowed", replicas=1, serviceAccountName="joule-operator")
+    st = stalled_with(jobs, namespace, "borrowed")
+    assert st["reason"] == "PodRejected"
+    assert 'serviceaccount "joule-operator" not found' in st["message"].lower(), st
+    assert pods_of(core, namespace, "host") == [] and pods_of(core, namespace, "borrowed") == []
+
+
 def test_the_operators_metrics_follow_each_job_and_drop_it_when_it_goes(
     kubectl, jobs, core, operator, namespace
 ):

@@ -180,6 +180,21 @@ def _joule(*args: str) -> list[str]:
     return [sys.executable, "-m", "joule", *args]
 
 
+def _wait_established(api: client.ApiClient, timeout: float = 60.0) -> None:
+    """Not `kubectl wait`: asked before the API server has written a new CRD's first
+    conditions, it fails at once ("<nil> is of the type <nil>") instead of waiting."""
+    crds = client.ApiextensionsV1Api(api)
+    deadline = time.monotonic() + timeout
+    while True:
+        crd = crds.read_custom_resource_definition("trainingjobs.joule.dev")
+        conditions = (crd.status.conditions if crd.status else None) or []
+        if any(c.type == "Established" and c.status == "True" for c in conditions):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the TrainingJob CRD was not Established within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def _kubectl(info: ClusterInfo, *args: str, stdin: str | None = None) -> str:
     return kubectl(info.kubectl, info.kubeconfig, list(args), stdin=stdin)
 
@@ -347,8 +362,8 @@ class Demo:
              progress=say)  # fmt: skip
         say("installing the TrainingJob CRD")
         _kubectl(info, "apply", "-f", str(ROOT / "crds"))
-        _kubectl(info, "wait", "--for=condition=Established", "crd/trainingjobs.joule.dev")
         self.api = config.new_client_from_config(config_file=str(info.kubeconfig))
+        _wait_established(self.api)
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
         slots = str(self.options.gpus)
