@@ -24,7 +24,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from joule import metrics
-from joule.api.events import Event
+from joule.api.eventgate import EventGate
+from joule.api.events import Event, fmt_time
 from joule.api.types import JobRef, TrainingJobSpec
 from joule.builders import worker_pod, worker_service
 from joule.builders.bookkeeping import (
@@ -77,6 +78,7 @@ class JobApi:
         self.metrics_from: list[dict[str, Any]] | None = None
         # Jobs' pods from one watch (None: a LIST per read, as before the cache is set).
         self.pod_cache: PodCache | None = None
+        self.events = EventGate()  # which Events become calls (dedup, rate per job)
         # The newest body of each job, from its watch events and our own status writes.
         self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
 
@@ -405,14 +407,35 @@ class JobApi:
             raise
 
     def post_event(self, job: JobRef, event: Event) -> None:
-        now = self.clock()
+        """Record it as an Event of the job: a new object, or a count on the same Event made
+        in the last ten minutes, or nothing once the job has used its rate (``eventgate``)."""
+        log.info("%s/%s %s: %s", job.namespace, job.name, event.reason, event.message)
+        now, mono = self.clock(), time.monotonic()
+        key = (job.namespace, job.name, job.uid)
+        with self._guard:
+            verdict = self.events.admit(key, event, mono)
+        if verdict.action == "drop":
+            metrics.EVENTS_DROPPED.inc()
+            return
         try:
+            if verdict.action == "count" and verdict.name is not None:
+                try:
+                    self.core.patch_namespaced_event(
+                        verdict.name,
+                        job.namespace,
+                        {"count": verdict.count, "lastTimestamp": fmt_time(now)},
+                        _preload_content=False,
+                        _request_timeout=API_TIMEOUT,
+                    )
+                    return
+                except ApiException as exc:
+                    if exc.status != 404:  # gone (expired, deleted): made anew below
+                        raise
+            name = f"{job.name}.{uuid.uuid4().hex[:12]}"
             self.core.create_namespaced_event(
                 job.namespace,
                 client.CoreV1Event(
-                    metadata=client.V1ObjectMeta(
-                        name=f"{job.name}.{uuid.uuid4().hex[:12]}", namespace=job.namespace
-                    ),
+                    metadata=client.V1ObjectMeta(name=name, namespace=job.namespace),
                     involved_object=client.V1ObjectReference(
                         api_version=API_VERSION,
                         kind=KIND,
@@ -430,8 +453,11 @@ class JobApi:
                     reporting_component=COMPONENT,
                     reporting_instance=COMPONENT,
                 ),
+                _preload_content=False,
                 _request_timeout=API_TIMEOUT,
             )
+            with self._guard:
+                self.events.made(key, event, name, mono)
         except ApiException as exc:  # an event is worth a log line, never a failed reconcile
             log.warning(
                 "could not record event %s on %s/%s: %s",
@@ -440,7 +466,10 @@ class JobApi:
                 job.name,
                 exc.status,
             )
-        log.info("%s/%s %s: %s", job.namespace, job.name, event.reason, event.message)
+
+    def forget_events(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self.events.forget(namespace, name)
 
 
 def _api_message(exc: ApiException) -> str:

@@ -70,6 +70,7 @@ class Reconciler:
         with self._guard:
             self._locks.pop((namespace, name), None)
         self.api.forget_job(namespace, name)
+        self.api.forget_events(namespace, name)
 
     def reconcile(self, namespace: str, name: str, cached: bool = False) -> Outcome:
         """``cached``: start from the job's body as its watch reported it (a watch event

@@ -30,6 +30,11 @@ POD_CACHE_PODS = Gauge(
     "joule_operator_pod_cache_pods",
     "Worker pods held in the operator's pod cache (from its label-selected watch)",
 )
+EVENTS_DROPPED = Counter(
+    "joule_operator_events_dropped_total",
+    "Events not posted because their job had used its rate (25 at once, then one per 10 s); "
+    "each is still logged, and status and the joule_job_* series still record it",
+)
 DECISIONS = Counter(
     "joule_operator_decisions_total",
     "Decisions the operator made and recorded as Events, by reason",
