@@ -285,6 +285,8 @@ def test_the_operators_service_account_can_do_its_job_and_nothing_more(
         ("update", "trainingjobs.joule.dev", "--subresource=status", "-n", namespace),
         ("list", "nodes"),
         ("create", "events", "-n", namespace),
+        ("patch", "events", "-n", namespace),  # the same Event again: its count
+        ("watch", "pods", "--all-namespaces"),  # the pod cache's own watch
     ]
     must_not = [
         ("get", "secrets", "-n", namespace),
