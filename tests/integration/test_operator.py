@@ -94,7 +94,7 @@ def test_examples_apply_and_kubectl_shows_them(kubectl, jobs, namespace):
     assert row.split()[1:5] == ["Running", "2", "2", "16"]
     # The other example folders pass the API server's validation too (not run: they would
     # need the local node, or GPUs beyond this cluster's).
-    for folder in ("demo", "scaling"):
+    for folder in ("demo", "scaling", "template"):
         kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(ROOT / "examples" / folder))
     explain = kubectl("explain", "trainingjob.spec.elastic").stdout
     assert "Bounds within which the job may be resized" in explain
@@ -435,6 +435,68 @@ def test_a_job_gives_its_author_no_more_than_creating_pods_would(kubectl, jobs, 
     assert st["reason"] == "PodRejected"
     assert 'serviceaccount "joule-operator" not found' in st["message"].lower(), st
     assert pods_of(core, namespace, "host") == [] and pods_of(core, namespace, "borrowed") == []
+
+
+def test_a_template_adds_init_containers_sidecars_and_spreading_to_every_worker(
+    kubectl, jobs, core, namespace
+):
+    """spec.template's init container, native sidecar, extra container, topology spread and
+    runtime class reach each worker as the API server stored it (so the merged pod is valid to
+    it), with Joule's trainer first and what Joule owns unmoved."""
+    runtime = f"joule-{namespace}"  # cluster-scoped: one per test namespace
+    kubectl("apply", "-f", "-", stdin=yaml.safe_dump({
+        "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+        "metadata": {"name": runtime}, "handler": "runc",
+    }))  # fmt: skip
+    spread = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+              "whenUnsatisfiable": "DoNotSchedule",
+              "labelSelector": {"matchLabels": {"joule.dev/job-name": "tpl"}}}  # fmt: skip
+    template = {
+        "metadata": {"labels": {"team": "vision"}},
+        "spec": {
+            "initContainers": [
+                {"name": "fetch", "image": "busybox", "command": ["true"]},
+                {"name": "proxy", "image": "envoy", "restartPolicy": "Always"},
+            ],
+            "containers": [
+                {"name": "logs", "image": "fluent-bit"},
+                {"name": "trainer", "env": [{"name": "DATA_DIR", "value": "/data"}],
+                 "readinessProbe": {"tcpSocket": {"port": 29400}}},
+            ],
+            "topologySpreadConstraints": [spread],
+            "runtimeClassName": runtime,
+            "terminationGracePeriodSeconds": 120,
+        },
+    }  # fmt: skip
+    try:
+        apply_job(kubectl, namespace, "tpl", replicas=2, gpusPerReplica=1, template=template)
+        wait_phase(jobs, namespace, "tpl", "Running")
+        pods = pods_of(core, namespace, "tpl")
+        assert len(pods) == 2
+        assert len({p.spec.node_name for p in pods}) == 2  # spread, one per node
+        for pod in pods:
+            s = pod.spec
+            assert [c.name for c in s.init_containers] == ["fetch", "proxy"]
+            assert s.init_containers[1].restart_policy == "Always"
+            assert [c.name for c in s.containers] == ["trainer", "logs"]
+            trainer = s.containers[0]
+            assert trainer.image == "trainer:test"
+            assert trainer.resources.limits["nvidia.com/gpu"] == "1"
+            env = {e.name: e.value for e in trainer.env}
+            assert env["DATA_DIR"] == "/data"
+            assert env["PET_RDZV_ENDPOINT"] == "tpl-worker-0.tpl:29400"  # Joule's
+            assert trainer.readiness_probe.tcp_socket.port == 29400
+            assert s.topology_spread_constraints[0].topology_key == "kubernetes.io/hostname"
+            assert s.runtime_class_name == runtime
+            assert s.termination_grace_period_seconds == 120
+            owned = (s.restart_policy, s.hostname, s.subdomain)
+            assert owned == ("Never", pod.metadata.name, "tpl")
+            labels = pod.metadata.labels
+            assert labels["team"] == "vision" and labels["joule.dev/job-name"] == "tpl"
+            annotations = pod.metadata.annotations
+            assert annotations["kubectl.kubernetes.io/default-container"] == "trainer"
+    finally:
+        kubectl("delete", "runtimeclass", runtime, "--ignore-not-found")
 
 
 def test_the_operators_metrics_follow_each_job_and_drop_it_when_it_goes(

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from joule.api import template as owned
 from joule.api.types import (
     MAX_NAME_LENGTH,
     MAX_REPLICAS,
@@ -72,6 +73,17 @@ LABEL_KEY = "each key must be a label key"
 VOL = [{"name": "data", "emptyDir": {}}]
 CKPT = {"checkpoint": {"path": "/ckpt", "volume": "data"}, "volumes": VOL}
 SUBDOMAIN = "should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]"
+UNKNOWN = "unknown field"
+TPL = "spec.template.spec"
+TRAINER = f"{TPL}.containers[0]"
+
+
+def tpl(**pod_spec: Any) -> dict[str, Any]:
+    return {"template": {"spec": pod_spec}}
+
+
+def trainer(**fields: Any) -> dict[str, Any]:
+    return tpl(containers=[{"name": "trainer", **fields}])
 
 
 @pytest.mark.parametrize(
@@ -261,6 +273,53 @@ SUBDOMAIN = "should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]"
          "must have at most 64 items"),
         ("ok", {"podAnnotations": {"note": 1}}, "spec.podAnnotations.note", must_be("string")),
         ("ok", {"podAnnotations": {"Example.com/note": "x"}}, "spec.podAnnotations", LABEL_KEY),
+        # spec.template: what Joule owns is refused with the reason, and a misspelt field too.
+        ("ok", {"template": {"metadata": {"name": "w"}}}, "spec.template.metadata.name",
+         owned.OWNED_METADATA["name"]),
+        ("ok", {"template": {"metadata": {"namespace": "w"}}},
+         "spec.template.metadata.namespace", owned.OWNED_METADATA["namespace"]),
+        ("ok", {"template": {"metadata": {"labels": {"joule.dev/job-name": "x"}}}},
+         "spec.template.metadata.labels", owned.LABELS),
+        ("ok", {"template": {"metadata": {"annotations": {"joule.dev/x": "1"}}}},
+         "spec.template.metadata.annotations", owned.ANNOTATIONS),
+        ("ok", {"template": {"metadata": {"labels": {"-team": "a"}}}},
+         "spec.template.metadata.labels", LABEL_KEY),
+        ("ok", {"template": {"metadata": {"finalizers": ["x"]}}},
+         "spec.template.metadata.finalizers", UNKNOWN),
+        ("ok", tpl(restartPolicy="OnFailure"), f"{TPL}.restartPolicy",
+         owned.OWNED_SPEC["restartPolicy"]),
+        ("ok", tpl(hostname="w"), f"{TPL}.hostname", owned.OWNED_SPEC["hostname"]),
+        ("ok", tpl(subdomain="w"), f"{TPL}.subdomain", owned.OWNED_SPEC["subdomain"]),
+        ("ok", tpl(hostnameOverride="w"), f"{TPL}.hostnameOverride",
+         owned.OWNED_SPEC["hostnameOverride"]),
+        ("ok", tpl(activeDeadlineSeconds=60), f"{TPL}.activeDeadlineSeconds",
+         owned.OWNED_SPEC["activeDeadlineSeconds"]),
+        ("ok", tpl(initContainer=[]), f"{TPL}.initContainer", UNKNOWN),
+        ("ok", tpl(containers=[{"image": "busybox"}]), f"{TPL}.containers[0].name", REQUIRED),
+        ("ok", tpl(containers=[{"name": "Logs", "image": "b"}]), f"{TPL}.containers[0].name",
+         NO_MATCH),
+        ("ok", tpl(containers=[{"name": "a", "image": "x"}, {"name": "a", "image": "y"}]),
+         f"{TPL}.containers[1]", DUPLICATE),
+        ("ok", tpl(containers=[{"name": "logs"}]), f"{TPL}.containers[0].image",
+         owned.SIDECAR_IMAGE),
+        ("ok", trainer(image="mine:1"), f"{TRAINER}.image", owned.TRAINER_IMAGE),
+        ("ok", trainer(resources={"limits": {"nvidia.com/gpu": 1}}), f"{TRAINER}.resources",
+         owned.TRAINER_GPUS),
+        ("ok", trainer(restartPolicy="Always"), f"{TRAINER}.restartPolicy",
+         owned.TRAINER_RESTARTS),
+        ("ok", trainer(volumeMounts=[{"name": "d", "mountPath": "/etc/joule"}]),
+         f"{TRAINER}.volumeMounts", owned.TRAINER_MOUNTS),
+        ("ok", trainer(livenesProbe={}), f"{TRAINER}.livenesProbe", UNKNOWN),
+        ("ok", trainer(env=[{"value": "x"}]), f"{TRAINER}.env[0].name", REQUIRED),
+        ("ok", tpl(initContainers=[{"name": "fetch"}]), f"{TPL}.initContainers[0].image",
+         REQUIRED),
+        ("ok", tpl(initContainers=[{"name": "trainer", "image": "x"}]),
+         f"{TPL}.initContainers[0].name", owned.INIT_NAME),
+        ("ok", tpl(volumes=[{"name": "joule-power", "emptyDir": {}}]), f"{TPL}.volumes[0].name",
+         owned.VOLUMES),
+        ("ok", tpl(runtimeClassName="G Visor"), f"{TPL}.runtimeClassName", SUBDOMAIN),
+        ("ok", tpl(terminationGracePeriodSeconds=-1), f"{TPL}.terminationGracePeriodSeconds",
+         f"{AT_LEAST} 0"),
         ("ok", {"backoffLimit": -1}, "spec.backoffLimit", f"{AT_LEAST} 0"),
         ("ok", {"restartBackoffSeconds": -1}, "spec.restartBackoffSeconds", f"{AT_LEAST} 0"),
         ("ok", {"restartBackoffSeconds": 3601}, "spec.restartBackoffSeconds", f"{AT_MOST} 3600"),
@@ -307,6 +366,29 @@ GOOD_SPECS = [
      "serviceAccountName": "trainer.sa"},
     {"podLabels": {"x" * 63: "y" * 63, "example.com/team": "ml_a.b-c"},
      "podAnnotations": {"example.com/note": "any text: at all"}},
+    {"template": {
+        "metadata": {"labels": {"team": "ml"}, "annotations": {"prometheus.io/port": "9100"}},
+        "spec": {
+            "initContainers": [
+                {"name": "fetch", "image": "busybox", "command": ["sh", "-c", "true"]},
+                # A native sidecar: stopped when the trainer exits.
+                {"name": "proxy", "image": "envoy", "restartPolicy": "Always"},
+            ],
+            "containers": [
+                {"name": "trainer", "env": [{"name": "HF_HOME", "value": "/cache"}],
+                 "volumeMounts": [{"name": "cache", "mountPath": "/cache"}],
+                 "readinessProbe": {"httpGet": {"path": "/metrics", "port": 9090}},
+                 "resources": {"requests": {"cpu": "2"}}},
+                {"name": "logs", "image": "fluent-bit", "securityContext": {"runAsUser": 0}},
+            ],
+            "volumes": [{"name": "cache", "emptyDir": {}}],
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                           "whenUnsatisfiable": "ScheduleAnyway"}],
+            "runtimeClassName": "gvisor",
+            "terminationGracePeriodSeconds": 600,
+            "dnsConfig": {"options": [{"name": "ndots", "value": "1"}]},
+        },
+    }},
 ]  # fmt: skip
 
 
@@ -380,6 +462,28 @@ def test_the_parser_and_the_api_server_agree_on_what_a_quantity_is(kubectl, crd,
         if (proc.returncode == 0) != ours:
             disagree.append((text, proc.returncode == 0, ours, proc.stderr.strip()))
     assert not disagree, disagree
+
+
+# PodSpec fields spec.template leaves out (see the CRD): not settable at creation, an old
+# name of serviceAccountName, and what admission derives from priorityClassName.
+NOT_IN_TEMPLATE = {"ephemeralContainers", "serviceAccount", "priority"}
+
+
+def test_the_templates_fields_are_the_served_kubernetes_pod_fields(kubectl, crd):
+    """spec.template is closed at its top (a misspelt field is refused) and open within each
+    field: its field names must follow the Kubernetes it runs on, or a new field could not be
+    written."""
+    served = json.loads(kubectl("get", "--raw", "/openapi/v3/api/v1").stdout)
+    schemas = served["components"]["schemas"]
+    crd = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    ours = crd["properties"]["spec"]["properties"]["template"]["properties"]["spec"]
+    fields = ours["properties"]
+    assert set(fields) == set(schemas["io.k8s.api.core.v1.PodSpec"]["properties"]) - NOT_IN_TEMPLATE
+    container = fields["containers"]["items"]["properties"]
+    assert set(container) == set(schemas["io.k8s.api.core.v1.Container"]["properties"])
+    assert fields["initContainers"]["items"]["properties"] == container
+    explain = kubectl("explain", "trainingjob.spec.template").stdout
+    assert "Joule owns" in explain and "restartPolicy" in explain
 
 
 def test_the_crd_keeps_its_rules_once_applied(kubectl, crd):

@@ -38,6 +38,8 @@ def spec_schema() -> dict[str, Any]:
 
 def integer_fields(schema: dict[str, Any], path: str = "spec") -> dict[str, dict[str, Any]]:
     """Every integer field of the schema, by path (as INT_FIELDS names them)."""
+    if path == "spec.template":
+        return {}  # the pod's own fields: its validation bounds them, and the parser reads none
     if schema.get("type") == "integer":
         return {path: schema}
     found = {}

@@ -24,6 +24,7 @@ from joule.api.scaling import (
     Scaling,
     Target,
 )
+from joule.api.template import template_problem
 
 
 class Phase(enum.StrEnum):
@@ -215,9 +216,11 @@ class TrainingJobSpec:
             "imagePullSecrets", "resources", "sharedMemory", "volumes", "volumeMounts",
             "checkpoint", "nodeSelector", "tolerations", "affinity", "priorityClassName",
             "schedulerName", "serviceAccountName", "podLabels", "podAnnotations",
-            "securityContext", "podSecurityContext",
+            "securityContext", "podSecurityContext", "template",
         )  # fmt: skip
         _resources(spec.get("resources") or {})
+        if (problem := template_problem(spec.get("template"))) is not None:
+            raise SpecError(problem)
         if "sharedMemory" in spec:
             _quantity(spec["sharedMemory"], "spec.sharedMemory", positive=True)
         scaling = _scaling(spec.get("scaling") or {}, elastic is not None)

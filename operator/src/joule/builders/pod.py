@@ -14,6 +14,13 @@ from typing import Any
 from joule.api.types import JobRef, TrainingJobSpec
 from joule.builders.labels import common_labels, owner_reference
 from joule.builders.service import service_name
+from joule.builders.template import (
+    merge_env,
+    merge_template,
+    template_annotations,
+    template_spec,
+    trainer_template,
+)
 from joule.constants import (
     CHECKPOINT_ENV,
     LABEL_INDEX,
@@ -111,18 +118,18 @@ def worker_pod(
 ) -> dict[str, Any]:
     """``power_limit_watts``: the per-GPU limit the policy has set (else the spec's)."""
     p = copy.deepcopy(spec.pod)
+    # spec.template: its values go under the flat spec's, and over Joule's defaults only.
+    tpl, trainer_tpl = template_spec(p.get("template")), trainer_template(p.get("template"))
     ours = torchrun_env(job, spec, index, trainer_limits)
-    user_conf = next(
-        (e.get("value", "") for e in p.get("env", []) if e["name"] == "PET_RDZV_CONF"), ""
-    )
+    user_env = merge_env(trainer_tpl.get("env", []), p.get("env", []))
+    user_conf = next((e.get("value", "") for e in user_env if e["name"] == "PET_RDZV_CONF"), "")
     if user_conf:  # the user tunes the rendezvous; who hosts it stays ours (last key wins)
         for e in ours:
             if e["name"] == "PET_RDZV_CONF":
                 e["value"] = f"{user_conf},{e['value']}"
-    if any(e["name"] == "PET_MAX_RESTARTS" for e in p.get("env", [])):
+    if any(e["name"] == "PET_MAX_RESTARTS" for e in user_env):
         ours = [e for e in ours if e["name"] != "PET_MAX_RESTARTS"]
-    taken = {e["name"] for e in ours}
-    env = [e for e in p.get("env", []) if e["name"] not in taken] + ours
+    env = merge_env(user_env, ours)
 
     # Quantities as strings: the schema allows 8 or "8", Kubernetes clients want "8".
     resources = {
@@ -177,14 +184,20 @@ def worker_pod(
         ],
         # A worker that fails without writing /dev/termination-log leaves its log's tail as
         # the termination message, which the job's status then quotes (its last line).
-        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "terminationMessagePolicy": trainer_tpl.get(
+            "terminationMessagePolicy", "FallbackToLogsOnError"
+        ),
     }
     for key in ("command", "args", "envFrom", "workingDir", "imagePullPolicy"):
         if key in p:
             container[key] = p[key]
     # Workers need no privilege (the node agent sets GPU power limits): none unless the spec
     # asks. What the spec sets wins, key by key.
-    container["securityContext"] = {**WORKER_SECURITY, **p.get("securityContext", {})}
+    container["securityContext"] = {
+        **WORKER_SECURITY,
+        **trainer_tpl.get("securityContext", {}),
+        **p.get("securityContext", {}),
+    }
 
     name = pod_name(job, index)
     pod_spec: dict[str, Any] = {
@@ -194,9 +207,15 @@ def worker_pod(
         "restartPolicy": "Never",
         "hostname": name,
         "subdomain": service_name(job),
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "securityContext": {**WORKER_POD_SECURITY, **p.get("podSecurityContext", {})},
+        "enableServiceLinks": tpl.get("enableServiceLinks", False),
+        "terminationGracePeriodSeconds": tpl.get(
+            "terminationGracePeriodSeconds", TERMINATION_GRACE_SECONDS
+        ),
+        "securityContext": {
+            **WORKER_POD_SECURITY,
+            **tpl.get("securityContext", {}),
+            **p.get("podSecurityContext", {}),
+        },
     }
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName",
                 "schedulerName", "serviceAccountName", "imagePullSecrets"):  # fmt: skip
@@ -217,10 +236,12 @@ def worker_pod(
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(progress.port or METRICS_PORT),
         "prometheus.io/path": "/metrics",
+        **template_annotations(p.get("template")),
         **(p.get("podAnnotations") or {}),
     }
     limit = power_limit_watts or spec.energy.gpu_power_limit_watts
     if limit is not None:
         annotations[POWER_LIMIT_ANNOTATION] = f"{limit:g}"
     metadata["annotations"] = annotations
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    return merge_template(pod, p.get("template"))
