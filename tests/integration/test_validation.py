@@ -323,6 +323,11 @@ def trainer(**fields: Any) -> dict[str, Any]:
         ("ok", {"backoffLimit": -1}, "spec.backoffLimit", f"{AT_LEAST} 0"),
         ("ok", {"restartBackoffSeconds": -1}, "spec.restartBackoffSeconds", f"{AT_LEAST} 0"),
         ("ok", {"restartBackoffSeconds": 3601}, "spec.restartBackoffSeconds", f"{AT_MOST} 3600"),
+        ("ok", {"nodeLostTimeoutSeconds": -1}, "spec.nodeLostTimeoutSeconds", f"{AT_LEAST} 0"),
+        ("ok", {"nodeLostTimeoutSeconds": 3601}, "spec.nodeLostTimeoutSeconds",
+         f"{AT_MOST} 3600"),
+        ("ok", {"nodeLostTimeoutSeconds": "1m"}, "spec.nodeLostTimeoutSeconds",
+         must_be("integer")),
         ("ok", {"activeDeadlineSeconds": 0}, "spec.activeDeadlineSeconds", f"{AT_LEAST} 1"),
         ("ok", {"ttlSecondsAfterFinished": -1}, "spec.ttlSecondsAfterFinished",
          f"{AT_LEAST} 0"),
@@ -346,6 +351,8 @@ def test_bad_input_is_refused_at_apply_with_the_field_named(
 GOOD_SPECS = [
     {"image": "localhost:5000/team/trainer@sha256:" + "0" * 64},
     {"env": [{"name": "my.var-1", "value": "x"}]},  # relaxed names, as pods take them
+    {"nodeLostTimeoutSeconds": 0},  # evicted as soon as the node is tainted
+    {"nodeLostTimeoutSeconds": 3600},
     {"volumes": VOL, "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
      "checkpoint": {"path": "/data/ckpt", "volume": "data"}},
     {"energy": {"budget": "0.5kWh", "powerCapWatts": 900, "gpuPowerLimitWatts": 300,

@@ -330,21 +330,36 @@ class JobApi:
             if exc.status != 404:
                 raise
 
-    def delete_pod(self, namespace: str, name: str) -> None:
+    def delete_pod(
+        self, namespace: str, name: str, force: bool = False, uid: str | None = None
+    ) -> None:
+        """``force``: with grace period 0, as ``kubectl delete --force --grace-period=0``:
+        the API server removes the pod at once instead of waiting for its kubelet to say the
+        containers are gone (one on a lost node never does; see reconcile._force_stuck).
+        ``uid``: only that pod, not a namesake created since (409, ignored as 404 is)."""
+        options = None
+        if force or uid:
+            options = client.V1DeleteOptions(
+                grace_period_seconds=0 if force else None,
+                preconditions=client.V1Preconditions(uid=uid) if uid else None,
+            )
         try:
             deleted = self.core.delete_namespaced_pod(
-                name, namespace, _preload_content=False, _request_timeout=API_TIMEOUT
+                name, namespace, body=options, _preload_content=False, _request_timeout=API_TIMEOUT
             )
             metrics.PODS_DELETED.inc()
-            self._observe(deleted)
+            self._observe(deleted, gone=force)
         except ApiException as exc:
+            if exc.status == 409 and uid:
+                return  # that pod is gone already; a namesake is not ours to delete
             if exc.status != 404:
                 raise
 
-    def _observe(self, answer: Any) -> None:
+    def _observe(self, answer: Any, gone: bool = False) -> None:
         """What a pod call returned (raw: the client's models cost milliseconds of CPU per
         pod), into the cache at once: the next reconcile must see what this one did,
-        though the watch has not reported it yet."""
+        though the watch has not reported it yet. ``gone``: a delete with grace period 0,
+        which removed the pod (unless a finalizer holds it): its answer is its last state."""
         if self.pod_cache is None or answer is None:
             return
         data = getattr(answer, "data", answer)
@@ -353,7 +368,8 @@ class JobApi:
         except ValueError:
             return
         if isinstance(pod, dict) and pod.get("kind", "Pod") == "Pod" and "spec" in pod:
-            self.pod_cache.observe(pod)
+            held = bool((pod.get("metadata") or {}).get("finalizers"))
+            self.pod_cache.observe(pod, deleted=gone and not held)
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:

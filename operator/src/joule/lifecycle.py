@@ -123,6 +123,9 @@ class Reconciler:
             body = api.write_status(body, p.status)
         for pod in p.delete:
             api.delete_pod(namespace, pod)
+        uids = {pod.name: pod.uid for pod in pods}
+        for pod_name in p.force_delete:  # pods stuck Terminating (a lost node): see plan
+            api.delete_pod(namespace, pod_name, force=True, uid=uids.get(pod_name))
         rejected = self._create(job, spec, p) if p.create else None
         self._tensorboard(job, spec, stored, p)
         for pod_name, value in power_limit_patches(spec, p.status, pods).items():

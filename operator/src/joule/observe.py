@@ -7,9 +7,11 @@ job's status can say it without the user having to look at every pod.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from joule.api.events import parse_time
 from joule.constants import LABEL_INDEX, POWER_LIMIT_ANNOTATION
 
 # Waiting reasons after which a container will not start on its own.
@@ -22,6 +24,14 @@ BLOCKING_WAITING = {
     "CrashLoopBackOff",
     "RunContainerError",
 }
+
+# A pod's DisruptionTarget reasons that mean its node went away rather than that it failed
+# or was deleted on purpose: the taint-eviction controller deleting it from a node tainted
+# NoExecute (node.kubernetes.io/unreachable or not-ready, once its toleration ran out), and
+# the pod garbage collector removing it from a Node object that was deleted. Kubernetes sets
+# them itself (pod disruption conditions, GA in 1.31); nothing here reads the Node.
+NODE_LOST_REASONS = frozenset({"DeletionByTaintManager", "DeletionByPodGC"})
+NODE_LOST = "NodeLost"  # the Failure reason (and Event reason) of a worker lost with its node
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,9 @@ class PodView:
     power_limit: str | None = None  # the per-GPU power limit annotation, as set
     owner: str | None = None  # UID of the controller that owns the pod (its TrainingJob)
     node: str | None = None  # the node it is bound to
+    # metadata.deletionTimestamp: when the pod should be gone (the API server sets it to the
+    # delete request's time plus the grace period); None while it is not being deleted.
+    deletion_deadline: dt.datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -54,6 +67,12 @@ class PodView:
     def active(self) -> bool:
         """Holds (or is about to hold) resources and is not on its way out."""
         return not self.finished and not self.terminating
+
+    @property
+    def lost(self) -> bool:
+        """Taken down with its node (see NODE_LOST_REASONS), whatever its phase says: a
+        kubelet that is gone never reports one."""
+        return self.failure is not None and self.failure.reason == NODE_LOST
 
 
 def view(pod: dict[str, Any]) -> PodView | None:
@@ -76,6 +95,7 @@ def view(pod: dict[str, Any]) -> PodView | None:
         ready=ready,
         scheduled=node is not None,
         terminating=meta.get("deletionTimestamp") is not None,
+        deletion_deadline=parse_time(meta.get("deletionTimestamp")),
         failure=failure(status, conditions),
         ip=status.get("podIP"),
         power_limit=(meta.get("annotations") or {}).get(POWER_LIMIT_ANNOTATION),
@@ -92,8 +112,13 @@ MAX_MESSAGE = 256
 
 
 def failure(status: dict[str, Any], conditions: dict[str, dict[str, Any]]) -> Failure | None:
-    # The container's own terminated reason (OOMKilled, Error) comes first: the pod's reason,
-    # where it has one, is a generic one.
+    # A lost node comes first: what its containers last said is stale (no kubelet reports
+    # from there any more), and the pod GC marks such a pod Failed with no reason of its own.
+    disrupted = conditions.get("DisruptionTarget") or {}
+    if disrupted.get("status") == "True" and disrupted.get("reason") in NODE_LOST_REASONS:
+        return Failure(NODE_LOST, disrupted.get("message") or disrupted["reason"])
+    # Then the container's own terminated reason (OOMKilled, Error): the pod's reason, where
+    # it has one, is a generic one.
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         term = state.get("terminated")

@@ -83,9 +83,11 @@ class PodCache:
 
     # --- what the operator's own calls return ---------------------------------------------
 
-    def observe(self, pod: dict[str, Any]) -> None:
-        """A pod as an API call returned it (created, patched, or marked for deletion)."""
-        self._put(pod, deleted=False)
+    def observe(self, pod: dict[str, Any], deleted: bool = False) -> None:
+        """A pod as an API call returned it (created, patched, or marked for deletion);
+        ``deleted``: the call removed it (a delete with grace period 0). Its watch event then
+        changes nothing and triggers no reconcile: the caller requeues the job itself."""
+        self._put(pod, deleted=deleted)
 
     # --- the watch --------------------------------------------------------------------------
 

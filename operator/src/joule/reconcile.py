@@ -18,13 +18,15 @@ from joule.api.growth import mark_growth
 from joule.api.scaling import OnBudgetExhausted
 from joule.api.types import CleanPodPolicy, JobRef, Phase, TrainingJobSpec
 from joule.builders.labels import selector_string
-from joule.observe import Failure, PodView
+from joule.observe import NODE_LOST, Failure, PodView
 
 
 @dataclass
 class Plan:
     create: list[int] = field(default_factory=list)  # replica indices
     delete: list[str] = field(default_factory=list)  # pod names
+    # Pods stuck Terminating past their grace period: deleted with grace period 0.
+    force_delete: list[str] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     delete_job: bool = False
@@ -204,6 +206,9 @@ def plan(
         if previous != Phase.RESIZING:
             out.events.append(Event("Normal", "Resizing", msg))
         reason = blocking.failure.reason if blocking and blocking.failure else "Resizing"
+        gone = next((q for q in pods if q.lost and q.terminating and q.index < desired), None)
+        if gone is not None and blocking is None:  # say why a worker is missing, and until when
+            reason, msg = NODE_LOST, f"{_lost_message(gone)}; {msg}"
         refused = _refused(st)
         if refused and len(wanted) < desired:  # a worker is still missing: still refused
             reason, msg = refused
@@ -469,15 +474,25 @@ def _starting(
 def _count_failures(
     spec: TrainingJobSpec, st: dict[str, Any], pods: list[PodView], now: dt.datetime, plan: Plan
 ) -> bool:
-    """Replace failed workers and count them; True when the job has failed for good."""
+    """Replace failed workers and count them; True when the job has failed for good.
+
+    A worker lost with its node (evicted by the taint manager, or removed by the pod GC with
+    its Node) counts too, though it is being deleted rather than Failed: the group restarts
+    all the same (torchrun re-forms it and the trainer resumes from its checkpoint), so it
+    uses up backoffLimit and restarts the backoff as a crash does; its Event says NodeLost,
+    so that a user tells it from a crash."""
     failed = [p for p in pods if p.phase == "Failed" and not p.terminating]
+    lost = [p for p in pods if p.lost and p.phase != "Succeeded" and p not in failed]
+    counted = failed + lost
     handled = set(st.get("handledFailures", []))
-    new = [p for p in failed if p.uid not in handled]
+    new = [p for p in counted if p.uid not in handled]
     # Only failures whose pod still exists need remembering: keeps the list short.
-    st["handledFailures"] = sorted(({p.uid for p in failed} & handled) | {p.uid for p in new})
+    st["handledFailures"] = sorted(({p.uid for p in counted} & handled) | {p.uid for p in new})
     if not st["handledFailures"]:
         st.pop("handledFailures")
-    plan.delete += [p.name for p in failed if not p.terminating]
+    # A lost worker is being deleted already (by the taint manager, the pod GC, or at last
+    # by _force_stuck): deleting it again gracefully would change nothing.
+    plan.delete += [p.name for p in failed]
     if not new:
         return False
     st["restarts"] = int(st.get("restarts", 0)) + len(new)
@@ -506,15 +521,80 @@ def _count_failures(
     when = f"in {delay:.0f}s" if delay > 0 else "now"
     for pod in new:
         f = _failure_dict(pod.name, pod.failure or Failure("Failed", "pod failed"))
+        count = f"(restart {st['restarts']} of {spec.backoff_limit})"
+        if pod.lost:
+            plan.events.append(Event("Warning", NODE_LOST, f"{_lost_message(pod)} {count}"))
+            continue
         plan.events.append(
             Event(
                 "Warning",
                 "WorkerFailed",
-                f"{pod.name} failed ({_describe(f)}): {f['message']}; replacing it {when} "
-                f"(restart {st['restarts']} of {spec.backoff_limit})",
+                f"{pod.name} failed ({_describe(f)}): {f['message']}; replacing it {when} {count}",
             )
         )
     return False
+
+
+def _lost_message(pod: PodView) -> str:
+    """'j-worker-1 was lost with node n (Taint manager: ...); replacing it once it is gone,
+    force-deleted at T if its node never confirms': what a NodeLost Event and status say."""
+    why = pod.failure.message if pod.failure else "its node is gone"
+    where = f"node {pod.node}" if pod.node else "its node"
+    text = f"{pod.name} was lost with {where} ({why}); replacing it once it is gone"
+    if pod.terminating and pod.deletion_deadline is not None:
+        forced = pod.deletion_deadline + dt.timedelta(seconds=STUCK_TERMINATING_SECONDS)
+        text += f", force-deleted at {fmt_time(forced)} if its node never confirms"
+    return text
+
+
+# How long past its deletion time a pod may stay Terminating before it is force-deleted. Its
+# deletionTimestamp already includes the grace period, by the end of which a kubelet has
+# killed the containers; this leaves it time to say so (a busy node, a slow API server).
+STUCK_TERMINATING_SECONDS = 30.0
+
+
+def _force_stuck(pods: list[PodView], now: dt.datetime, plan: Plan) -> None:
+    """Force-delete (grace period 0, as ``kubectl delete --force --grace-period=0``) the pods
+    still Terminating STUCK_TERMINATING_SECONDS past their deletion time, and wake the job
+    when the next one is due.
+
+    Only a pod's kubelet confirms its deletion. On a lost node none ever does, and since
+    workers have fixed names (<job>-worker-<index>, which torchrun's ranks and the DNS names
+    hang on) such a pod holds its index, so its replacement could never be created: the pod
+    GC removes it only once someone deletes the Node object. A kubelet that is alive has
+    killed the containers by the deadline and confirms within the margin, so this applies
+    to a lost node (or a hung kubelet) only, whatever deleted the pod (an eviction, a
+    scale-down, a suspend). The risk Kubernetes warns of, two pods of one name, exists only
+    for a node cut off from the API server but not from its peers; its kubelet kills the old
+    container when it is back, and a training group meets it as one more re-rendezvous,
+    while a job that can never replace a worker is stuck for good.
+
+    Why not a new name for the replacement, as a ReplicaSet's generateName gives: the fixed
+    name is what makes creating a worker idempotent across operator restarts (a second
+    create is refused, 409) without tracking pods per index, and it is the worker's hostname,
+    which worker 0's rendezvous endpoint (PET_RDZV_ENDPOINT) and the others' DNS names use."""
+    for pod in pods:
+        if not pod.terminating or pod.deletion_deadline is None:
+            continue
+        due = pod.deletion_deadline + dt.timedelta(seconds=STUCK_TERMINATING_SECONDS)
+        left = (due - now).total_seconds()
+        if left > 0:
+            plan.requeue_after = _min(plan.requeue_after, left)
+            continue
+        plan.force_delete.append(pod.name)
+        late = (now - pod.deletion_deadline).total_seconds()
+        where = f"on node {pod.node}" if pod.node else "on no node"
+        plan.events.append(
+            Event(
+                "Warning",
+                "ForceDeleted",
+                f"{pod.name} {where} is still Terminating {late:.0f}s past its grace period "
+                "(its node does not confirm the deletion: lost, or its kubelet hung): "
+                "force-deleting it (grace period 0) so that it can be replaced",
+            )
+        )
+    if plan.force_delete:
+        plan.requeue_after = 0.0  # its replacement is the next reconcile's: at once
 
 
 def _finished(
@@ -589,7 +669,9 @@ def _close(
     pods: list[PodView],
     now: dt.datetime,
 ) -> Plan:
-    """Fill in the counts and conditions every status carries, from the same observation."""
+    """Fill in the counts and conditions every status carries, from the same observation;
+    and, whatever the job's state, let go of pods stuck Terminating."""
+    _force_stuck(pods, now, plan)
     deleting = set(plan.delete)
     alive = [p for p in pods if p.active and p.name not in deleting]
     st["observedGeneration"] = generation

@@ -93,6 +93,7 @@ INT_FIELDS: dict[str, IntField] = {
     "spec.ttlSecondsAfterFinished": IntField(0),
     "spec.startupTimeoutSeconds": IntField(1, None, 300),
     "spec.restartBackoffSeconds": IntField(0, 3600, 10),
+    "spec.nodeLostTimeoutSeconds": IntField(0, 3600, 60),
     "spec.scaling.evaluationIntervalSeconds": IntField(5, 3600, 30),
     "spec.scaling.cooldownSeconds": IntField(0, 86400, 120),
     "spec.scaling.minGainPercent": IntField(1, 100, 5),
@@ -146,6 +147,9 @@ class TrainingJobSpec:
     # The wait before a failed worker's replacement, doubled with each restart (see
     # reconcile.restart_delay); 0 replaces at once.
     restart_backoff_seconds: int = 10
+    # How long a worker stays on a node that is unreachable or NotReady before it is evicted
+    # (its tolerationSeconds for those taints; the cluster's default is 300).
+    node_lost_timeout_seconds: int = 60
     scaling: Scaling = field(default_factory=Scaling)
     energy: Energy = field(default_factory=Energy)
     target: Target = field(default_factory=Target)
@@ -248,6 +252,7 @@ class TrainingJobSpec:
             suspend=bool(spec.get("suspend", False)),
             startup_timeout_seconds=_int(spec, "spec.startupTimeoutSeconds"),
             restart_backoff_seconds=_int(spec, "spec.restartBackoffSeconds"),
+            node_lost_timeout_seconds=_int(spec, "spec.nodeLostTimeoutSeconds"),
             scaling=scaling,
             energy=energy,
             target=_target(spec.get("target") or {}),

@@ -109,6 +109,37 @@ def torchrun_env(
     return env
 
 
+# The taints Kubernetes' node lifecycle controller puts on a node that stops reporting
+# (unreachable) or reports NotReady. The DefaultTolerationSeconds admission plugin gives a pod
+# that does not tolerate them 300 s there before it is evicted.
+NODE_LOST_TAINTS = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+
+
+def node_lost_tolerations(spec: TrainingJobSpec) -> list[dict[str, Any]]:
+    """NoExecute tolerations of the node-lost taints for spec.nodeLostTimeoutSeconds (60 s by
+    default), so that a worker on a lost node is evicted, and replaced, sooner than the
+    cluster's 300 s: a group that waits for a lost member trains nothing meanwhile. A key
+    the user's tolerations already cover (by name, or a key-less Exists) is left to them:
+    where several tolerations match a taint, the shortest tolerationSeconds wins, so ours
+    would override theirs."""
+    template = (spec.pod.get("template") or {}).get("spec") or {}
+    theirs = [*(spec.pod.get("tolerations") or []), *(template.get("tolerations") or [])]
+
+    def covered(key: str) -> bool:
+        return any(
+            (t.get("key") == key or (not t.get("key") and t.get("operator") == "Exists"))
+            and t.get("effect") in (None, "", "NoExecute")
+            for t in theirs
+        )
+
+    seconds = spec.node_lost_timeout_seconds
+    return [
+        {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}
+        for key in NODE_LOST_TAINTS
+        if not covered(key)
+    ]
+
+
 def worker_pod(
     job: JobRef,
     spec: TrainingJobSpec,
@@ -221,6 +252,8 @@ def worker_pod(
                 "schedulerName", "serviceAccountName", "imagePullSecrets"):  # fmt: skip
         if key in p:
             pod_spec[key] = p[key]
+    if lost := node_lost_tolerations(spec):
+        pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), *lost]
 
     labels = {**p.get("podLabels", {}), **common_labels(job), LABEL_INDEX: str(index)}
     metadata: dict[str, Any] = {
