@@ -225,7 +225,12 @@ def trainer(**fields: Any) -> dict[str, Any]:
          TOO_SHORT),
         ("ok", {"tensorboard": {"enabled": True, "image": "tb :1"}, **CKPT},
          "spec.tensorboard.image", NO_MATCH),
-        ("ok", {"progress": {"port": 9090}}, "spec.progress.samplesMetric", REQUIRED),
+        ("ok", {"progress": {"hangTimeoutSeconds": 59}}, "spec.progress.hangTimeoutSeconds",
+         f"{AT_LEAST} 60"),
+        ("ok", {"progress": {"hangTimeoutSeconds": 0}}, "spec.progress.hangTimeoutSeconds",
+         f"{AT_LEAST} 60"),
+        ("ok", {"progress": {"hangTimeoutSeconds": "30m"}}, "spec.progress.hangTimeoutSeconds",
+         must_be("integer")),
         ("ok", {"progress": {"samplesMetric": "my-samples"}}, "spec.progress.samplesMetric",
          NO_MATCH),
         ("ok", {"progress": {"samplesMetric": "s_total", "port": 0}}, "spec.progress.port",
@@ -360,6 +365,8 @@ GOOD_SPECS = [
     {"energy": {"budget": "007MJ", "onBudgetExhausted": "Warn"}},
     {"energy": {"budget": 1}},
     {"target": {"samples": 1, "deadline": "2030-01-01t00:00:00z"}},  # RFC 3339 allows t and z
+    {"progress": {"hangTimeoutSeconds": 60}},  # joule_trainer's own counter: no samplesMetric
+    {"progress": {"samplesMetric": "imgs_total", "port": 8000, "hangTimeoutSeconds": 86400}},
     {"target": {"deadline": "2030-01-01T00:00:00.123456789+01:00"}},
     {"nodeSelector": {"example.com/pool": "a100", "kubernetes.io/os": "linux", "empty": ""}},
     {"tolerations": [{"operator": "Exists"},

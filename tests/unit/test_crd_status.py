@@ -11,6 +11,7 @@ import yaml
 from joule.agent_metrics import LimitReport
 from joule.api import JobRef, TrainingJobSpec
 from joule.autoscaler import NO_PROGRESS
+from joule.hang import observe
 from joule.observe import Failure, PodView
 from joule.policy import ClusterView
 from joule.reconcile import follow_user_scale, plan
@@ -63,6 +64,17 @@ def statuses() -> list[dict[str, Any]]:
     completing = plan(JOB, fixed, running, 1, [pod(0, "Succeeded"), pod(1)], T0).status
     done = plan(JOB, fixed, completing, 1, [pod(0, "Succeeded"), pod(1, "Succeeded")], T0)
     out += [new, running, failing, completing, done.status]
+    # Progress timed for a hang timeout, and the restart of a hung group.
+    watched = TrainingJobSpec.parse({"image": "x", "replicas": 2,
+                                     "progress": {"hangTimeoutSeconds": 60}})  # fmt: skip
+    st = dict(running)
+    for t in (0, 60):
+        now = T0 + dt.timedelta(seconds=t)
+        st = {**st, "progress": observe(watched, st, 64.0, now)}
+        out.append(st)
+        st = plan(JOB, watched, st, 1, [pod(0), pod(1)], now).status
+    assert st["reason"] == "Hung"
+    out.append(st)
 
     st = dict(running)
     follow_user_scale(managed, st, T0)
@@ -109,9 +121,12 @@ def test_every_status_field_the_operator_writes_survives_the_schema():
         assert unknown_fields(st, schema) == [], st
         seen |= set(st)
         seen |= {f"energy.{k}" for k in st.get("energy", {})}
+        seen |= {f"progress.{k}" for k in st.get("progress", {})}
     # The states above did write the fields this check is for.
     for field in ("completingSince", "specReplicas", "targetReplicas", "lastDecision",
                   "podFailure", "lastFailureTime", "energy.gpuPowerLimitWatts",
+                  "progress.lastProgressTime", "progress.checkedAt", "progress.samples",
+                  "progress.hung",
                   "energy.evaluatedAt",
                   "energy.budgetRemainingJoules", "energy.meter", "energy.progress",
                   "energy.gpuPowerLimitConfirmed", "energy.gpuPowerLimitRefused"):  # fmt: skip

@@ -2,11 +2,13 @@
 and writes the target (size, per-GPU power limit) to the job's status.
 
 It runs every ``evaluationIntervalSeconds`` for jobs with a scaling policy or an energy
-limit, apart from the lifecycle reconciler (``lifecycle``) and under a lock of its own, so a
-slow or hung worker costs this loop one scrape deadline and never holds the job's pods. It
-changes no pod: the status write it makes is a watch event, and the lifecycle reconciler then
-makes the pods match the new target. Per-worker counters and measured rates are kept in a
-ConfigMap the job owns (``builders.bookkeeping``); status shows the totals.
+limit, and for jobs with a hang timeout, whose progress it records (``joule.hang``), apart
+from the lifecycle reconciler (``lifecycle``) and under a lock of its own, so a slow or hung
+worker costs this loop one scrape deadline and never holds the job's pods. It changes no
+pod: the status write it makes is a watch event, and the lifecycle reconciler then makes the
+pods match the new target (or restarts the hung ones). Per-worker counters and measured
+rates are kept in a ConfigMap the job owns (``builders.bookkeeping``); status shows the
+totals.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from joule.api.events import Event
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.capacity import Capacity
 from joule.constants import METRICS_PORT
+from joule.hang import observe
 from joule.job_metrics import JOB_SERIES
 from joule.kube import Conflict, JobApi
 from joule.observe import PodView
@@ -105,6 +108,8 @@ class Autoscaler:
         if due is None or due > 0:
             return due
         pods = api.pods(job)
+        if not spec.managed:
+            return self._watch_progress(body, job, spec, status, pods, now)
         kept, version = api.bookkeeping(job)
         merged = {**status, "energy": merge_energy(status.get("energy") or {}, kept)}
         generation = body["metadata"].get("generation", 1)
@@ -119,6 +124,25 @@ class Autoscaler:
             api.post_event(job, event)
             metrics.DECISIONS.labels(reason=event.reason).inc()
             JOB_SERIES.decided(namespace, name, event.reason)
+        return next_evaluation(spec, new, now)
+
+    def _watch_progress(
+        self,
+        body: dict[str, Any],
+        job: JobRef,
+        spec: TrainingJobSpec,
+        status: dict[str, Any],
+        pods: list[PodView],
+        now: dt.datetime,
+    ) -> float | None:
+        """A job watched for hangs alone (no policy, no energy limit): read its workers'
+        samples and record them (status.progress); no energy, no policy, no bookkeeping."""
+        workers, _, expected = self._read_workers(spec, pods, progress_only=True)
+        record = observe(spec, status, progress_samples(workers, expected), now)
+        if record is None:
+            return next_evaluation(spec, status, now)
+        new = {**status, "progress": record}
+        self.api.write_status(body, new)
         return next_evaluation(spec, new, now)
 
     def _assess(
@@ -178,6 +202,9 @@ class Autoscaler:
         )  # fmt: skip
         metrics.POLICY_DECISIONS.labels(reason=result.decision.reason).inc()
         st = dict(result.status)
+        record = observe(spec, status, progress_samples(workers, expected), now)
+        if record is not None:
+            st["progress"] = record
         if unread:
             st["metricsError"] = "; ".join(unread)[:1024]
         else:
@@ -188,13 +215,14 @@ class Autoscaler:
         return st, list(result.events)
 
     def _read_workers(
-        self, spec: TrainingJobSpec, pods: list[PodView]
+        self, spec: TrainingJobSpec, pods: list[PodView], progress_only: bool = False
     ) -> tuple[dict[str, Result], dict[str, str], set[str]]:
         """Every worker process's /metrics: results by "<pod uid>/<rank>", their names, and
         the keys that must answer (running, ready, not on their way out). With energy from
-        outside the workers, a script's own samples counter (spec.progress) may stand in
-        for joule_trainer's series."""
-        progress = spec.progress if self.agents or self.prometheus else None
+        outside the workers, or none read (``progress_only``), a script's own samples
+        counter (spec.progress) may stand in for joule_trainer's series."""
+        own = self.agents or self.prometheus or progress_only
+        progress = spec.progress if own else None
         parse = parse_trainer_metrics
         if progress is not None and progress.samples_metric:
             parse = samples_parser(progress.samples_metric)
@@ -333,3 +361,11 @@ class Autoscaler:
         )
         limits = limit_report(power_limit(spec, status), gpus) if gpus else None
         return measured, unread, complete, limits
+
+
+def progress_samples(workers: dict[str, Result], expected: set[str]) -> float | None:
+    """The samples counters of the workers that must answer, summed; None unless every one
+    of them answered (one missing from the sum would read as progress, or its loss)."""
+    if not expected or any(k not in workers or workers[k].error is not None for k in expected):
+        return None
+    return sum(workers[k].reading.samples for k in expected if workers[k].reading is not None)

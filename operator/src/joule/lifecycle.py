@@ -49,7 +49,8 @@ class Outcome:
     status_written: bool
     gone: bool = False  # the job no longer exists: forget it everywhere
     # Seconds until the energy and scaling loop should next look at the job (None: never,
-    # as for a job without a policy or energy limit, or one that has finished).
+    # as for a job without a policy, an energy limit or a hang timeout, or one that has
+    # finished).
     evaluate_after: float | None = None
 
 

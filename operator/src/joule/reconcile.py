@@ -13,6 +13,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from joule import hang
 from joule.api.events import Event, fmt_time, parse_time
 from joule.api.growth import mark_growth
 from joule.api.scaling import OnBudgetExhausted
@@ -151,7 +152,11 @@ def plan(
     fallback = _fall_back_from_growth(spec, st, pods, now)
     if fallback is not None:
         out.events.append(fallback)
+    counted = int(st.get("restarts", 0))
     if _count_failures(spec, st, pods, now, out):
+        return _close(out, st, job, spec, generation, pods, now)
+    # A failure counted just now restarts the group already: no hang is counted on top.
+    if int(st.get("restarts", 0)) == counted and _restart_hung(spec, st, pods, now, out):
         return _close(out, st, job, spec, generation, pods, now)
 
     desired = desired_replicas(spec, st)
@@ -218,6 +223,9 @@ def plan(
         _set_phase(st, Phase.RESIZING, reason, msg)
     else:
         _starting(spec, st, wanted, desired, blocking, now, out)
+        restarting = hang.restarting(st)
+        if restarting and st["reason"] in ("WaitingForScheduling", "WaitingForWorkers"):
+            st["reason"], st["message"] = "Hung", restarting  # what the new group is for
     if waiting is not None and not Phase(st["phase"]).finished:
         _backing_off(spec, st, waiting, now, out)
     return _close(out, st, job, spec, generation, pods, now)
@@ -597,6 +605,37 @@ def _force_stuck(pods: list[PodView], now: dt.datetime, plan: Plan) -> None:
         plan.requeue_after = 0.0  # its replacement is the next reconcile's: at once
 
 
+def _restart_hung(
+    spec: TrainingJobSpec, st: dict[str, Any], pods: list[PodView], now: dt.datetime, plan: Plan
+) -> bool:
+    """Release every worker of a job whose workers hung (see ``joule.hang``: the last look
+    found no new sample for hangTimeoutSeconds) and count a restart; past backoffLimit the
+    job fails. True when it did either."""
+    why = hang.hang(spec, st)
+    if why is None:
+        return False
+    st["restarts"] = int(st.get("restarts", 0)) + 1
+    plan.create = []
+    workers = [p.name for p in pods if p.active]
+    plan.delete = sorted({*plan.delete, *workers})
+    if st["restarts"] > spec.backoff_limit:
+        message = f"{why}; {st['restarts']} restarts > backoffLimit={spec.backoff_limit}"
+        _finish(st, Phase.FAILED, "Hung", message, now, plan, event="WorkerHung")
+        return True
+    message = (
+        f"{why}: restarting all {len(workers)} workers as a group "
+        f"(restart {st['restarts']} of {spec.backoff_limit})"
+    )
+    st.pop("attemptStartTime", None)  # the new group's startup clock starts at its create
+    # No backoff wait: the workers ran since any earlier failure, and the timeout itself
+    # spaces hangs far apart.
+    st.pop("lastFailureTime", None)
+    st["progress"] = {"hung": message}  # the reason while the new group starts (keep())
+    plan.events.append(Event("Warning", "WorkerHung", message))
+    _set_phase(st, Phase.PENDING, "Hung", message)
+    return True
+
+
 def _finished(
     spec: TrainingJobSpec,
     st: dict[str, Any],
@@ -629,13 +668,20 @@ def _finished(
 
 
 def _finish(
-    st: dict[str, Any], phase: Phase, reason: str, message: str, now: dt.datetime, plan: Plan
+    st: dict[str, Any],
+    phase: Phase,
+    reason: str,
+    message: str,
+    now: dt.datetime,
+    plan: Plan,
+    event: str | None = None,  # the Event's reason, where not the status's
 ) -> None:
     st["completionTime"] = fmt_time(now)
     st.pop("attemptStartTime", None)
     _set_phase(st, phase, reason, message)
     plan.create = []
-    plan.events.append(Event("Normal" if phase == Phase.SUCCEEDED else "Warning", reason, message))
+    kind = "Normal" if phase == Phase.SUCCEEDED else "Warning"
+    plan.events.append(Event(kind, event or reason, message))
 
 
 # How long the other workers may take to exit once one has finished. torchrun's own exit
@@ -680,6 +726,7 @@ def _close(
     st["gpus"] = sum(spec.gpus_per_replica for p in alive if p.scheduled)
     st["selector"] = selector_string(job)
     st.setdefault("restarts", 0)
+    hang.keep(spec, st)  # the progress clock only runs while every worker does
     if not spec.managed or st["phase"] not in (Phase.RUNNING, Phase.RESIZING):
         st.pop("metricsError", None)  # nobody reads the workers now: nothing to report
     if not spec.managed and not st.get("lastDecision", {}).get("suspend"):

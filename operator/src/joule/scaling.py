@@ -26,6 +26,7 @@ from joule.agent_metrics import LimitReport
 from joule.api.events import Event, fmt_time, parse_time
 from joule.api.growth import mark_growth
 from joule.api.types import TrainingJobSpec
+from joule.hang import watched
 from joule.policy import ClusterView, Decision, Observations, SizeStats, decide
 from joule.trainer_metrics import TrainerReading
 
@@ -437,10 +438,14 @@ def next_evaluation(
     spec: TrainingJobSpec, status: dict[str, Any], now: dt.datetime
 ) -> float | None:
     """Seconds until the energy and scaling loop is due for this job: every
-    evaluationIntervalSeconds while it runs, if it has a policy or an energy limit."""
-    if not spec.managed or status.get("phase") not in ("Running", "Resizing"):
+    evaluationIntervalSeconds while it runs, if it has a policy or an energy limit, or, for
+    its progress only, while its hang timeout is watched (see ``joule.hang``)."""
+    if spec.managed and status.get("phase") in ("Running", "Resizing"):
+        last = parse_time((status.get("energy") or {}).get("evaluatedAt"))
+    elif watched(spec, status):
+        last = parse_time((status.get("progress") or {}).get("checkedAt"))
+    else:
         return None
-    last = parse_time((status.get("energy") or {}).get("evaluatedAt"))
     if last is None:
         return 0.0
     due = last + dt.timedelta(seconds=spec.scaling.evaluation_interval_seconds)

@@ -103,6 +103,8 @@ INT_FIELDS: dict[str, IntField] = {
     "spec.energy.minGpuPowerLimitWatts": IntField(1),
     "spec.target.samples": IntField(1),
     "spec.progress.port": IntField(1, 65535),
+    # A minute at least: a shorter quiet spell (a checkpoint, an evaluation) is no hang.
+    "spec.progress.hangTimeoutSeconds": IntField(60),
     # User and group IDs, bounded as the pod's validation bounds them. The parser copies the
     # security contexts into the pods as they are and does not read these.
     **{
@@ -429,10 +431,17 @@ def _watts(d: dict[str, Any], key: str) -> float | None:
 @dataclass(frozen=True)
 class Progress:
     """Where workers report the samples they trained: joule_trainer's series (the default),
-    or a counter the user's script serves, named in spec.progress."""
+    or a counter the user's script serves, named in spec.progress; and how long that count
+    may stand still before the workers count as hung (see ``joule.hang``)."""
 
     samples_metric: str | None = None
     port: int | None = None  # one /metrics per pod; None: 9090 + local rank per process
+    hang_timeout_seconds: int | None = None  # None: no hang detection
+
+    @property
+    def metric(self) -> str:
+        """The counter of samples the operator reads, as a message names it."""
+        return self.samples_metric or "joule_trainer_samples_total"
 
 
 @dataclass(frozen=True)
@@ -465,12 +474,19 @@ METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 def _progress(d: Any) -> Progress:
     if d is None:
         return Progress()
-    name = d.get("samplesMetric") if isinstance(d, dict) else None
-    if not isinstance(name, str) or not re.fullmatch(METRIC_NAME, name) or len(name) > 200:
+    if not isinstance(d, dict):
+        raise SpecError(f"spec.progress must be an object, not {d!r}")
+    # Absent: joule_trainer's own counter (its trainer and joule_trainer.report serve it).
+    name = d.get("samplesMetric")
+    if name is not None and (
+        not isinstance(name, str) or not re.fullmatch(METRIC_NAME, name) or len(name) > 200
+    ):
         raise SpecError(
             f"spec.progress.samplesMetric must be a Prometheus metric name, not {name!r}"
         )
-    return Progress(name, _int(d, "spec.progress.port"))
+    return Progress(
+        name, _int(d, "spec.progress.port"), _int(d, "spec.progress.hangTimeoutSeconds")
+    )
 
 
 def _target(d: dict[str, Any]) -> Target:
