@@ -275,6 +275,18 @@ def teardown(record: NodeRecord) -> list[str]:
     return sorted(killed)
 
 
+def node_processes(record: NodeRecord) -> tuple[set[int], set[int]]:
+    """The node's processes, as teardown finds them: its containers' (in its cgroups), and
+    the rest of it (kubelet, containerd, shims, the holder: its mount namespace). A test
+    stops them all to make the node lost, as a machine that hangs or loses its network."""
+    layout = record.layout()
+    containers = _cgroup_pids(layout)
+    rest = _namespace_pids(record.mount_ns, layout) - containers
+    containers.discard(os.getpid())
+    rest.discard(os.getpid())
+    return containers, rest
+
+
 def _cgroup_hierarchies() -> list[Path]:
     return sorted(p for p in CGROUP_MOUNTS.iterdir() if (p / "cgroup.procs").exists())
 
