@@ -233,6 +233,34 @@ def down(settings: ClusterSettings) -> list[str]:
     return stopped
 
 
+def restart(
+    settings: ClusterSettings, name: str, down_seconds: float = 0.0, kill: bool = True
+) -> float:
+    """Stop one component (SIGKILL by default: a crash, not a shutdown), leave it down for
+    ``down_seconds``, start it again with the same command line and log, and wait until it is
+    healthy. Returns the seconds it was unavailable. For fault tests (etcd, kube-apiserver)."""
+    info = _load(settings)
+    if info is None:
+        raise ClusterError(f"no cluster {settings.name!r}")
+    record = next((r for r in info.processes if r.name == name), None)
+    if record is None or not process.alive(record):
+        raise ClusterError(f"{name} is not running in cluster {settings.name!r}")
+    argv = Path(f"/proc/{record.pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    began = time.monotonic()
+    if kill:
+        process.kill(record)
+    else:
+        process.stop([record])
+    time.sleep(down_seconds)
+    fresh = process.start(name, [a.decode() for a in argv], Path(record.log), record.health_url)
+    info.processes = [fresh if r is record else r for r in info.processes]
+    _save(settings.state_dir, info)
+    ca = settings.state_dir / "pki" / "ca.crt" if name == "kube-apiserver" else None
+    comp = Component(name, [], fresh.health_url)
+    _wait_healthy(comp, fresh, ca)
+    return time.monotonic() - began
+
+
 def _start_components(
     comps: list[Component], info: ClusterInfo, state: Path, keys: pki.Pki, say: Progress
 ) -> None:

@@ -92,6 +92,16 @@ def stop(records: list[ProcessRecord], grace_seconds: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def kill(record: ProcessRecord) -> None:
+    """SIGKILL, and wait (5 s at most) until it is gone."""
+    if alive(record):
+        _signal(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and alive(record):
+        _reap([record])
+        time.sleep(0.05)
+
+
 def rss_bytes(pid: int) -> int | None:
     """Resident memory of a process, or None if it is gone."""
     try:
