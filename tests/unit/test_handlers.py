@@ -119,3 +119,38 @@ def test_a_trigger_for_a_job_forgotten_meanwhile_is_not_run_again():
         sched.stop.set()
         sched.pool.shutdown(wait=True)
     assert slow.calls == [("ns", "a")]
+
+
+class FlakyReconciler(FakeReconciler):
+    """Fails while the API server is away (the first ``down`` calls), then works."""
+
+    def __init__(self, down: int):
+        super().__init__()
+        self.down = down
+        self.times: list[float] = []
+
+    def reconcile(self, namespace, name, cached=False):
+        self.times.append(time.monotonic())
+        if len(self.times) <= self.down:
+            raise ConnectionError("connection refused")
+        return Outcome(Plan(), False)
+
+
+def test_a_reconcile_that_failed_is_retried_within_a_second_then_less_often():
+    flaky = FlakyReconciler(down=3)
+    sched = Scheduler(flaky, OperatorConfig(tick_seconds=0.05, resync_seconds=3600))
+    sched.thread.start()
+    try:
+        sched.trigger("ns", "a")
+        deadline = time.monotonic() + 10
+        while len(flaky.times) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sched.stop.set()
+        sched.pool.shutdown(wait=True)
+    assert len(flaky.times) == 4  # three failures, then the one that worked; no resync needed
+    gaps = [b - a for a, b in zip(flaky.times, flaky.times[1:], strict=False)]
+    # 0.5, 1 and 2 s apart (never sooner; later only by a busy machine's ticks), all long
+    # before the hour's resync.
+    assert gaps[0] >= 0.45 and gaps[1] >= 0.95 and gaps[2] >= 1.95, gaps
+    assert ("ns", "a") not in sched.failures

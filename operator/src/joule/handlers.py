@@ -40,6 +40,7 @@ from joule.podcache import PodCache
 
 log = logging.getLogger("joule.handlers")
 Key = tuple[str, str]
+RETRY_FIRST_SECONDS = 0.5
 
 
 class Scheduler:
@@ -56,6 +57,7 @@ class Scheduler:
         self.known: set[Key] = set()
         self.inflight: set[Key] = set()
         self.again: set[Key] = set()  # triggered while in flight: reconciled once more after
+        self.failures: dict[Key, int] = {}  # reconciles failed in a row (API server away)
         self.pod_cache: PodCache | None = None  # started and stopped with the resync thread
         self.evaluation_due: dict[Key, float] = {}
         self.evaluating: set[Key] = set()
@@ -126,6 +128,7 @@ class Scheduler:
                 table.pop(key, None)
             self.known.discard(key)
             self.again.discard(key)
+            self.failures.pop(key, None)
         self.reconciler.forget(namespace, name)
         if self.autoscaler is not None:
             self.autoscaler.forget(namespace, name)
@@ -184,8 +187,19 @@ class Scheduler:
     def _resync(self, key: Key, cached: bool = False) -> None:
         try:
             self.run(*key, cached=cached)
-        except Exception:  # a failed resync is retried on the next tick
+            with self.lock:
+                self.failures.pop(key, None)
+        except Exception:
             log.exception("reconciling %s/%s failed", *key)
+            # Retried soon, then less often (0.5 s doubling, up to the resync period), as
+            # client-go's workqueue does: an API server back after a restart is seen within
+            # a second, not at the next resync.
+            with self.lock:
+                failed = self.failures.get(key, 0) + 1
+                self.failures[key] = failed
+                if key in self.known:
+                    retry = min(RETRY_FIRST_SECONDS * 2 ** (failed - 1), self.config.resync_seconds)
+                    self.due[key] = time.monotonic() + retry
         finally:
             with self.lock:
                 again = key in self.again and key in self.known
