@@ -221,6 +221,9 @@ def register(
         settings.execution.max_workers = config.workers
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        # An API server back after a restart is found within a second or two (kopf's own
+        # default starts at 1, 1, 2, 3, 5 s), and one away for long is still waited for.
+        settings.networking.error_backoffs = (0.5, 0.5, 1, 1, 2, 2, 3, 5, 8, 13, 21, 34)
         scheduler.thread.start()
         if scheduler.pod_cache is not None:
             scheduler.pod_cache.start()
