@@ -23,7 +23,7 @@ def test_launch_reads_the_operators_pet_contract():
         "PET_MAX_RESTARTS": "3",
     }
     argv = torchrun_argv(env, ["-m", "joule_trainer.train", "--steps", "5"])
-    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[:3] == [sys.executable, "-m", "joule_trainer.torchrun"]
     for flag in (
         "--nnodes=1:4",
         "--nproc-per-node=8",

@@ -6,10 +6,16 @@ walks the checkpoints newest first and skips any that does not load (a disk that
 file copied by hand, a file that is not plain data), so a torn or planted checkpoint is never
 used. The last ``keep`` are kept, and temporary files left by killed saves are removed by a
 later save.
+
+Storage that cannot take a checkpoint (read-only, full, not permitted) is an ``OSError`` from
+``save``, which then leaves nothing of its own behind and has touched no earlier checkpoint;
+``check_storage`` finds it before training. ``StorageError`` says so in one line, and
+``EXIT_STORAGE`` is the trainer's exit code for it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -25,6 +31,19 @@ NAME = re.compile(r"^step-(\d{9})\.pt$")
 TEMP_PREFIX = ".tmp-"
 # When this process started, near enough: the trainer imports this module first thing.
 PROCESS_STARTED = time.time()
+# The trainer's exit code when its checkpoint directory cannot take a checkpoint: sysexits.h's
+# EX_IOERR. joule-launch makes it the container's too (torchrun alone exits 1 whatever its
+# process did), so a pod's status shows it.
+EXIT_STORAGE = 74
+
+
+class StorageError(Exception):
+    """The checkpoint directory cannot take a checkpoint; ``str()`` is the one line that says
+    where, why (the system's words and errno) and which checkpoint is the newest."""
+
+    def __init__(self, line: str, code: int) -> None:
+        super().__init__(line)
+        self.code = code  # an errno, never 0: ranks agree on it with an all-reduce (max)
 
 
 def path_for(directory: Path, step: int) -> Path:
@@ -45,18 +64,134 @@ def save(
     final = path_for(directory, step)
     # The host name too: pods on different machines sharing the folder may have equal pids.
     tmp = directory / f"{TEMP_PREFIX}{final.name}.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    written_here = time.time()
-    written_there = tmp.stat().st_mtime  # the same moment on the file system's clock
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        written_here = time.time()
+        written_there = tmp.stat().st_mtime  # the same moment on the file system's clock
+        os.replace(tmp, final)
+    except BaseException as exc:
+        # Our partial file goes at once: a full disk is left as full as before this save,
+        # so the checkpoints already there stay whole and readable. None of them has been
+        # touched: the oldest are removed only below, once this one is in place.
+        _discard(tmp)
+        cause = os_error(exc)
+        if cause is not None and cause is not exc:  # torch.save wraps it in a RuntimeError
+            raise OSError(cause.errno, cause.strerror, str(tmp)) from exc
+        raise
     _fsync_dir(directory)
     _remove_stale_temps(directory, started + (written_there - written_here))
     for old in list_steps(directory)[:-keep]:
-        path_for(directory, old).unlink(missing_ok=True)
+        try:
+            path_for(directory, old).unlink(missing_ok=True)
+        except OSError as exc:  # the new checkpoint is in place: this save succeeded
+            log.warning("could not remove old checkpoint step %d: %s", old, exc)
     return final
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        # A read-only volume refuses even to unlink a file that is not there.
+        if os.path.lexists(tmp):  # it turned read-only midway: a later save removes it
+            log.warning("could not remove %s: %s", tmp, exc)
+
+
+def os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or one it was raised from or while handling
+    (torch.save reports a full disk as "RuntimeError: ... unexpected pos", raised while
+    handling the OSError that says ENOSPC)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return None
+
+
+def why(err: OSError) -> str:
+    """The system's words and the errno: "No space left on device (errno 28)"."""
+    return f"{err.strerror or err} (errno {err.errno})" if err.errno else str(err)
+
+
+def newest_text(step: int | None) -> str:
+    if step is None:
+        return "there is no complete checkpoint yet"
+    return f"the newest complete checkpoint is step {step}"
+
+
+def save_failed(directory: Path, step: int, err: OSError, newest: int | None) -> StorageError:
+    """The line for a save that failed; ``newest`` is the last checkpoint known whole."""
+    return StorageError(
+        f"checkpoint step {step} to {directory} failed: {why(err)}; {newest_text(newest)}",
+        err.errno or errno.EIO,
+    )
+
+
+def _state(err: OSError) -> str:
+    if err.errno == errno.EROFS:
+        return "is read-only"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "is full"
+    return "cannot be written"
+
+
+def check_storage(directory: Path, newest: int | None) -> StorageError | None:
+    """Before training: can ``directory`` take the next checkpoint? None if so, else why not.
+
+    A file is made there, written, fsynced and removed, which a read-only volume, a folder
+    the trainer may not write or a full disk refuses. Where a checkpoint exists already
+    (``newest``, the step resumed from), the file system must also have room for one more
+    of its size: a save writes the new checkpoint before removing the oldest, so with less
+    room the next save fails, and the steps trained until then are lost. That is what a
+    restart after a save that failed for space finds; it stops here instead of training a
+    whole checkpoint interval again. File systems that report no size (f_blocks 0, some
+    FUSE) are not judged by it."""
+    tail = f"no step is trained, as none could be saved; {newest_text(newest)}"
+    probe = directory / f"{TEMP_PREFIX}probe.{socket.gethostname()}.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"joule")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            _discard(probe)
+    except OSError as err:
+        return StorageError(
+            f"checkpoint directory {directory} {_state(err)}: {why(err)}; {tail}",
+            err.errno or errno.EIO,
+        )
+    if newest is None:
+        return None
+    try:
+        size = path_for(directory, newest).stat().st_size
+        fs = os.statvfs(directory)
+    except OSError as exc:  # not a verdict on the storage: the save will tell
+        log.warning("could not measure the room in %s: %s", directory, exc)
+        return None
+    free = fs.f_bavail * fs.f_frsize
+    if fs.f_blocks == 0 or free >= size:
+        return None
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return StorageError(
+        f"checkpoint directory {directory} is full: {why(full)}, {_mib(free)} free and a "
+        f"checkpoint takes {_mib(size)}; {tail}",
+        errno.ENOSPC,
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _remove_stale_temps(directory: Path, started_fs_clock: float) -> None:

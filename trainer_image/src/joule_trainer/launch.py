@@ -54,7 +54,8 @@ def rdzv_conf(given: str) -> str:
 
 def torchrun_argv(env: Mapping[str, str], program: Sequence[str]) -> list[str]:
     """The torchrun command for ``program`` (``-m module args`` or ``script.py args``)."""
-    argv = [sys.executable, "-m", "torch.distributed.run"]
+    # torchrun itself, but for its exit code and last line on a failure (see .torchrun).
+    argv = [sys.executable, "-m", "joule_trainer.torchrun"]
     if not env.get("PET_RDZV_ENDPOINT"):
         argv.append("--standalone")
     for var, flag in PET_FLAGS:

@@ -7,6 +7,10 @@ rendezvous produced (``batching``); samples are a pure function of their index (
 every state that matters (model, optimizer, schedule, step, RNG) is checkpointed atomically
 (``checkpoint``). A restart or a resize resumes from the latest good checkpoint and continues
 the same optimisation. SIGTERM writes a final checkpoint before exiting.
+
+A checkpoint directory that cannot take a checkpoint (read-only, full, not permitted) stops
+every rank with exit code ``checkpoint.EXIT_STORAGE`` (74) and one line that says so, as the
+trainer's last; it is found before the first step where it can be.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from joule_trainer.models import SmallCNN, TinyGPT
 
 log = logging.getLogger("joule_trainer")
 EXIT_SIGTERM = 143  # 128 + SIGTERM: interrupted, not finished, so never read as success
+# Where the kubelet takes a container's termination message from (its default path). A
+# worker's status then quotes our last line, not torchrun's report that follows it in the log.
+TERMINATION_LOG = "/dev/termination-log"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,7 +170,16 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
+        self.saved_step: int | None = None  # the newest checkpoint known to be whole
         self._resume()
+        # Before any step: a volume that cannot take a checkpoint would waste every step
+        # trained on it. Rank 0 writes checkpoints, so it alone looks; every rank stops.
+        problem = None
+        if self.rank == 0:
+            problem = checkpoint.check_storage(args.checkpoint_dir, self.saved_step)
+        code = torch.tensor([problem.code if problem else 0], device=self.device)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        self._stop_on_storage(problem, int(code.item()), "before training")
         self._check_same_start()
         self.ddp = DDP(
             self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None
@@ -210,7 +226,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         restore_rng(state["rng"])
-        self.step = step
+        self.step = self.saved_step = step
         self._log(
             event="resumed",
             step=step,
@@ -222,7 +238,8 @@ class Trainer:
     def _check_same_start(self) -> None:
         """Every rank must resume from the same step: ranks that see different checkpoint
         folders (one volume per pod) would train out of step and hang at the end."""
-        bounds = torch.tensor([self.step, -self.step], dtype=torch.int64)
+        # On the group's device: NCCL reduces no CPU tensor.
+        bounds = torch.tensor([self.step, -self.step], dtype=torch.int64, device=self.device)
         dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
         high, low = int(bounds[0]), -int(bounds[1])
         if high != low:
@@ -231,7 +248,37 @@ class Trainer:
                 "checkpoint directory must be shared by every worker (a ReadWriteMany volume)"
             )
 
+    def _stop_on_storage(
+        self, problem: checkpoint.StorageError | None, code: int, when: str
+    ) -> None:
+        """Every rank stops where rank 0 found that the checkpoint directory cannot take a
+        checkpoint: ``problem`` is rank 0's (None elsewhere), ``code`` its errno as every rank
+        learnt it from a collective (0: none), so that each says why and none is left
+        waiting in a collective for a rank that has gone."""
+        if problem is not None:
+            raise problem
+        if code:
+            raise checkpoint.StorageError(
+                f"rank {self.rank}: stopped {when}: rank 0 cannot write checkpoints to "
+                f"{self.args.checkpoint_dir}: {os.strerror(code)} (errno {code})",
+                code,
+            )
+
+    def _save_in_training(self) -> checkpoint.StorageError | None:
+        """A checkpoint during training (rank 0's); what stops it, if anything. A full disk
+        stops training rather than going on: every later save would fail too, so every step
+        trained from here would be lost at the next crash, resize or preemption while the
+        newest good checkpoint grows older. Stopping keeps that loss to one interval and
+        says so; the job resumes from the newest checkpoint once there is room."""
+        try:
+            self.save()
+        except checkpoint.StorageError as exc:
+            return exc
+        return None
+
     def save(self) -> None:
+        """Rank 0 writes the checkpoint; a directory that cannot take it raises
+        StorageError, with nothing of it left behind and the earlier ones untouched."""
         if self.rank != 0:
             return
         state = {
@@ -243,7 +290,12 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "rng": rng_state(),
         }
-        path = checkpoint.save(self.args.checkpoint_dir, self.step, state)
+        directory = self.args.checkpoint_dir
+        try:
+            path = checkpoint.save(directory, self.step, state)
+        except OSError as exc:
+            raise checkpoint.save_failed(directory, self.step, exc, self.saved_step) from exc
+        self.saved_step = self.step
         self._log(event="checkpoint", step=self.step, path=str(path))
 
     def train_step(self) -> float:
@@ -318,10 +370,11 @@ class Trainer:
                 self.step % args.checkpoint_every_steps == 0
                 or time.monotonic() - last_ckpt >= args.checkpoint_every_seconds
             )
+            problem = None
             if due and self.step < args.steps:
-                self.save()
+                problem = self._save_in_training()
                 last_ckpt = time.monotonic()
-            if self._stop_agreed():
+            if self._stop_agreed(problem):
                 self.save()
                 self._wait_for_final_save()
                 self._log(event="sigterm", step=self.step)
@@ -330,11 +383,16 @@ class Trainer:
         self._log(event="done", step=self.step, loss=round(loss, 4))
         return 0
 
-    def _stop_agreed(self) -> bool:
-        """All ranks stop at the same step if any of them was asked to (SIGTERM)."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def _stop_agreed(self, problem: checkpoint.StorageError | None = None) -> bool:
+        """All ranks stop at the same step if any of them was asked to (SIGTERM); all raise
+        StorageError if rank 0's checkpoint this step failed (``problem``). One collective
+        for both, every step on every rank: a save is due by each rank's own clock
+        (``--checkpoint-every-seconds``), so a collective of its own could go unmatched."""
+        code = float(problem.code) if problem else 0.0
+        flags = torch.tensor([1.0 if self.stop_requested else 0.0, code], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self._stop_on_storage(problem, int(flags[1].item()), f"at step {self.step}")
+        return bool(flags[0].item())
 
     def _wait_for_final_save(self) -> None:
         """No rank leaves before rank 0's last checkpoint is on disk.
@@ -451,11 +509,39 @@ def _round(value: float | None) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    trainer = Trainer(parse_args(argv))
+    args = parse_args(argv)
+    termination = termination_log()
+    if termination is not None:  # a message of an earlier process here would mislead
+        with contextlib.suppress(OSError):
+            termination.write_text("")
     try:
-        return trainer.run()
-    finally:
-        trainer.close()
+        trainer = Trainer(args)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
+    except checkpoint.StorageError as exc:
+        # One line, the last this process writes, and the container's termination message:
+        # no traceback, as there is no bug to show, only a volume to fix.
+        line = str(exc)
+        sys.stdout.flush()
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        if termination is not None:
+            with contextlib.suppress(OSError):
+                termination.write_text(line + "\n")
+        return checkpoint.EXIT_STORAGE
+
+
+def termination_log() -> Path | None:
+    """The container's termination message file, where this process is the one to write it:
+    local rank 0 (rank 0 where it runs, so its line is the one a pod with rank 0 shows), and
+    only where the kubelet made the file (never created elsewhere: not in a laptop's /dev).
+    ``JOULE_TERMINATION_LOG`` names another path (a template's terminationMessagePath)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return None
+    path = Path(os.environ.get("JOULE_TERMINATION_LOG") or TERMINATION_LOG)
+    return path if path.is_file() else None
 
 
 def exit_now(code: int) -> None:

@@ -1,0 +1,43 @@
+"""torchrun as ``python -m torch.distributed.run`` runs it, with two changes when a process
+fails, so that a pod's status says something useful:
+
+- torchrun exits 1 whatever its processes did; where one exited with the trainer's
+  ``EXIT_STORAGE`` (74: its checkpoint directory cannot take a checkpoint), so does this,
+  and the pod's exit code says that a volume needs fixing rather than that code crashed;
+- torchrun's report ends with a row of "=", which a worker's status would quote as its log's
+  last line: one line naming the failed rank and how it ended follows it.
+
+joule-launch runs this in place of ``torch.distributed.run``; the flags are torchrun's.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from joule_trainer.checkpoint import EXIT_STORAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except ChildFailedError as exc:
+        rank, first = exc.get_first_failure()
+        codes = {f.exitcode for f in exc.failures.values()}
+        code = EXIT_STORAGE if EXIT_STORAGE in codes else 1
+        how = (
+            f"exited with code {first.exitcode}"
+            if first.exitcode >= 0
+            else f"was killed by {first.signal_name()}"
+        )
+        # torchrun's report as it prints it (less the launcher's own traceback), then ours.
+        sys.stderr.write(f"{exc}\njoule-launch: {exc.name} failed: rank {rank} {how}\n")
+        sys.stderr.flush()
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
