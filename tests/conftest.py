@@ -189,9 +189,11 @@ def crd(kubectl: Kubectl) -> None:
 
 CHART = ROOT / "charts" / "joule"
 # Where the operator's identity lives in the tests: the chart's ServiceAccount and RBAC, as
-# `helm install joule charts/joule -n joule-system` makes them.
+# `helm install joule-tests charts/joule -n joule-system` makes them. Not the release name
+# the e2e suite installs the chart under ("joule"): the ClusterRole and its binding are
+# cluster-wide, and applying these over them took the in-cluster operator's rights away.
 OPERATOR_NAMESPACE = "joule-system"
-OPERATOR_RELEASE = "joule"
+OPERATOR_RELEASE = "joule-tests"
 
 
 class Helm(Kubectl):
