@@ -22,15 +22,15 @@ from tests.trainer.test_torchrun import ENV, common, events, torchrun
 @contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` at ``path``, unmounted on the way out."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+    # CI runs as root (as the real node needs): a test that cannot mount fails, never skips.
+    assert os.geteuid() == 0, "mounting a tmpfs needs root; run the tests as root, as CI does"
     path.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(path)],
         capture_output=True, text=True,
     )  # fmt: skip
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        pytest.fail(f"cannot mount a tmpfs at {path}: {mounted.stderr.strip()}")
     try:
         yield path
     finally:
