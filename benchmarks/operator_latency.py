@@ -9,7 +9,7 @@
 3. Sequential again, now that every job of the burst exists.
 4. The operator's memory (RSS now, and its peak) after all that.
 
-It brings up its own cluster (``bench``: kwok nodes of 32 GPUs, 16 or as many as all the
+It brings up its own cluster (``bench``: kwok nodes only, of 32 GPUs, 16 or as many as all the
 jobs need, so capacity never limits) and
 takes it down at the end. Not a test: nothing is asserted, the numbers are for reading.
 """
@@ -32,6 +32,7 @@ from kubernetes import client, config, watch
 from joule.cluster import ClusterSettings, down, up
 from joule.cluster.process import rss_bytes
 from joule.cluster.settings import NodeShape
+from joule.demo.run import wait_established
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUP, VERSION, PLURAL = "joule.dev", "v1alpha1", "trainingjobs"
@@ -82,6 +83,15 @@ class PodClock:
         self._stop = True
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -114,18 +124,14 @@ def main() -> int:
 
     gpus = 2 * (2 * args.jobs + args.burst)
     nodes = max(16, -(-gpus // 32))
-    settings = ClusterSettings(name="bench", nodes=nodes, shape=NodeShape(gpus=32))
+    settings = ClusterSettings(name="bench", nodes=nodes, shape=NodeShape(gpus=32), real_node=False)
     print(f"bringing up the bench cluster ({nodes} nodes x 32 GPUs)...", flush=True)
     info = up(settings)
     print(f"cluster up in {info.started_in_s or 0:.1f}s", flush=True)
     kubectl = [str(info.kubectl), f"--kubeconfig={info.kubeconfig}"]
     subprocess.run([*kubectl, "apply", "-f", str(ROOT / "crds")], check=True, capture_output=True)
-    subprocess.run(
-        [*kubectl, "wait", "--for=condition=Established", "crd/trainingjobs.joule.dev"],
-        check=True,
-        capture_output=True,
-    )
     api = config.new_client_from_config(config_file=str(info.kubeconfig))
+    wait_established(api)
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
 
     env = {
@@ -147,6 +153,8 @@ def main() -> int:
 
         sequential(custom, clock, ns, "seq", args.jobs, "")
         names = [f"burst-{i}" for i in range(args.burst)]
+        pids = {p.name: p.pid for p in info.processes} | {"joule operator": operator.pid}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         start = time.monotonic()
         with ThreadPoolExecutor(16) as pool:
             list(
@@ -184,6 +192,13 @@ def main() -> int:
         print(
             f"  all {2 * args.burst} pods exist after {all_pods:.1f} s; "
             f"all jobs Running (status written) after {reconciled:.1f} s",
+            flush=True,
+        )
+        # Where the cores went meanwhile: on 2 cores every component competes for them.
+        spent = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+        print(
+            f"  CPU seconds used in those {reconciled:.0f} s: "
+            + ", ".join(f"{n} {s:.1f}" for n, s in sorted(spent.items(), key=lambda i: -i[1])),
             flush=True,
         )
 

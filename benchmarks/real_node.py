@@ -25,11 +25,13 @@ import time
 from pathlib import Path
 
 import yaml
+from kubernetes import config
 
 from joule.cluster import ClusterSettings, down, up
 from joule.cluster.nodebuild import node_binaries_for
 from joule.cluster.realnode import NodeRecord, pull_image
 from joule.cluster.settings import KUBERNETES_VERSION
+from joule.demo.run import wait_established
 from joule.images import ensure_trainer, push
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,10 +94,7 @@ def main() -> int:
 
         kubectl = [str(info.kubectl), f"--kubeconfig={info.kubeconfig}"]
         subprocess.run([*kubectl, "apply", "-f", str(ROOT / "crds")], check=True)
-        subprocess.run(
-            [*kubectl, "wait", "--for=condition=Established", "crd/trainingjobs.joule.dev"],
-            check=True,
-        )
+        wait_established(config.new_client_from_config(config_file=str(info.kubeconfig)))
         env = {**os.environ, "KUBECONFIG": str(info.kubeconfig), "JOULE_LOG_FORMAT": "plain"}
         log = Path(tempfile.mkdtemp(prefix="joule-bench-")) / "operator.log"
         with open(log, "ab") as out:

@@ -180,7 +180,7 @@ def _joule(*args: str) -> list[str]:
     return [sys.executable, "-m", "joule", *args]
 
 
-def _wait_established(api: client.ApiClient, timeout: float = 60.0) -> None:
+def wait_established(api: client.ApiClient, timeout: float = 60.0) -> None:
     """Not `kubectl wait`: asked before the API server has written a new CRD's first
     conditions, it fails at once ("<nil> is of the type <nil>") instead of waiting."""
     crds = client.ApiextensionsV1Api(api)
@@ -363,7 +363,7 @@ class Demo:
         say("installing the TrainingJob CRD")
         _kubectl(info, "apply", "-f", str(ROOT / "crds"))
         self.api = config.new_client_from_config(config_file=str(info.kubeconfig))
-        _wait_established(self.api)
+        wait_established(self.api)
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
         slots = str(self.options.gpus)
