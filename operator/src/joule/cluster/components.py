@@ -134,6 +134,11 @@ def components(bins: Binaries, pki: Pki, ports: Ports, state: Path) -> list[Comp
             f"--secure-port={ports.scheduler}",
             f"--cert-dir={state / 'scheduler'}",
             "--leader-elect=false",
+            # The default client limit (50 requests/s, bursts of 100) binds at most ~25 pods
+            # a second, each binding plus its Event: a 1000-job burst waits on it, not on
+            # Joule. Clusters that start thousands of pods at once raise it likewise.
+            "--kube-api-qps=500",
+            "--kube-api-burst=1000",
             "--profiling=false",
             "--v=0",
         ],
