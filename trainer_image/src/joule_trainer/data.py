@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from joule_trainer.dataset import Tokenizer
+
 
 def _rng(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
@@ -20,10 +22,9 @@ class TextWindows:
 
     def __init__(self, path: Path | None, block: int, seed: int) -> None:
         text = path.read_text() if path else bundled_corpus()
-        chars = sorted(set(text))
-        self.vocab = len(chars)
-        stoi = {c: i for i, c in enumerate(chars)}
-        self.data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+        tokenizer = Tokenizer.chars(text)  # what `joule-data prepare` uses too
+        self.vocab = tokenizer.vocab_size
+        self.data = torch.from_numpy(tokenizer.encode(text).astype("int64"))
         if len(self.data) <= block + 1:
             raise ValueError(f"corpus of {len(self.data)} characters is shorter than a block")
         self.block, self.seed = block, seed
