@@ -437,6 +437,21 @@ def test_a_job_gives_its_author_no_more_than_creating_pods_would(kubectl, jobs, 
     assert pods_of(core, namespace, "host") == [] and pods_of(core, namespace, "borrowed") == []
 
 
+def test_a_misspelt_field_inside_the_template_is_refused_and_named(kubectl, jobs, core, namespace):
+    """The CRD keeps some of a template's fields as written (resources, probes, volumes:
+    restating all of a PodSpec in its schema would pass the CRD size limit), so a typo
+    there reaches the operator: the worker is refused, and the job is Stalled with the
+    field's path, instead of failing its reconcile over and over without a word."""
+    apply_job(kubectl, namespace, "typo", replicas=1,
+              template={"spec": {"containers": [
+                  {"name": "trainer", "resources": {"limitz": {"cpu": "1"}}},
+              ]}})  # fmt: skip
+    st = stalled_with(jobs, namespace, "typo")
+    assert st["reason"] == "PodRejected", st
+    assert "spec.containers[0].resources.limitz: unknown field" in st["message"], st
+    assert pods_of(core, namespace, "typo") == []
+
+
 def test_a_template_adds_init_containers_sidecars_and_spreading_to_every_worker(
     kubectl, jobs, core, namespace
 ):

@@ -266,6 +266,9 @@ class JobApi:
         ):  # fmt: skip
             try:
                 create()
+            except ValueError as exc:  # a field no Pod has, from the flat spec: as for workers
+                name = f"tensorboard {what} {tensorboard_name(job)}"
+                return Rejection(name, "TensorboardRejected", _invalid_fields(exc, what))
             except ApiException as exc:
                 if exc.status == 409:
                     continue
@@ -297,11 +300,21 @@ class JobApi:
             created = self.core.create_namespaced_pod(
                 job.namespace,
                 worker_pod(job, spec, index, limit, self.trainer_limits),
+                # A field the API server does not know (a typo inside spec.template, which
+                # the CRD keeps as written) refuses the worker and is named, rather than
+                # being dropped with a warning nobody reads.
+                field_validation="Strict",
                 _preload_content=False,
                 _request_timeout=API_TIMEOUT,
             )
             metrics.PODS_CREATED.inc()
             self._observe(created)
+        except ValueError as exc:
+            # The client checks a body against its models before sending it (pydantic's
+            # ValidationError is a ValueError): a field no Pod has, from spec.template's
+            # parts the CRD keeps as written, is refused here. Said on the job, never retried
+            # in a loop that says nothing.
+            return Rejection(f"worker {index}", "PodRejected", _invalid_fields(exc))
         except ApiException as exc:
             if exc.status == 409:
                 return None  # created by an earlier reconcile (or an earlier operator)
@@ -486,6 +499,22 @@ class JobApi:
     def forget_events(self, namespace: str, name: str) -> None:
         with self._guard:
             self.events.forget(namespace, name)
+
+
+def _invalid_fields(exc: ValueError, what: str = "worker pod") -> str:
+    """``spec.containers[0].resources.limitz: unknown field``, one per field the client's
+    models refused (the first argument, the namespace, is not part of the path)."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return f"the {what} is invalid: {exc}"
+    said = []
+    for error in errors():
+        path = ""
+        for part in error.get("loc", ())[1:]:
+            path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+        what = "unknown field" if error.get("type") == "extra_forbidden" else error.get("msg")
+        said.append(f"{path}: {what}")
+    return f"the {what} is invalid: " + "; ".join(said)
 
 
 def _api_message(exc: ApiException) -> str:
