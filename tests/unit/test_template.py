@@ -10,7 +10,7 @@ import yaml
 from joule.api import JobRef, SpecError, TrainingJobSpec
 from joule.api import template as owned
 from joule.builders import worker_pod
-from joule.builders.template import merge_template
+from joule.builders.template import merge_template, placement
 from joule.constants import LABEL_INDEX, LABEL_JOB, LABEL_MANAGED_BY
 
 JOB = JobRef("llm", "team-a", "uid-123")
@@ -295,3 +295,26 @@ def test_the_crds_messages_are_the_parsers():
         owned.TRAINER_RESTARTS, owned.TRAINER_MOUNTS, owned.INIT_NAME, owned.VOLUMES,
     }  # fmt: skip
     assert crd_messages == ours
+
+
+@pytest.mark.parametrize(
+    ("template", "flat"),
+    [
+        ({}, {}),
+        ({"spec": {"nodeSelector": {"pool": "a"}}}, {}),
+        ({"spec": {"tolerations": [{"key": "spot", "operator": "Exists"}]}},
+         {"tolerations": [{"key": "gpu", "operator": "Exists"}]}),
+        ({"spec": {"nodeSelector": {"pool": "a", "zone": "z1"},
+                   "tolerations": [{"key": "gpu", "operator": "Exists"}]}},
+         {"nodeSelector": {"pool": "b"}, "tolerations": [{"key": "gpu", "operator": "Exists"}]}),
+    ],
+)  # fmt: skip
+def test_the_room_is_counted_where_the_workers_can_go(template, flat):
+    """The autoscaler counts free GPUs on the nodes the worker pod can use: the same
+    nodeSelector and tolerations as the pod Joule creates, template included."""
+    spec = TrainingJobSpec.parse({"image": "trainer:1", "template": template, **flat})
+    s = worker_pod(JOB, spec, 0)["spec"]
+    selector, tolerations = placement(spec.pod)
+    assert selector == s.get("nodeSelector", {})
+    lost = [t for t in s["tolerations"] if t["key"].startswith("node.kubernetes.io/")]
+    assert tolerations == [t for t in s["tolerations"] if t not in lost]

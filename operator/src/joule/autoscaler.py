@@ -24,6 +24,7 @@ from joule.agent_metrics import LimitReport, limit_report, parse_agent_metrics
 from joule.agent_metrics import counter_key as gpu_counter_key
 from joule.api.events import Event
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
+from joule.builders.template import placement
 from joule.capacity import Capacity
 from joule.constants import METRICS_PORT
 from joule.hang import observe
@@ -191,9 +192,8 @@ class Autoscaler:
         except Exception:  # the accounting must go on: without the cluster's view, no room
             log.warning("could not read the cluster's free GPUs", exc_info=True)
             room = Capacity((), waiting_gpus=0, total_gpus=0, jobs=0)
-        cluster = room.view_for(
-            spec.gpus_per_replica, spec.pod.get("nodeSelector"), spec.pod.get("tolerations") or ()
-        )
+        # The template's nodeSelector and tolerations count too: its workers go where both say.
+        cluster = room.view_for(spec.gpus_per_replica, *placement(spec.pod))
         result = evaluate(
             spec, status, measured, cluster, now, running, steady,
             # The job's pods, and the deleted ones whose last joules were still read.

@@ -124,6 +124,16 @@ def merge_pod_spec(base: Obj, ours: Obj) -> Obj:
     return merged
 
 
+def placement(pod: Obj) -> tuple[dict[str, str], list[Obj]]:
+    """Where a worker may run, as the scheduler will see it: the nodeSelector and the
+    tolerations of the flat spec (``spec.pod``) merged with its template's as
+    ``merge_template`` merges them. The room per node (capacity) is counted with these."""
+    tpl = template_spec(pod.get("template"))
+    selector = {**(tpl.get("nodeSelector") or {}), **(pod.get("nodeSelector") or {})}
+    tolerations = _merge_tolerations(tpl.get("tolerations") or [], pod.get("tolerations") or [])
+    return selector, tolerations
+
+
 def merge_template(pod: Obj, template: Obj | None) -> Obj:
     """The worker ``pod`` laid over ``template`` (spec.template); a new object."""
     if not template:
