@@ -11,11 +11,18 @@ Storage that cannot take a checkpoint (read-only, full, not permitted) is an ``O
 ``save``, which then leaves nothing of its own behind and has touched no earlier checkpoint;
 ``check_storage`` finds it before training. ``StorageError`` says so in one line, and
 ``EXIT_STORAGE`` is the trainer's exit code for it.
+
+With a key (``crypt``), checkpoints are encrypted and authenticated (AES-256-GCM, bound to
+their step): one that does not verify (another key, a changed or renamed file, a plaintext
+file) is skipped with a warning naming it, and the newest that verifies is used. Where there
+are checkpoints and none can be used for that reason, ``load_latest`` raises
+``CheckpointsRefused`` rather than let the job start over from step 0 beside them.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import re
@@ -26,6 +33,8 @@ from typing import Any
 
 import torch
 
+from joule_trainer import crypt
+
 log = logging.getLogger("joule_trainer.checkpoint")
 NAME = re.compile(r"^step-(\d{9})\.pt$")
 TEMP_PREFIX = ".tmp-"
@@ -35,6 +44,7 @@ PROCESS_STARTED = time.time()
 # EX_IOERR. joule-launch makes it the container's too (torchrun alone exits 1 whatever its
 # process did), so a pod's status shows it.
 EXIT_STORAGE = 74
+EXIT_CONFIG = crypt.EXIT_CONFIG  # 78: checkpoints this job's key cannot open, a bad key file
 
 
 class StorageError(Exception):
@@ -44,6 +54,11 @@ class StorageError(Exception):
     def __init__(self, line: str, code: int) -> None:
         super().__init__(line)
         self.code = code  # an errno, never 0: ranks agree on it with an all-reduce (max)
+
+
+class CheckpointsRefused(crypt.ConfigError):
+    """Checkpoints are there, and none can be used: each was refused for the key (see
+    ``load_latest``); ``str()`` is one line naming the directory, how many and why."""
 
 
 def path_for(directory: Path, step: int) -> Path:
@@ -57,16 +72,23 @@ def save(
     keep: int = 3,
     *,
     started: float = PROCESS_STARTED,
+    key: bytes | None = None,
 ) -> Path:
     """Write ``state`` as step ``step``; ``started`` (wall clock) is when the writer started,
-    and temporary files older than that are removed (see ``_remove_stale_temps``)."""
+    and temporary files older than that are removed (see ``_remove_stale_temps``). With
+    ``key``, the file is the serialized state encrypted for that step (``crypt.seal``)."""
     directory.mkdir(parents=True, exist_ok=True)
     final = path_for(directory, step)
     # The host name too: pods on different machines sharing the folder may have equal pids.
     tmp = directory / f"{TEMP_PREFIX}{final.name}.{socket.gethostname()}.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            if key is None:
+                torch.save(state, f)
+            else:
+                plain = io.BytesIO()
+                torch.save(state, plain)
+                f.write(crypt.seal(key, step, plain.getbuffer()))
             f.flush()
             os.fsync(f.fileno())
         written_here = time.time()
@@ -224,25 +246,78 @@ def list_steps(directory: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in directory.iterdir() if (m := NAME.match(p.name)))
 
 
-def load_latest(directory: Path) -> tuple[int, dict[str, Any]] | None:
+def load_latest(directory: Path, key: bytes | None = None) -> tuple[int, dict[str, Any]] | None:
     """The newest checkpoint that loads, as (step, state); None if there is none.
 
     ``weights_only=True``: a checkpoint may only hold tensors and plain data (dicts, lists,
     tuples, numbers, strings, None), so a planted file cannot run code when it is unpickled;
     one that holds anything else is skipped as unreadable. The trainer's state needs nothing
     more (the Python RNG state is a tuple of ints), so no other type is allowlisted.
+
+    With ``key``, only files that verify with it (``crypt.open_sealed``) are unpickled; the
+    others are refused, and so is an encrypted file found without a key. Refused files are
+    skipped as unreadable ones are, each with a warning naming it, but if every checkpoint
+    there is unusable and any was refused, this raises ``CheckpointsRefused``: starting over
+    from step 0 would train beside checkpoints that only the right key can tell apart.
     """
-    for step in reversed(list_steps(directory)):
+    steps = list(reversed(list_steps(directory)))
+    refused: dict[str, list[str]] = {}  # why, in short -> the files refused for it
+    for step in steps:
         path = path_for(directory, step)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            source = _source(path, step, key)
+        except _Refused as exc:
+            log.warning("%s: %s", path.name, exc)
+            refused.setdefault(exc.short, []).append(path.name)
+            continue
+        except OSError as exc:
+            log.warning("skipping unreadable checkpoint %s: %s", path, exc)
+            continue
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as exc:  # any unreadable file is skipped, never trusted
             log.warning("skipping unreadable checkpoint %s: %s", path, exc)
             continue
         if isinstance(state, dict) and state.get("step") == step:
             return step, state
         log.warning("skipping checkpoint %s: its content is not step %d", path, step)
+    if refused:
+        count = sum(len(names) for names in refused.values())
+        whys = "; ".join(f"{', '.join(names)}: {why}" for why, names in refused.items())
+        none = "verifies with this job's key" if key else "can be read without the job's key"
+        # Short enough for a pod's status (the operator quotes 256 characters of it).
+        raise CheckpointsRefused(
+            f"checkpoint directory {directory}: {count} of {len(steps)} checkpoints refused, "
+            f"none {none} ({whys}); not starting over from step 0 beside them"
+        )
     return None
+
+
+class _Refused(Exception):
+    """A checkpoint refused for the key; ``str()`` says why, ``short`` in a few words."""
+
+    def __init__(self, why: str, short: str) -> None:
+        super().__init__(why)
+        self.short = short
+
+
+def _source(path: Path, step: int, key: bytes | None) -> Path | io.BytesIO:
+    """What torch.load reads for ``path``: the file itself where there is no key and it is
+    not encrypted, else its verified plaintext. _Refused for a file the key does not fit."""
+    if key is None:
+        with open(path, "rb") as f:
+            head = f.read(len(crypt.MAGIC))
+        if crypt.is_sealed(head):
+            raise _Refused(
+                "is encrypted, and this job has no key: it needs the key it was written with "
+                "(spec.checkpoint.encryption.secretRef)",
+                "encrypted, and this job has no key",
+            )
+        return path
+    try:
+        return io.BytesIO(crypt.open_sealed(key, step, path.read_bytes()))
+    except crypt.NotVerified as exc:
+        raise _Refused(f"does not verify with this job's key ({exc})", str(exc)) from None
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -2,8 +2,10 @@
 fails, so that a pod's status says something useful:
 
 - torchrun exits 1 whatever its processes did; where one exited with the trainer's
-  ``EXIT_STORAGE`` (74: its checkpoint directory cannot take a checkpoint), so does this,
-  and the pod's exit code says that a volume needs fixing rather than that code crashed;
+  ``EXIT_CONFIG`` (78: a checkpoint key that opens none of the checkpoints, or a key file
+  that is no key) or ``EXIT_STORAGE`` (74: its checkpoint directory cannot take a
+  checkpoint), so does this (78 first), and the pod's exit code says that the job or a
+  volume needs fixing rather than that code crashed;
 - torchrun's report ends with a row of "=", which a worker's status would quote as its log's
   last line: one line naming the failed rank and how it ended follows it.
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from joule_trainer.checkpoint import EXIT_STORAGE
+from joule_trainer.checkpoint import EXIT_CONFIG, EXIT_STORAGE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as exc:
         rank, first = exc.get_first_failure()
         codes = {f.exitcode for f in exc.failures.values()}
-        code = EXIT_STORAGE if EXIT_STORAGE in codes else 1
+        code = next((c for c in (EXIT_CONFIG, EXIT_STORAGE) if c in codes), 1)
         how = (
             f"exited with code {first.exitcode}"
             if first.exitcode >= 0

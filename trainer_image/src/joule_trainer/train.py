@@ -11,6 +11,10 @@ the same optimisation. SIGTERM writes a final checkpoint before exiting.
 A checkpoint directory that cannot take a checkpoint (read-only, full, not permitted) stops
 every rank with exit code ``checkpoint.EXIT_STORAGE`` (74) and one line that says so, as the
 trainer's last; it is found before the first step where it can be.
+
+With ``JOULE_CHECKPOINT_KEY_FILE`` (``--checkpoint-key-file``), checkpoints are encrypted
+(``crypt``). A key file that is not a key, or checkpoints of which none verifies with it,
+stop every rank before training with exit code ``checkpoint.EXIT_CONFIG`` (78) and one line.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from joule_trainer import batching, checkpoint
+from joule_trainer import batching, checkpoint, crypt
 from joule_trainer.data import Shapes, TextWindows
 from joule_trainer.energy import MeterError, Reading, probe
 from joule_trainer.energy.limit import LimitFile
@@ -80,6 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument(
         "--checkpoint-dir", type=Path, default=Path(env.get("JOULE_CHECKPOINT_DIR", "checkpoints"))
+    )
+    p.add_argument(
+        "--checkpoint-key-file",
+        type=Path,
+        default=env.get(crypt.KEY_ENV) or None,
+        help="encrypt checkpoints with the AES-256 key in this file (32 bytes, raw or as "
+        f"base64 or hex text); default ${crypt.KEY_ENV}, which Joule sets where "
+        "spec.checkpoint.encryption is",
     )
     p.add_argument("--checkpoint-every-steps", type=int, default=50)
     p.add_argument("--checkpoint-every-seconds", type=float, default=300.0)
@@ -142,6 +154,8 @@ def init_process_group(backend: str) -> dist.Store:
 class Trainer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        # Before any collective: a key file that is no key stops every rank alike.
+        self.key = crypt.load_key(args.checkpoint_key_file) if args.checkpoint_key_file else None
         backend = os.environ.get("JOULE_DIST_BACKEND") or (
             "nccl" if torch.cuda.is_available() else "gloo"
         )
@@ -171,7 +185,7 @@ class Trainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         self.saved_step: int | None = None  # the newest checkpoint known to be whole
-        self._resume()
+        self._resume_agreed()
         # Before any step: a volume that cannot take a checkpoint would waste every step
         # trained on it. Rank 0 writes checkpoints, so it alone looks; every rank stops.
         problem = None
@@ -216,8 +230,26 @@ class Trainer:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
 
+    def _resume_agreed(self) -> None:
+        """Resume; where any rank found only checkpoints it must refuse (the key), every
+        rank stops, none left waiting in a collective for one that has gone."""
+        refused = None
+        try:
+            self._resume()
+        except checkpoint.CheckpointsRefused as exc:
+            refused = exc
+        flag = torch.tensor([1 if refused else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if refused is not None:
+            raise refused
+        if int(flag.item()):
+            raise checkpoint.CheckpointsRefused(
+                f"rank {self.rank}: stopped before training: another rank refused the "
+                f"checkpoints in {self.args.checkpoint_dir}"
+            )
+
     def _resume(self) -> None:
-        found = checkpoint.load_latest(self.args.checkpoint_dir)
+        found = checkpoint.load_latest(self.args.checkpoint_dir, self.key)
         if found is None:
             self._log(event="start", step=0, world=self.world)
             return
@@ -292,7 +324,7 @@ class Trainer:
         }
         directory = self.args.checkpoint_dir
         try:
-            path = checkpoint.save(directory, self.step, state)
+            path = checkpoint.save(directory, self.step, state, key=self.key)
         except OSError as exc:
             raise checkpoint.save_failed(directory, self.step, exc, self.saved_step) from exc
         self.saved_step = self.step
@@ -520,9 +552,9 @@ def main(argv: list[str] | None = None) -> int:
             return trainer.run()
         finally:
             trainer.close()
-    except checkpoint.StorageError as exc:
+    except (checkpoint.StorageError, crypt.ConfigError) as exc:
         # One line, the last this process writes, and the container's termination message:
-        # no traceback, as there is no bug to show, only a volume to fix.
+        # no traceback, as there is no bug to show, only a volume (or a key) to fix.
         line = str(exc)
         sys.stdout.flush()
         sys.stderr.write(line + "\n")
@@ -530,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         if termination is not None:
             with contextlib.suppress(OSError):
                 termination.write_text(line + "\n")
+        if isinstance(exc, crypt.ConfigError):
+            return checkpoint.EXIT_CONFIG
         return checkpoint.EXIT_STORAGE
 
 
