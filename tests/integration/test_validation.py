@@ -78,6 +78,17 @@ TPL = "spec.template.spec"
 TRAINER = f"{TPL}.containers[0]"
 
 
+SECRET_KEY = "encryption.secretRef.key must be a Secret's key"
+
+
+def encrypted(secret_ref: dict[str, Any]) -> dict[str, Any]:
+    """spec.checkpoint.encryption with this secretRef (and what it sits in)."""
+    checkpoint = {"path": "/ckpt", "volume": "data", "encryption": {"secretRef": secret_ref}}
+    if not secret_ref:
+        checkpoint["encryption"] = {}
+    return {"checkpoint": checkpoint, "volumes": VOL}
+
+
 def tpl(**pod_spec: Any) -> dict[str, Any]:
     return {"template": {"spec": pod_spec}}
 
@@ -180,6 +191,21 @@ def trainer(**fields: Any) -> dict[str, Any]:
          "nor under /etc/joule"),
         ("ok", {"checkpoint": {"path": "/ckpt", "volume": "ckpt"}, "volumes": VOL},
          "spec.checkpoint.volume", "checkpoint.volume must name one of spec.volumes"),
+        ("ok", encrypted({}), "spec.checkpoint.encryption.secretRef", REQUIRED),
+        ("ok", encrypted({"key": "k"}), "spec.checkpoint.encryption.secretRef.name", REQUIRED),
+        ("ok", encrypted({"name": "k"}), "spec.checkpoint.encryption.secretRef.key", REQUIRED),
+        ("ok", encrypted({"name": "", "key": "k"}), "spec.checkpoint.encryption.secretRef.name",
+         TOO_SHORT),
+        ("ok", encrypted({"name": "Ckpt_Key", "key": "k"}),
+         "spec.checkpoint.encryption.secretRef.name", NO_MATCH),
+        ("ok", encrypted({"name": "k", "key": ""}), "spec.checkpoint.encryption.secretRef.key",
+         TOO_SHORT),
+        ("ok", encrypted({"name": "k", "key": "aes/key"}),
+         "spec.checkpoint.encryption.secretRef.key", SECRET_KEY),
+        ("ok", encrypted({"name": "k", "key": "..data"}),
+         "spec.checkpoint.encryption.secretRef.key", SECRET_KEY),
+        ("ok", encrypted({"name": "k", "key": "k", "namespace": "other"}),
+         "spec.checkpoint.encryption.secretRef.namespace", UNKNOWN),
         ("ok", {"scaling": {"policy": "Fastest"}}, "spec.scaling.policy", NOT_ONE_OF),
         ("ok", {"scaling": {"policy": "Throughput"}}, "spec.scaling.policy",
          "needs spec.elastic bounds to scale within"),
@@ -360,6 +386,7 @@ GOOD_SPECS = [
     {"nodeLostTimeoutSeconds": 3600},
     {"volumes": VOL, "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
      "checkpoint": {"path": "/data/ckpt", "volume": "data"}},
+    encrypted({"name": "ckpt-key.v2", "key": "AES_256-key.b64"}),
     {"energy": {"budget": "0.5kWh", "powerCapWatts": 900, "gpuPowerLimitWatts": 300,
                 "minGpuPowerLimitWatts": 300}},
     {"energy": {"budget": "007MJ", "onBudgetExhausted": "Warn"}},

@@ -20,6 +20,18 @@ METRICS_PORT = 9090
 TORCHRUN_MAX_RESTARTS = 3
 SHM_VOLUME = "joule-dshm"
 CHECKPOINT_ENV = "JOULE_CHECKPOINT_DIR"
+# spec.checkpoint.encryption: the one key of the Secret, mounted read-only into the trainer
+# container alone, and the variable that names the file (joule_trainer.crypt reads it).
+CHECKPOINT_KEY_ENV = "JOULE_CHECKPOINT_KEY_FILE"
+CHECKPOINT_KEY_VOLUME = "joule-checkpoint-key"
+CHECKPOINT_KEY_DIR = "/var/run/secrets/joule/checkpoint-key"
+CHECKPOINT_KEY_FILE = "key"
+# Owner-read only. The kubelet gives a secret volume's files to root, and, where the pod has
+# an fsGroup, to that group too (0440): the group a non-root trainer reads the key through.
+CHECKPOINT_KEY_MODE = 0o400
+# The group of Joule's trainer image's user (uid and gid 1000): the pod's fsGroup where the
+# job encrypts checkpoints and neither sets one nor a runAsGroup.
+TRAINER_GID = 1000
 # Where workers write TensorBoard event files, when spec.tensorboard is enabled.
 TENSORBOARD_ENV = "JOULE_TENSORBOARD_DIR"
 TENSORBOARD_PORT = 6006

@@ -41,6 +41,19 @@ class Failure:
     exit_code: int | None = None
 
 
+# A worker's exit code for a configuration error that a restart cannot fix (sysexits.h's
+# EX_CONFIG): Joule's trainer exits so where none of the job's checkpoints verifies with its
+# key, or its key file is no key. Every restart would meet the same refusal.
+EXIT_CONFIG = 78
+CONFIG_ERROR = "ConfigError"  # the status and Event reason of a job failed for it
+
+
+def restart_cannot_fix(failure: Failure | None) -> bool:
+    """Whether a worker's failure ends its job at once rather than count as a restart: its
+    container exited EXIT_CONFIG. A worker lost with its node never does (no exit code)."""
+    return failure is not None and failure.exit_code == EXIT_CONFIG
+
+
 @dataclass(frozen=True)
 class PodView:
     name: str

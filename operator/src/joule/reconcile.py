@@ -19,7 +19,7 @@ from joule.api.growth import mark_growth
 from joule.api.scaling import OnBudgetExhausted
 from joule.api.types import CleanPodPolicy, JobRef, Phase, TrainingJobSpec
 from joule.builders.labels import selector_string
-from joule.observe import NODE_LOST, Failure, PodView
+from joule.observe import CONFIG_ERROR, NODE_LOST, Failure, PodView, restart_cannot_fix
 
 
 @dataclass
@@ -503,6 +503,23 @@ def _count_failures(
     plan.delete += [p.name for p in failed]
     if not new:
         return False
+    unfixable = next((p for p in new if restart_cannot_fix(p.failure)), None)
+    if unfixable is not None and unfixable.failure is not None:
+        # A configuration error (exit code 78: say, checkpoints that the job's key cannot
+        # open): every restart would end the same way, so none is spent on it.
+        st["podFailure"] = _failure_dict(unfixable.name, unfixable.failure)
+        st["lastFailureTime"] = fmt_time(now)
+        _finish(
+            st,
+            Phase.FAILED,
+            CONFIG_ERROR,
+            f"{unfixable.name} failed ({_describe(st['podFailure'])}: a configuration error "
+            f"that a restart cannot fix): {unfixable.failure.message}",
+            now,
+            plan,
+        )
+        plan.delete = sorted({*plan.delete, *(p.name for p in pods if p.active)})
+        return True
     st["restarts"] = int(st.get("restarts", 0)) + len(new)
     first = new[0]
     fail = first.failure or Failure("Failed", "pod failed")

@@ -157,6 +157,8 @@ class TrainingJobSpec:
     target: Target = field(default_factory=Target)
     progress: Progress = field(default_factory=lambda: Progress())
     tensorboard: Tensorboard = field(default_factory=lambda: Tensorboard())
+    # spec.checkpoint.encryption: the Secret key the workers' checkpoints are encrypted with.
+    encryption: Encryption | None = None
     # Parts copied into the pod as they are (the API server validated their shape).
     pod: dict[str, Any] = field(default_factory=dict)
 
@@ -260,6 +262,7 @@ class TrainingJobSpec:
             target=_target(spec.get("target") or {}),
             progress=_progress(spec.get("progress")),
             tensorboard=_tensorboard(spec.get("tensorboard"), spec.get("checkpoint")),
+            encryption=_encryption(spec.get("checkpoint")),
             pod={k: spec[k] for k in pod_keys if k in spec},
         )
 
@@ -466,6 +469,56 @@ def _tensorboard(d: Any, checkpoint: Any) -> Tensorboard:
     if image is not None and (not isinstance(image, str) or not image):
         raise SpecError(f"spec.tensorboard.image must be an image name, not {image!r}")
     return Tensorboard(True, image, f"{str(checkpoint['path']).rstrip('/')}/tensorboard")
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """spec.checkpoint.encryption.secretRef: the key of a Secret in the job's namespace that
+    holds the checkpoint key. The operator only names it in the worker pods (a ``secret``
+    volume of that one key); it never reads the Secret."""
+
+    secret_name: str
+    key: str
+
+
+# A Secret's name (a DNS-1123 subdomain) and a key of its data, as Kubernetes validates them.
+SECRET_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+SECRET_KEY = r"[-._a-zA-Z0-9]+"
+MAX_SECRET_NAME = 253
+
+
+def _encryption(checkpoint: Any) -> Encryption | None:
+    if not isinstance(checkpoint, dict) or checkpoint.get("encryption") is None:
+        return None
+    ref = (
+        checkpoint["encryption"].get("secretRef")
+        if isinstance(checkpoint["encryption"], dict)
+        else None
+    )
+    if not isinstance(ref, dict):
+        raise SpecError("spec.checkpoint.encryption needs secretRef: {name, key}")
+    name, key = ref.get("name"), ref.get("key")
+    if (
+        not isinstance(name, str)
+        or len(name) > MAX_SECRET_NAME
+        or not re.fullmatch(SECRET_NAME, name)
+    ):
+        raise SpecError(
+            "spec.checkpoint.encryption.secretRef.name must be a Secret's name (a DNS-1123 "
+            f"subdomain), not {name!r}"
+        )
+    if (
+        not isinstance(key, str)
+        or len(key) > MAX_SECRET_NAME
+        or not re.fullmatch(SECRET_KEY, key)
+        or key == "."
+        or key.startswith("..")
+    ):
+        raise SpecError(
+            "spec.checkpoint.encryption.secretRef.key must be a Secret's key: letters, digits, "
+            f"'-', '_' and '.', and neither '.' nor starting with '..', not {key!r}"
+        )
+    return Encryption(name, key)
 
 
 METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"

@@ -23,6 +23,11 @@ from joule.builders.template import (
 )
 from joule.constants import (
     CHECKPOINT_ENV,
+    CHECKPOINT_KEY_DIR,
+    CHECKPOINT_KEY_ENV,
+    CHECKPOINT_KEY_FILE,
+    CHECKPOINT_KEY_MODE,
+    CHECKPOINT_KEY_VOLUME,
     LABEL_INDEX,
     MASTER_PORT,
     METRICS_PORT,
@@ -36,6 +41,7 @@ from joule.constants import (
     TENSORBOARD_ENV,
     TERMINATION_GRACE_SECONDS,
     TORCHRUN_MAX_RESTARTS,
+    TRAINER_GID,
     WORKER_CONTAINER,
 )
 
@@ -104,6 +110,10 @@ def torchrun_env(
     checkpoint = spec.pod.get("checkpoint")
     if checkpoint:
         env.append({"name": CHECKPOINT_ENV, "value": checkpoint["path"]})
+    if spec.encryption is not None:
+        env.append(
+            {"name": CHECKPOINT_KEY_ENV, "value": f"{CHECKPOINT_KEY_DIR}/{CHECKPOINT_KEY_FILE}"}
+        )
     if spec.tensorboard.enabled:
         env.append({"name": TENSORBOARD_ENV, "value": spec.tensorboard.log_dir})
     return env
@@ -138,6 +148,20 @@ def node_lost_tolerations(spec: TrainingJobSpec) -> list[dict[str, Any]]:
         for key in NODE_LOST_TAINTS
         if not covered(key)
     ]
+
+
+def key_file_group(pod_security: dict[str, Any], trainer_security: dict[str, Any]) -> None:
+    """Give the pod an fsGroup where it has none, so that a non-root trainer can read the
+    owner-only key file: the kubelet makes a secret volume's files root's, and the fsGroup's
+    with group read (0440) where there is one. The group is the trainer's runAsGroup (the
+    container's, else the pod's), else that of Joule's trainer image's user. Only the
+    ownership of volumes that support it changes, once (OnRootMismatch), where the spec does
+    not say otherwise."""
+    if "fsGroup" in pod_security:
+        return
+    group = trainer_security.get("runAsGroup", pod_security.get("runAsGroup", TRAINER_GID))
+    pod_security["fsGroup"] = group
+    pod_security.setdefault("fsGroupChangePolicy", "OnRootMismatch")
 
 
 def worker_pod(
@@ -202,6 +226,22 @@ def worker_pod(
         and not any(m["mountPath"] == checkpoint["path"] for m in mounts)
     ):
         mounts.append({"name": checkpoint["volume"], "mountPath": checkpoint["path"]})
+    if spec.encryption is not None:
+        # That one key of that Secret, read-only, in the trainer container only (a sidecar of
+        # the template does not see it). The operator names the Secret; the kubelet reads it.
+        volumes.append(
+            {
+                "name": CHECKPOINT_KEY_VOLUME,
+                "secret": {
+                    "secretName": spec.encryption.secret_name,
+                    "items": [{"key": spec.encryption.key, "path": CHECKPOINT_KEY_FILE}],
+                    "defaultMode": CHECKPOINT_KEY_MODE,
+                },
+            }
+        )
+        mounts.append(
+            {"name": CHECKPOINT_KEY_VOLUME, "mountPath": CHECKPOINT_KEY_DIR, "readOnly": True}
+        )
 
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
@@ -248,6 +288,8 @@ def worker_pod(
             **p.get("podSecurityContext", {}),
         },
     }
+    if spec.encryption is not None:
+        key_file_group(pod_spec["securityContext"], container["securityContext"])
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName",
                 "schedulerName", "serviceAccountName", "imagePullSecrets"):  # fmt: skip
         if key in p:
