@@ -126,6 +126,16 @@ class TrainerMetrics:
             labels=base,
         )
 
+    def dataset(self, version: str) -> None:
+        """``joule_trainer_dataset_info{version=...} 1``: the prepared dataset trained on (its
+        manifest's version), for the operator to show."""
+        _gauge(
+            self.registry,
+            "joule_trainer_dataset_info",
+            "The prepared dataset this rank reads: its version (sha256 of its manifest)",
+            {**self.labels, "version": version},
+        ).set(1)
+
     def record(self, reading: Reading) -> None:
         """One meter reading into the energy counter and the device gauges."""
         if self.energy is None or self.power is None or self.power_limit is None:

@@ -6,6 +6,7 @@ fails, so that a pod's status says something useful:
   that is no key) or ``EXIT_STORAGE`` (74: its checkpoint directory cannot take a
   checkpoint), so does this (78 first), and the pod's exit code says that the job or a
   volume needs fixing rather than that code crashed;
+  likewise with ``dataset.EXIT_DATA`` (65: a dataset shard not what its manifest says);
 - torchrun's report ends with a row of "=", which a worker's status would quote as its log's
   last line: one line naming the failed rank and how it ended follows it.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import sys
 
 from joule_trainer.checkpoint import EXIT_CONFIG, EXIT_STORAGE
+from joule_trainer.dataset import EXIT_DATA
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as exc:
         rank, first = exc.get_first_failure()
         codes = {f.exitcode for f in exc.failures.values()}
-        code = next((c for c in (EXIT_CONFIG, EXIT_STORAGE) if c in codes), 1)
+        code = next((c for c in (EXIT_CONFIG, EXIT_STORAGE, EXIT_DATA) if c in codes), 1)
         how = (
             f"exited with code {first.exitcode}"
             if first.exitcode >= 0

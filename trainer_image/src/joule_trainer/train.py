@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from joule_trainer import batching, checkpoint, crypt
 from joule_trainer.data import Shapes, TextWindows
+from joule_trainer.dataset import EXIT_DATA, DataError, ShardWindows
 from joule_trainer.energy import MeterError, Reading, probe
 from joule_trainer.energy.limit import LimitFile
 from joule_trainer.metrics import TrainerMetrics
@@ -77,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="text file for the language model (default: the bundled corpus)",
+    )
+    p.add_argument(
+        "--dataset",
+        type=Path,
+        default=env.get("JOULE_DATASET_DIR") or None,
+        help="a dataset made by `joule-data prepare` for the language model (in place of "
+        "--corpus), streamed from its shards; default $JOULE_DATASET_DIR",
     )
     p.add_argument("--block", type=int, default=64, help="context length (gpt)")
     p.add_argument("--dim", type=int, default=64)
@@ -121,6 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "global_batch", "micro_batch", "checkpoint_every_steps", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.dataset and args.corpus:
+        p.error("--dataset and --corpus: one or the other")
+    if args.dataset and args.model != "gpt":
+        p.error("--dataset is text for the language model (--model gpt)")
     return args
 
 
@@ -172,7 +184,11 @@ class Trainer:
 
         torch.manual_seed(args.seed)
         if args.model == "gpt":
-            self.data: TextWindows | Shapes = TextWindows(args.corpus, args.block, args.seed)
+            self.data: TextWindows | ShardWindows | Shapes = (
+                ShardWindows(args.dataset, args.block, args.seed)
+                if args.dataset
+                else TextWindows(args.corpus, args.block, args.seed)
+            )
             model: nn.Module = TinyGPT(
                 self.data.vocab, args.block, args.dim, args.layers, args.heads
             )
@@ -184,6 +200,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
+        # The global sample cursor: samples 0..samples-1 are trained. A step takes the next
+        # global batch from here, whatever the world size, so a restart or a resize goes on
+        # at exactly the next sample.
+        self.samples = 0
+        # JOULE_SAMPLE_LOG: each rank appends the sample indices it trained, a line a step.
+        self.sample_log = os.environ.get("JOULE_SAMPLE_LOG") or None
         self.saved_step: int | None = None  # the newest checkpoint known to be whole
         self._resume_agreed()
         # Before any step: a volume that cannot take a checkpoint would waste every step
@@ -209,6 +231,18 @@ class Trainer:
             self.meter.source,
         )
         self.metrics.world_size.set(self.world)
+        if isinstance(self.data, ShardWindows):
+            self.metrics.dataset(self.data.version)
+            self._log(
+                event="dataset",
+                version=self.data.version,
+                path=str(args.dataset),
+                tokens=self.data.total,
+                shards=len(self.data.shards),
+                tokenizer=self.data.tokenizer.name,
+                vocab=self.data.vocab,
+                windows=self.data.windows,
+            )
         self._read_meter()  # a first reading, so that the first scrape sees measured figures
         if args.metrics_port:
             self.metrics.serve(args.metrics_port + self.local_rank, args.metrics_addr)
@@ -251,7 +285,7 @@ class Trainer:
     def _resume(self) -> None:
         found = checkpoint.load_latest(self.args.checkpoint_dir, self.key)
         if found is None:
-            self._log(event="start", step=0, world=self.world)
+            self._log(event="start", step=0, samples=0, world=self.world)
             return
         step, state = found
         self.model.load_state_dict(state["model"])
@@ -259,9 +293,12 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         restore_rng(state["rng"])
         self.step = self.saved_step = step
+        # Checkpoints from before the cursor was kept: their global batch never changed.
+        self.samples = int(state.get("samples", step * state["global_batch"]))
         self._log(
             event="resumed",
             step=step,
+            samples=self.samples,
             world=self.world,
             previous_world=state.get("world"),
             checkpoint=str(checkpoint.path_for(self.args.checkpoint_dir, step)),
@@ -317,6 +354,7 @@ class Trainer:
             "step": self.step,
             "world": self.world,
             "global_batch": self.args.global_batch,
+            "samples": self.samples,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -335,7 +373,7 @@ class Trainer:
         share = batching.share(args.global_batch, self.world, self.rank, args.micro_batch)
         self.share_size = share.size
         scale = batching.loss_scale(args.global_batch, self.world)
-        base = self.step * args.global_batch
+        base = self.samples
         total = torch.zeros((), device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         last = len(share.micro_batches) - 1
@@ -357,6 +395,8 @@ class Trainer:
         self.schedule.step()
         dist.all_reduce(total)
         self.metrics.samples.inc(share.size)
+        if self.sample_log:
+            self._log_samples(base, share)
         return float(total) / args.global_batch
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -376,6 +416,7 @@ class Trainer:
             loss = self.train_step()
             self._hold_power_limit()
             self.step += 1
+            self.samples += args.global_batch
             elapsed = time.monotonic() - started
             self._observe(loss, elapsed)
             window_samples += args.global_batch
@@ -461,6 +502,20 @@ class Trainer:
             ok=error is None,
             waited_s=round(time.monotonic() - began, 3),
         )
+
+    def _log_samples(self, base: int, share: batching.Share) -> None:
+        """Append the global sample indices this rank trained this step, as ranges, to
+        ``$JOULE_SAMPLE_LOG`` (a debugging aid, shared by the ranks: one write per line, with
+        O_APPEND, so their lines never mix)."""
+        ranges = [[base + offset, base + offset + n] for offset, n in share.micro_batches]
+        line = json.dumps(
+            {"step": self.step, "rank": self.rank, "world": self.world, "samples": ranges}
+        )
+        fd = os.open(str(self.sample_log), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
 
     def _observe(self, loss: float, elapsed: float) -> None:
         m = self.metrics
@@ -565,6 +620,21 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, crypt.ConfigError):
             return checkpoint.EXIT_CONFIG
         return checkpoint.EXIT_STORAGE
+    except DataError as exc:
+        # The dataset is not what its manifest says (a corrupt shard): one line, as above.
+        say_last(str(exc), termination)
+        return EXIT_DATA
+
+
+def say_last(line: str, termination: Path | None) -> None:
+    """``line`` as this process's last on stderr, and as the container's termination
+    message where this process writes it."""
+    sys.stdout.flush()
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    if termination is not None:
+        with contextlib.suppress(OSError):
+            termination.write_text(line + "\n")
 
 
 def termination_log() -> Path | None:
