@@ -30,9 +30,12 @@ class Progress:
     def __init__(self, every: float = 2.0) -> None:
         self.every = every
         self.began = self.last = time.monotonic()
+        self.phase = ""
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         now = time.monotonic()
+        if phase != self.phase:  # each pass measures its own rate
+            self.phase, self.began = phase, now
         if now - self.last < self.every:
             return
         self.last = now
@@ -43,8 +46,6 @@ class Progress:
             file=sys.stderr,
             flush=True,
         )
-        if phase == "scanning" and done >= total:
-            self.began = now  # the tokenizing pass measures its own rate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
