@@ -611,3 +611,16 @@ def prometheus_server(prometheus_tools: tuple[Path, Path], tmp_path: Path):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def object_store(cluster: ClusterInfo):
+    """The test cluster's S3 object store (VersityGW, objects as files under the cluster's
+    state; built once, see `make binaries`): endpoint, pod_endpoint, credentials and the CA
+    bundle that verifies it. Stopped, its data removed, at the end of the run."""
+    from joule.cluster import objectstore
+
+    settings = ClusterSettings(name=TEST_CLUSTER)
+    store = objectstore.start(settings, progress=say)
+    yield store
+    objectstore.stop(settings)

@@ -163,6 +163,7 @@ def cmd_cluster_build(args: argparse.Namespace) -> int:
     from joule.cluster.dns import ensure_coredns
     from joule.cluster.helm import ensure_helm
     from joule.cluster.nodebuild import ensure_node_binaries
+    from joule.cluster.objectstore import ensure_versitygw
     from joule.cluster.prometheus import ensure_prometheus
     from joule.cluster.realnode import unavailable_reason
 
@@ -172,6 +173,7 @@ def cmd_cluster_build(args: argparse.Namespace) -> int:
     print(ensure_helm(progress=_say))  # the chart's tests run it
     for path in ensure_prometheus(progress=_say):  # the metrics tests scrape with it
         print(path)
+    print(ensure_versitygw(progress=_say))  # the object store the data tests read from
     if unavailable_reason() is None:
         node = ensure_node_binaries(ClusterSettings().kubernetes_version, progress=_say)
         for path in (node.containerd, node.ctr, node.shim, node.pause, node.runc):

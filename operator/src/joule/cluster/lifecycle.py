@@ -233,6 +233,26 @@ def down(settings: ClusterSettings) -> list[str]:
     return stopped
 
 
+def adopt(settings: ClusterSettings, record: ProcessRecord) -> None:
+    """Record a process started beside the running cluster (the object store), replacing any
+    record of that name: `status` reports it and `down` stops it like the cluster's own."""
+    info = _load(settings)
+    if info is None:
+        raise ClusterError(f"no cluster {settings.name!r}")
+    info.processes = [r for r in info.processes if r.name != record.name] + [record]
+    _save(settings.state_dir, info)
+
+
+def release(settings: ClusterSettings, name: str) -> None:
+    """Forget an adopted process (stopped by whoever started it): a cluster whose every
+    recorded process is healthy is `running`, and `up` restarts one that is not."""
+    info = _load(settings)
+    if info is None:
+        return
+    info.processes = [r for r in info.processes if r.name != name]
+    _save(settings.state_dir, info)
+
+
 def restart(
     settings: ClusterSettings, name: str, down_seconds: float = 0.0, kill: bool = True
 ) -> float:

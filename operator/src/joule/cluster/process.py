@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,19 @@ class ProcessRecord:
 
 
 def start(
-    name: str, argv: list[str], log_path: Path, health_url: str | None = None
+    name: str,
+    argv: list[str],
+    log_path: Path,
+    health_url: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ProcessRecord:
-    """Start a detached process (its own session, so Ctrl-C in a terminal does not reach it)."""
+    """Start a detached process (its own session, so Ctrl-C in a terminal does not reach it).
+    ``env``: its whole environment (default: ours), e.g. to pass secrets off the command line."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             argv,
+            env=None if env is None else dict(env),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
