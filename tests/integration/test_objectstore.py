@@ -9,6 +9,8 @@ import hashlib
 import io
 import os
 import ssl
+import subprocess
+import sys
 import urllib.request
 import uuid
 from pathlib import Path
@@ -171,3 +173,67 @@ def test_pods_address_health_and_cluster_records(object_store, cluster):
     assert saved.stat().st_mode & 0o077 == 0
     cmdline = Path(f"/proc/{object_store.process.pid}/cmdline").read_bytes()
     assert object_store.secret_key.encode() not in cmdline
+
+
+POD_SCRIPT = """
+import io, os, ssl, sys, urllib.request, urllib3
+from minio import Minio
+endpoint, ca, access, secret, bucket = sys.argv[1:]
+with urllib.request.urlopen(endpoint + "/health", context=ssl.create_default_context(cafile=ca),
+                            timeout=5) as r:
+    assert r.status == 200
+http = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=ca, retries=urllib3.Retry(0))
+s3 = Minio(endpoint.removeprefix("https://"), access, secret, secure=True, http_client=http)
+s3.put_object(bucket, "from-the-pod-network", io.BytesIO(b"hello"), 5)
+print(s3.get_object(bucket, "from-the-pod-network").read().decode())
+"""
+
+
+@pytest.fixture
+def pod_netns(cluster):
+    """A network namespace wired to the real node's pod bridge as the CNI bridge plugin wires
+    a pod (a veth, an address of the pod subnet, no default route): what a pod's network
+    sees, without a container image. Removed afterwards."""
+    if cluster.node is None:
+        pytest.fail("the test cluster has no real node: tests run as root on Linux (README)")
+    layout = realnode.NodeRecord.from_json(cluster.node).layout()
+    name = f"jls3-{uuid.uuid4().hex[:6]}"
+    host_end = f"{name}h"
+    address = f"{layout.pod_subnet.network_address + 250}/{layout.pod_subnet.prefixlen}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    ip("netns", "add", name)
+    try:
+        ip("link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", name)
+        ip("link", "set", host_end, "master", layout.pod_bridge, "up")
+        ip("-n", name, "addr", "add", address, "dev", "eth0")
+        ip("-n", name, "link", "set", "eth0", "up")
+        ip("-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_a_pod_on_the_real_node_uses_it_over_verified_tls(object_store, bucket, pod_netns):
+    assert object_store.pod_endpoint is not None
+    argv = [object_store.pod_endpoint, str(object_store.ca_bundle), object_store.access_key]
+    argv += [object_store.secret_key, bucket]
+    run = subprocess.run(
+        ["ip", "netns", "exec", pod_netns, sys.executable, "-c", POD_SCRIPT, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "hello"
+    # From the pod network the loopback endpoint is another machine's loopback: unreachable.
+    local = subprocess.run(
+        ["ip", "netns", "exec", pod_netns, sys.executable, "-c",
+         "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 2)",
+         object_store.endpoint.rsplit(":", 1)[1]],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert local.returncode != 0 and "ConnectionRefusedError" in local.stderr
