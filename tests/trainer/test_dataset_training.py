@@ -5,6 +5,7 @@ corrupt shard stops it with one line and exit code 65."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -89,26 +90,33 @@ def test_a_restart_at_another_world_size_and_batch_goes_on_at_exactly_the_next_s
 
 
 @pytest.mark.timeout(300)
-def test_a_corrupt_shard_stops_the_trainer_with_one_line_and_exit_code_65(tmp_path):
-    data, manifest = prepared(tmp_path, shard_tokens=10**6)  # one shard: every sample uses it
-    shard = manifest["shards"][0]
+def test_a_corrupt_shard_stops_every_rank_before_training_with_exit_code_65(tmp_path):
+    """Two ranks share the hashing (rank 1 hashes shard 1): rank 1 names the shard and both
+    digests, rank 0 stops too and says who found what, and joule-launch exits 65."""
+    data, manifest = prepared(tmp_path, shard_tokens=70_000)  # 2 shards
+    assert len(manifest["shards"]) == 2
+    shard = manifest["shards"][1]
     path = data / shard["file"]
     raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x10
+    raw[len(raw) // 2] ^= 0x10  # one bit: the size is right, the digest is not
     path.write_bytes(bytes(raw))
     actual = dataset.file_sha256(path)
     message = tmp_path / "termination-log"
     message.write_text("")
     env = {**ENV, "JOULE_TERMINATION_LOG": str(message)}
     log = tmp_path / "log"
-    proc = torchrun(*common(tmp_path, 10), "--dataset", str(data), log=log, env=env, nproc=1)
+    proc = torchrun(*common(tmp_path, 10), "--dataset", str(data), log=log, env=env, nproc=2)
     assert proc.wait(240) == dataset.EXIT_DATA == 65, log.read_text()[-3000:]
-    line = f"dataset shard {path} is corrupt: expected sha256 {shard['sha256']}, actual {actual}"
+    found = f"dataset shard {path} is corrupt: expected sha256 {shard['sha256']}, actual {actual}"
+    stopped = f"rank 0: stopped before training: rank 1 found dataset shard {path} corrupt"
     lines = last_lines(log)
-    assert lines.count(line) == 4  # the first try and torchrun's 3 restarts, each stopped
-    assert lines[-1] == "joule-launch: joule_trainer.train failed: rank 0 exited with code 65"
-    assert message.read_text() == line + "\n"
-    assert not [e for e in events(log) if e["event"] == "step"]  # not one step trained
+    # The first try and torchrun's 3 restarts, each stopped before a step on both ranks.
+    assert lines.count(found) == 4 and lines.count(stopped) == 4, lines
+    assert re.fullmatch(
+        r"joule-launch: joule_trainer.train failed: rank [01] exited with code 65", lines[-1]
+    )
+    assert message.read_text() == stopped + "\n"  # local rank 0 writes the message
+    assert not [e for e in events(log) if e["event"] in ("step", "dataset")]
     assert "Traceback" not in log.read_text()
 
 

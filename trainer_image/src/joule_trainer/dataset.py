@@ -20,9 +20,10 @@ permutation of (seed, e) gives. No index of the whole dataset is built: a shard 
 and a sample reads its ``block + 1`` tokens.
 
 A shard is checked against the manifest before its first use in a process: its size when the
-dataset is opened, its sha256 when a sample first touches it. A mismatch is ``DataError``,
-whose ``str()`` is one line naming the shard and both digests; the trainer exits
-``EXIT_DATA`` (65) with it.
+dataset is opened, its sha256 when a sample first touches it unless ``verified`` already
+holds it (the trainer hashes every shard before its first step, its ranks sharing the work).
+A mismatch is ``DataError``, whose ``str()`` is one line naming the shard and both digests;
+the trainer exits ``EXIT_DATA`` (65) with it.
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ class ShardWindows:
         if self.windows < 1:
             raise DataError(f"dataset {directory} of {self.total} tokens is shorter than a block")
         self._maps: dict[int, np.ndarray] = {}
+        self.verified: set[int] = set()  # shards whose sha256 is known to match
         self._perm: tuple[int, Permutation] | None = None
 
     def window(self, index: int) -> int:
@@ -261,10 +263,8 @@ class ShardWindows:
             pos = end
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _shard(self, k: int) -> np.ndarray:
-        shard = self._maps.get(k)
-        if shard is not None:
-            return shard
+    def check(self, k: int) -> None:
+        """Shard ``k``'s sha256 against the manifest; DataError, naming it, if it differs."""
         entry = self.shards[k]
         path = self.directory / entry["file"]
         actual = file_sha256(path)
@@ -273,6 +273,16 @@ class ShardWindows:
                 f"dataset shard {path} is corrupt: expected sha256 {entry['sha256']}, "
                 f"actual {actual}"
             )
+        self.verified.add(k)
+
+    def _shard(self, k: int) -> np.ndarray:
+        shard = self._maps.get(k)
+        if shard is not None:
+            return shard
+        if k not in self.verified:
+            self.check(k)
+        entry = self.shards[k]
+        path = self.directory / entry["file"]
         try:
             shard = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:

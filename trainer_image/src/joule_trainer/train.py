@@ -189,6 +189,8 @@ class Trainer:
                 if args.dataset
                 else TextWindows(args.corpus, args.block, args.seed)
             )
+            if isinstance(self.data, ShardWindows):
+                self._verify_dataset(self.data)
             model: nn.Module = TinyGPT(
                 self.data.vocab, args.block, args.dim, args.layers, args.heads
             )
@@ -242,6 +244,7 @@ class Trainer:
                 tokenizer=self.data.tokenizer.name,
                 vocab=self.data.vocab,
                 windows=self.data.windows,
+                verified_s=round(self.verify_seconds, 3),
             )
         self._read_meter()  # a first reading, so that the first scrape sees measured figures
         if args.metrics_port:
@@ -253,6 +256,34 @@ class Trainer:
 
             # Flushed often: the job's TensorBoard shows the steps as they come.
             self.tb = SummaryWriter(str(args.tensorboard_dir), flush_secs=10)
+
+    def _verify_dataset(self, data: ShardWindows) -> None:
+        """Every shard's sha256 before the first step, the ranks sharing the work (rank r
+        hashes shards r, r + world, ...) and learning from one all-reduce whether any is
+        corrupt: then every rank stops, each saying why, rather than one failing mid-step
+        while the others wait for it in a collective. Shuffled samples touch most shards in
+        the first steps, so checking on first use would have every rank hash nearly all."""
+        began = time.monotonic()
+        found: DataError | None = None
+        bad = torch.zeros(len(data.shards), dtype=torch.int64, device=self.device)
+        for k in range(self.rank, len(data.shards), self.world):
+            try:
+                data.check(k)
+            except DataError as exc:
+                found = found or exc
+                bad[k] = 1
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if found is not None:
+            raise found
+        corrupt = [k for k, flag in enumerate(bad.tolist()) if flag]
+        if corrupt:
+            k = corrupt[0]
+            raise DataError(
+                f"rank {self.rank}: stopped before training: rank {k % self.world} found "
+                f"dataset shard {data.directory / data.shards[k]['file']} corrupt"
+            )
+        data.verified.update(range(len(data.shards)))
+        self.verify_seconds = time.monotonic() - began
 
     def _lr_factor(self, step: int) -> float:
         warm = max(self.args.warmup_steps, 1)
