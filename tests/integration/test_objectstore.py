@@ -164,7 +164,8 @@ def test_pods_address_health_and_cluster_records(object_store, cluster):
     info = lifecycle.status(settings)
     assert info is not None and info.running
     [component] = [c for c in info.components if c.name == objectstore.PROCESS_NAME]
-    assert component.alive and component.healthy
+    assert component.alive and component.healthy and component.adopted
+    assert objectstore.PROCESS_NAME not in {r.name for r in info.processes}
     assert component.rss_bytes is not None and component.rss_bytes < 200 * 2**20
     # A second start finds the running store instead of starting another.
     assert objectstore.start(settings) == object_store

@@ -106,3 +106,36 @@ def test_store_record_round_trips_and_names_object_files(tmp_path):
     )
     assert ObjectStore.from_json(store.to_json()) == store
     assert store.object_path("b", "p/x.bin") == tmp_path / "data" / "b" / "p" / "x.bin"
+
+
+def test_an_adopted_process_is_recorded_apart_and_does_not_decide_running():
+    from joule.cluster.lifecycle import ClusterInfo, ComponentStatus
+
+    store = ProcessRecord("objectstore", 42, 7, "/l", "https://127.0.0.1:9000/health")
+    info = ClusterInfo(
+        name="c",
+        kubeconfig=Path("/k"),
+        server="https://127.0.0.1:6443",
+        kubectl=Path("/kubectl"),
+        ports={},
+        processes=[ProcessRecord("etcd", 1, 1, "/e")],
+        versions={},
+        nodes=0,
+        gpus_per_node=0,
+        adopted=[store],
+    )
+    again = ClusterInfo.from_json(info.to_json())
+    assert again.adopted == [store] and again.processes == info.processes
+    # cluster.json written before adoption existed reads as having none.
+    legacy = {k: v for k, v in info.to_json().items() if k != "adopted"}
+    assert ClusterInfo.from_json(legacy).adopted == []
+
+    info.components = [
+        ComponentStatus("etcd", 1, True, True, 1, "/e"),
+        ComponentStatus("objectstore", 42, False, False, None, "/l", adopted=True),
+    ]
+    assert info.running  # a dead object store leaves the cluster itself running
+    info.components[0] = ComponentStatus("etcd", 1, False, False, None, "/e")
+    assert not info.running
+    info.components = [ComponentStatus("objectstore", 42, True, True, 1, "/l", adopted=True)]
+    assert not info.running  # nothing of the cluster's own

@@ -78,6 +78,8 @@ class ComponentStatus:
     healthy: bool
     rss_bytes: int | None
     log: str
+    # Started beside the cluster (see `adopt`): reported, but not part of `running`.
+    adopted: bool = False
 
 
 @dataclass
@@ -93,13 +95,16 @@ class ClusterInfo:
     gpus_per_node: int
     # The real node's record (realnode.NodeRecord as JSON); None when there is none.
     node: dict[str, Any] | None = None
+    # Processes started beside the cluster on demand (the object store), see `adopt`.
+    adopted: list[ProcessRecord] = field(default_factory=list)
     started_in_s: float | None = None
     already_running: bool = False
     components: list[ComponentStatus] = field(default_factory=list)
 
     @property
     def running(self) -> bool:
-        return bool(self.components) and all(c.alive and c.healthy for c in self.components)
+        own = [c for c in self.components if not c.adopted]
+        return bool(own) and all(c.alive and c.healthy for c in own)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -113,6 +118,7 @@ class ClusterInfo:
             "nodes": self.nodes,
             "gpus_per_node": self.gpus_per_node,
             "node": self.node,
+            "adopted": [p.to_json() for p in self.adopted],
         }
 
     @classmethod
@@ -128,6 +134,7 @@ class ClusterInfo:
             nodes=int(data["nodes"]),
             gpus_per_node=int(data["gpus_per_node"]),
             node=data.get("node"),
+            adopted=[ProcessRecord.from_json(p) for p in data.get("adopted", [])],
         )
 
 
@@ -200,14 +207,15 @@ def status(settings: ClusterSettings) -> ClusterInfo | None:
     if info is None:
         return None
     ca = settings.state_dir / "pki" / "ca.crt"
-    for record in info.processes:
+    for record in info.processes + info.adopted:
         alive = process.alive(record)
         url = record.health_url
         use_ca = ca if record.name == "kube-apiserver" else None
         healthy = alive and (url is None or process.healthy(url, ca=use_ca))
         rss = process.rss_bytes(record.pid) if alive else None
+        adopted = record in info.adopted
         info.components.append(
-            ComponentStatus(record.name, record.pid, alive, healthy, rss, record.log)
+            ComponentStatus(record.name, record.pid, alive, healthy, rss, record.log, adopted)
         )
     return info
 
@@ -217,7 +225,7 @@ def down(settings: ClusterSettings) -> list[str]:
     info = _load(settings)
     stopped: list[str] = []
     if info is not None:
-        live = [r for r in info.processes if process.alive(r)]
+        live = [r for r in info.processes + info.adopted if process.alive(r)]
         # Reverse start order: clients first, etcd last, so nothing logs storage errors.
         process.stop(list(reversed(live)))
         stopped = [r.name for r in live]
@@ -235,21 +243,22 @@ def down(settings: ClusterSettings) -> list[str]:
 
 def adopt(settings: ClusterSettings, record: ProcessRecord) -> None:
     """Record a process started beside the running cluster (the object store), replacing any
-    record of that name: `status` reports it and `down` stops it like the cluster's own."""
+    adopted record of that name: `status` reports it and `down` stops it (first) with the
+    cluster's own. It does not count towards `running`: its death does not make `up` start
+    the cluster afresh."""
     info = _load(settings)
     if info is None:
         raise ClusterError(f"no cluster {settings.name!r}")
-    info.processes = [r for r in info.processes if r.name != record.name] + [record]
+    info.adopted = [r for r in info.adopted if r.name != record.name] + [record]
     _save(settings.state_dir, info)
 
 
 def release(settings: ClusterSettings, name: str) -> None:
-    """Forget an adopted process (stopped by whoever started it): a cluster whose every
-    recorded process is healthy is `running`, and `up` restarts one that is not."""
+    """Forget an adopted process (stopped by whoever started it, or found dead)."""
     info = _load(settings)
     if info is None:
         return
-    info.processes = [r for r in info.processes if r.name != name]
+    info.adopted = [r for r in info.adopted if r.name != name]
     _save(settings.state_dir, info)
 
 
