@@ -9,6 +9,13 @@ PLURAL = "trainingjobs"
 LABEL_JOB = "joule.dev/job-name"
 LABEL_INDEX = "joule.dev/replica-index"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+# spec.data's staging pod carries the job's label (the pod cache sees it) and this one,
+# instead of a replica index: it is no worker.
+LABEL_ROLE = "joule.dev/role"
+ROLE_STAGE = "stage"
+STAGE_CONTAINER = "stage"
+# Where the workers find the staged dataset (joule_trainer reads it as --dataset).
+DATASET_ENV = "JOULE_DATASET_DIR"
 MANAGED_BY = "joule"
 COMPONENT = "joule-operator"  # reportingComponent of our Events
 

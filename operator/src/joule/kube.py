@@ -35,13 +35,14 @@ from joule.builders.bookkeeping import (
 )
 from joule.builders.labels import selector_string
 from joule.builders.networkpolicy import job_network_policy
+from joule.builders.stage import stage_pod
 from joule.builders.tensorboard import (
     tensorboard_deployment,
     tensorboard_name,
     tensorboard_service,
 )
 from joule.capacity import Capacity, capacity
-from joule.constants import API_VERSION, COMPONENT, GROUP, KIND, PLURAL, VERSION
+from joule.constants import API_VERSION, COMPONENT, GROUP, KIND, PLURAL, ROLE_STAGE, VERSION
 from joule.observe import PodView, view
 from joule.podcache import PodCache, version_number
 from joule.reconcile import Rejection
@@ -171,6 +172,14 @@ class JobApi:
         return agents
 
     def pods(self, job: JobRef) -> list[PodView]:
+        """The job's workers."""
+        return [v for v in self._views(job) if v.role != ROLE_STAGE]
+
+    def stage_pod(self, job: JobRef) -> PodView | None:
+        """spec.data's staging pod, where there is one."""
+        return next((v for v in self._views(job) if v.role == ROLE_STAGE), None)
+
+    def _views(self, job: JobRef) -> list[PodView]:
         if self.pod_cache is not None:
             cached = self.pod_cache.pods(job)
             if cached is not None:
@@ -182,6 +191,27 @@ class JobApi:
         # Only pods this job owns: a pod that merely carries the label (a namesake job's
         # leftover, a hand-made pod) is neither counted, nor deleted, nor scraped.
         return [v for v in views if v is not None and v.owner == job.uid]
+
+    def create_stage_pod(self, job: JobRef, spec: TrainingJobSpec) -> Rejection | None:
+        """spec.data's staging pod; refused as a worker would be (a Rejection)."""
+        try:
+            created = self.core.create_namespaced_pod(
+                job.namespace,
+                stage_pod(job, spec),
+                field_validation="Strict",
+                _preload_content=False,
+                _request_timeout=API_TIMEOUT,
+            )
+            self._observe(created)
+        except ValueError as exc:
+            return Rejection("staging pod", "PodRejected", _invalid_fields(exc, "staging pod"))
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            if exc.status is not None and 400 <= exc.status < 500:
+                return Rejection("staging pod", "PodRejected", _api_message(exc))
+            raise
+        return None
 
     def bookkeeping(self, job: JobRef) -> tuple[dict[str, Any], str | None]:
         """The job's energy bookkeeping and its resourceVersion (None: not made yet)."""

@@ -110,7 +110,8 @@ class Reconciler:
         status = dict(stored)
         scaled = follow_user_scale(spec, status, now)
         generation = body["metadata"].get("generation", 1)
-        p = plan(job, spec, status, generation, pods, now)
+        stage = api.stage_pod(job) if spec.data is not None else None
+        p = plan(job, spec, status, generation, pods, now, stage)
         p.status = tensorboard_status(job, spec, p.status)
         if scaled is not None:
             p.events.insert(0, scaled)
@@ -128,6 +129,8 @@ class Reconciler:
         for pod_name in p.force_delete:  # pods stuck Terminating (a lost node): see plan
             api.delete_pod(namespace, pod_name, force=True, uid=uids.get(pod_name))
         rejected = self._create(job, spec, p) if p.create else None
+        if p.create_stage:
+            rejected = api.create_stage_pod(job, spec)
         self._tensorboard(job, spec, stored, p)
         for pod_name, value in power_limit_patches(spec, p.status, pods).items():
             if pod_name not in p.delete:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from joule.api.events import parse_time
-from joule.constants import LABEL_INDEX, POWER_LIMIT_ANNOTATION
+from joule.constants import LABEL_INDEX, LABEL_ROLE, POWER_LIMIT_ANNOTATION, ROLE_STAGE
 
 # Waiting reasons after which a container will not start on its own.
 BLOCKING_WAITING = {
@@ -71,6 +71,10 @@ class PodView:
     # metadata.deletionTimestamp: when the pod should be gone (the API server sets it to the
     # delete request's time plus the grace period); None while it is not being deleted.
     deletion_deadline: dt.datetime | None = None
+    # ROLE_STAGE for spec.data's staging pod (index -1), else a worker.
+    role: str = "worker"
+    # The staging pod's termination message once it exited 0: its JSON summary.
+    summary: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -91,8 +95,10 @@ class PodView:
 def view(pod: dict[str, Any]) -> PodView | None:
     """A PodView, or None for a pod without a valid replica index (not one of ours)."""
     meta = pod.get("metadata", {})
+    labels = meta.get("labels") or {}
+    stage = labels.get(LABEL_ROLE) == ROLE_STAGE
     try:
-        index = int(meta.get("labels", {}).get(LABEL_INDEX, ""))
+        index = -1 if stage else int(labels.get(LABEL_INDEX, ""))
     except ValueError:
         return None
     status = pod.get("status") or {}
@@ -117,11 +123,23 @@ def view(pod: dict[str, Any]) -> PodView | None:
             None,
         ),
         node=node,
+        role=ROLE_STAGE if stage else "worker",
+        summary=_summary(status) if stage and phase == "Succeeded" else None,
     )
+
+
+def _summary(status: dict[str, Any]) -> str | None:
+    for cs in status.get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated") or {}
+        if term.get("exitCode") == 0:
+            return str(term.get("message") or "")[:MAX_SUMMARY] or None
+    return None
 
 
 # Longest termination message kept, in characters: a status line, not a log.
 MAX_MESSAGE = 256
+# Longest staging summary read (a JSON object of a few figures; the kubelet keeps 4 KiB).
+MAX_SUMMARY = 4096
 
 
 def failure(status: dict[str, Any], conditions: dict[str, dict[str, Any]]) -> Failure | None:

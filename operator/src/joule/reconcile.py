@@ -20,6 +20,7 @@ from joule.api.scaling import OnBudgetExhausted
 from joule.api.types import CleanPodPolicy, JobRef, Phase, TrainingJobSpec
 from joule.builders.labels import selector_string
 from joule.observe import CONFIG_ERROR, NODE_LOST, Failure, PodView, restart_cannot_fix
+from joule.staging import plan_staging
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Plan:
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     delete_job: bool = False
+    create_stage: bool = False  # spec.data's staging pod
     # Seconds until a timer (startup timeout, deadline, TTL) fires; None: nothing pending.
     requeue_after: float | None = None
 
@@ -55,7 +57,9 @@ def plan(
     generation: int,
     pods: list[PodView],
     now: dt.datetime,
+    stage: PodView | None = None,
 ) -> Plan:
+    """``pods``: the job's workers; ``stage``: spec.data's staging pod, where there is one."""
     st = dict(status)
     out = Plan()
     previous = Phase(st["phase"]) if st.get("phase") in Phase._value2member_map_ else None
@@ -116,6 +120,9 @@ def plan(
             _finished(spec, st, pods, now, out, also_running=True)
             return _close(out, st, job, spec, generation, pods, now)
         out.requeue_after = left
+
+    if spec.data is not None and _staging(spec, st, stage, pods, now, out):
+        return _close(out, st, job, spec, generation, pods, now)
 
     succeeded = [p for p in pods if p.phase == "Succeeded" and not p.terminating]
     if succeeded:
@@ -229,6 +236,35 @@ def plan(
     if waiting is not None and not Phase(st["phase"]).finished:
         _backing_off(spec, st, waiting, now, out)
     return _close(out, st, job, spec, generation, pods, now)
+
+
+def _staging(
+    spec: TrainingJobSpec,
+    st: dict[str, Any],
+    stage: PodView | None,
+    pods: list[PodView],
+    now: dt.datetime,
+    out: Plan,
+) -> bool:
+    """spec.data: True while the workers wait for the dataset (or staging failed the job)."""
+    staging = plan_staging(spec, st, stage)
+    st["data"] = staging.data
+    out.events += staging.events
+    out.create_stage = staging.create_pod
+    if staging.delete_pod is not None:
+        out.delete.append(staging.delete_pod)
+    if not staging.wait:
+        return False
+    if staging.create_pod and not st.get("startTime"):
+        st["startTime"] = fmt_time(now)  # the deadline counts staging too
+        if spec.active_deadline_seconds:
+            out.requeue_after = _min(out.requeue_after, float(spec.active_deadline_seconds))
+    if staging.failed:
+        _finish(st, Phase.FAILED, staging.reason, staging.message, now, out)
+        _finished(spec, st, pods, now, out)
+    else:
+        _set_phase(st, Phase.PENDING, staging.reason, staging.message)
+    return True
 
 
 # Kubernetes Jobs' pod backoff: the base delay doubles with each failure, up to 6 min there.

@@ -14,7 +14,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from joule.api.scaling import (
     Energy,
@@ -25,6 +25,9 @@ from joule.api.scaling import (
     Target,
 )
 from joule.api.template import template_problem
+
+if TYPE_CHECKING:
+    from joule.api.data import DataSpec
 
 
 class Phase(enum.StrEnum):
@@ -159,6 +162,8 @@ class TrainingJobSpec:
     tensorboard: Tensorboard = field(default_factory=lambda: Tensorboard())
     # spec.checkpoint.encryption: the Secret key the workers' checkpoints are encrypted with.
     encryption: Encryption | None = None
+    # spec.data: the dataset staged into a cache volume before the workers start.
+    data: DataSpec | None = None
     # Parts copied into the pod as they are (the API server validated their shape).
     pod: dict[str, Any] = field(default_factory=dict)
 
@@ -195,6 +200,8 @@ class TrainingJobSpec:
     def parse(cls, spec: dict[str, Any], name: str | None = None) -> TrainingJobSpec:
         """``name``: the job's metadata.name, checked too where given (the CRD checks it at
         create time only, so a job created before that rule reaches the operator as it is)."""
+        from joule.api.data import parse_data  # it builds on this module's names
+
         if name is not None:
             check_name(name)
         image = spec.get("image")
@@ -243,6 +250,11 @@ class TrainingJobSpec:
                 "energy.minGpuPowerLimitWatts needs powerCapWatts, budget or scaling.policy "
                 "EnergyEfficient (a reason to lower the limit)"
             )
+        data = parse_data(spec.get("data"))
+        if data is not None and not any(
+            isinstance(v, dict) and v.get("name") == data.volume for v in spec.get("volumes") or []
+        ):
+            raise SpecError("data.volume must name one of spec.volumes")
         return cls(
             image=image,
             replicas=replicas,
@@ -263,6 +275,7 @@ class TrainingJobSpec:
             progress=_progress(spec.get("progress")),
             tensorboard=_tensorboard(spec.get("tensorboard"), spec.get("checkpoint")),
             encryption=_encryption(spec.get("checkpoint")),
+            data=data,
             pod={k: spec[k] for k in pod_keys if k in spec},
         )
 

@@ -28,6 +28,7 @@ from joule.constants import (
     CHECKPOINT_KEY_FILE,
     CHECKPOINT_KEY_MODE,
     CHECKPOINT_KEY_VOLUME,
+    DATASET_ENV,
     LABEL_INDEX,
     MASTER_PORT,
     METRICS_PORT,
@@ -184,6 +185,8 @@ def worker_pod(
                 e["value"] = f"{user_conf},{e['value']}"
     if any(e["name"] == "PET_MAX_RESTARTS" for e in user_env):
         ours = [e for e in ours if e["name"] != "PET_MAX_RESTARTS"]
+    if spec.data is not None:  # the staged copy: the staging pod filled it before any worker
+        ours.append({"name": DATASET_ENV, "value": spec.data.staged_dir(job.name)})
     env = merge_env(user_env, ours)
 
     # Quantities as strings: the schema allows 8 or "8", Kubernetes clients want "8".
@@ -226,6 +229,9 @@ def worker_pod(
         and not any(m["mountPath"] == checkpoint["path"] for m in mounts)
     ):
         mounts.append({"name": checkpoint["volume"], "mountPath": checkpoint["path"]})
+    if spec.data is not None and not any(m["mountPath"] == spec.data.path for m in mounts):
+        # Read-only: the workers read the verified copy, and none of them can change it.
+        mounts.append({"name": spec.data.volume, "mountPath": spec.data.path, "readOnly": True})
     if spec.encryption is not None:
         # That one key of that Secret, read-only, in the trainer container only (a sidecar of
         # the template does not see it). The operator names the Secret; the kubelet reads it.
