@@ -2,12 +2,17 @@
 
     joule-data prepare INPUT... --out DIR [--shard-tokens N] [--tokenizer chars|bytes] [--force]
     joule-data verify DIR
+    joule-data stage (--s3 BUCKET/PREFIX --endpoint URL [--region R] | --https URL | --dir PATH)
+                     --into DIR [--ca-bundle FILE] [--trust-existing]
+                     [--termination-log PATH] [--metrics-port N]
 
 ``prepare`` reads text files and folders (their ``*.txt``, all depths), tokenizes them with
 the trainer's tokenizer and writes shards and ``manifest.json`` to DIR; progress goes to
 stderr every 2 s, and one summary line to stdout at the end. ``verify`` checks every shard's
 size and sha256 against the manifest. Errors: one line on stderr, exit code 65 (EX_DATAERR)
-for input or a dataset that is not right, 2 for wrong flags.
+for input or a dataset that is not right, 2 for wrong flags. ``stage`` copies a prepared
+dataset into a cache folder, resumably, verifying every file; its exit codes and result are
+described in ``stage``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from joule_trainer import dataset
+from joule_trainer import dataset, stage
 
 
 def _mib(n: float) -> str:
@@ -73,14 +78,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ver = sub.add_parser("verify", help="check every shard against the manifest")
     ver.add_argument("directory", type=Path, metavar="DIR")
+    stg = sub.add_parser(
+        "stage", help="copy a prepared dataset into a cache folder, verifying every file"
+    )
+    stage.add_arguments(stg)
     args = p.parse_args(argv)
     if args.command == "prepare" and args.shard_tokens < 1:
         p.error("--shard-tokens must be >= 1")
+    if args.command == "stage":
+        stage.check_arguments(args, stg.error)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "stage":
+        return stage.run(args)
     try:
         if args.command == "prepare":
             done = dataset.prepare(
