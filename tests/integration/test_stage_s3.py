@@ -21,6 +21,7 @@ import urllib3
 from minio import Minio
 
 from joule.cluster.objectstore import ObjectStore
+from tests.integration.test_objectstore import pod_netns  # noqa: F401 - a fixture used below
 
 pytestmark = pytest.mark.cluster
 
@@ -84,6 +85,7 @@ def stage(
     access: str | None = None,
     endpoint: str | None = None,
     ca: bool = True,
+    netns: str | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], str]:
     env = dict(os.environ)
     env["AWS_ACCESS_KEY_ID"] = access or store.access_key
@@ -93,6 +95,8 @@ def stage(
     argv += ["--metrics-port", "0"]
     if ca:
         argv += ["--ca-bundle", str(store.ca_bundle)]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
     term.unlink(missing_ok=True)
     run = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     return run, term.read_text() if term.exists() else ""
@@ -254,3 +258,21 @@ def test_staging_rate_for_a_50_mib_dataset(object_store, bucket, tmp_path):
     again = json.loads(message)
     assert again["skipped"] == result["files"]
     print(f"re-run over the complete cache (every file rehashed): {again['seconds']:.2f} s")
+
+
+def test_a_pods_network_stages_from_the_pod_endpoint(
+    object_store, bucket, small, request, tmp_path
+):
+    """As the staging pod will: from a pod's network (a namespace on the real node's pod
+    bridge), at the store's pod address, verified with the cluster CA (in a pod, the
+    ServiceAccount volume's ca.crt)."""
+    netns = request.getfixturevalue("pod_netns")
+    assert object_store.pod_endpoint is not None
+    upload(object_store, small, bucket, "ds")
+    cache, term = tmp_path / "cache", tmp_path / "term"
+    where = f"{bucket}/ds"
+    run, message = stage(
+        object_store, where, cache, term, endpoint=object_store.pod_endpoint, netns=netns
+    )
+    assert run.returncode == 0, run.stderr
+    assert_staged(cache, small, message, skipped=0)
