@@ -173,8 +173,11 @@ def test_a_corrupt_or_short_source_file_is_refused_with_its_name(source, tmp_pat
     line = f"shard-00003.npy: sha256 {actual} does not match the manifest's {entry['sha256']}"
     assert (run.returncode, message) == (65, line)
     assert run.stderr.endswith(f"joule-data: {line}\n")
-    # The shards before it are in place; no .part, and no manifest: not a complete copy.
-    assert sorted(p.name for p in cache.iterdir()) == [f"shard-{i:05d}.npy" for i in range(3)]
+    # No manifest (not a complete copy), nothing of shard 3; the others fetched meanwhile,
+    # 4 at a time, are in place or left as .part files to be continued.
+    left = {p.name for p in cache.iterdir()}
+    assert "manifest.json" not in left and not {"shard-00003.npy", "shard-00003.npy.part"} & left
+    assert left <= {f"shard-{i:05d}.npy{tail}" for i in (0, 1, 2, 4) for tail in ("", ".part")}
 
     (src / entry["file"]).write_bytes(data[:-10])
     run, message = run_stage("--dir", str(src), "--into", str(cache), term=term)
@@ -358,6 +361,7 @@ def test_a_run_killed_mid_file_is_continued_with_a_range_request(source, server,
     server.stall = ("shard-00002.npy", 1_500_000)
     port = free_port()
     argv = [*JOULE_DATA, "stage", "--https", server.url, "--ca-bundle", str(server.ca)]
+    argv += ["--parallel", "1"]  # one file at a time: the requests below come in order
     argv += ["--into", str(cache), "--termination-log", str(term), "--metrics-port", str(port)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     part = cache / "shard-00002.npy.part"
@@ -515,3 +519,30 @@ def test_flags_that_do_not_go_together_are_refused(tmp_path, capsys):
     )
     with pytest.raises(stage.StageError, match="is not https://host"):
         stage.S3Source("b/p", "h:9000")
+
+
+def test_files_are_fetched_in_parallel(source, server, tmp_path):
+    """4 at a time: while shard 0 is held mid-file, the next three arrive whole; released,
+    it completes and the run succeeds."""
+    cache, term = tmp_path / "cache", tmp_path / "term"
+    server.stall = ("shard-00000.npy", 1_500_000)
+    argv = [*JOULE_DATA, "stage", "--https", server.url, "--ca-bundle", str(server.ca)]
+    argv += ["--into", str(cache), "--termination-log", str(term), "--metrics-port", "0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        want = {f"shard-0000{i}.npy" for i in (1, 2, 3)}
+        while not want <= {p.name for p in cache.glob("shard-*")}:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the files after shard 0 never arrived"
+            time.sleep(0.05)
+        assert (cache / "shard-00000.npy.part").exists()
+        assert not (cache / "shard-00000.npy").exists()
+        server.release.set()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    check_result(term.read_text(), source, skipped=0)
+    assert_same(cache, source)

@@ -17,6 +17,8 @@ The copy is resumable and never trusted half-made:
   renamed into place. One that does not match after a resumed download is fetched once more
   from the start (the old ``.part`` may hold another version's bytes); one that does not
   match from the start is refused (exit 65).
+- Files are fetched ``parallel`` at a time (``--parallel``, default 4); the first that fails
+  stops the others, whose ``.part`` files stay to be continued.
 - ``manifest.json`` is written last, atomically: a cache with ``manifest.json`` is a complete,
   verified copy.
 
@@ -40,11 +42,13 @@ import re
 import socket
 import ssl
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,6 +69,7 @@ ATTEMPTS = 3  # per file: tries on a connection lost mid-transfer, each continui
 MANIFEST_MAX = 64 << 20
 PART = ".part"
 PROGRESS_EVERY = 5.0
+PARALLEL = 4  # files fetched at a time: one S3 stream rarely fills a node's network
 # What S3 servers answer for credentials or access they refuse (XAdminUserNotFound: VersityGW's
 # unknown access key in single-account mode, where AWS says InvalidAccessKeyId).
 S3_NOPERM = {
@@ -81,6 +86,10 @@ S3_NOPERM = {
 S3_NOINPUT = {"NoSuchKey", "NoSuchBucket", "NoSuchVersion"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Cancelled(Exception):
+    """Another file's failure stopped this one (its .part stays, to be continued)."""
 
 
 class StageError(Exception):
@@ -192,6 +201,7 @@ class S3Source:
         ca_bundle: Path | None = None,
         access_key: str | None = None,
         secret_key: str | None = None,
+        parallel: int = PARALLEL,
     ) -> None:
         import urllib3
         from minio import Minio
@@ -224,7 +234,7 @@ class S3Source:
                 allowed_methods=None,
             ),
             timeout=urllib3.Timeout(connect=10, read=60),
-            maxsize=4,
+            maxsize=max(4, parallel),
         )
         self.s3 = Minio(
             url.netloc,
@@ -485,11 +495,12 @@ class Gauges:
 
 @dataclass
 class Progress:
-    """Counts, and a line on stderr at most every ``every`` seconds."""
+    """Counts (the fetching threads share them), and a line on stderr at most every ``every``
+    seconds."""
 
     total_bytes: int = 0
     total_files: int = 0
-    staged_bytes: int = 0  # verified in place, plus what the current .part holds
+    done_bytes: int = 0  # of the files verified in place
     staged_files: int = 0
     fetched: int = 0  # bytes received from the source in this run
     gauges: Gauges | None = None
@@ -497,17 +508,43 @@ class Progress:
     say: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
     began: float = field(default_factory=time.monotonic)
     last: float = field(default_factory=time.monotonic)
+    partial: dict[str, int] = field(default_factory=dict)  # what each .part being written holds
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def staged_bytes(self) -> int:
+        """Verified in place, plus what the .part files being written hold."""
+        return self.done_bytes + sum(self.partial.values())
+
+    def part(self, name: str, held: int, received: int = 0) -> None:
+        with self.lock:
+            self.partial[name] = held
+            self.fetched += received
+        self.update()
+
+    def drop(self, name: str) -> None:
+        with self.lock:
+            self.partial.pop(name, None)
+        self.update()
+
+    def staged(self, name: str, size: int) -> None:
+        with self.lock:
+            self.partial.pop(name, None)
+            self.done_bytes += size
+            self.staged_files += 1
+        self.update()
 
     def update(self, *, force: bool = False) -> None:
-        if self.gauges is not None:
-            self.gauges.staged_bytes.set(self.staged_bytes)
-            self.gauges.total_bytes.set(self.total_bytes)
-            self.gauges.staged_files.set(self.staged_files)
-            self.gauges.total_files.set(self.total_files)
-        now = time.monotonic()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
+        with self.lock:
+            if self.gauges is not None:
+                self.gauges.staged_bytes.set(self.staged_bytes)
+                self.gauges.total_bytes.set(self.total_bytes)
+                self.gauges.staged_files.set(self.staged_files)
+                self.gauges.total_files.set(self.total_files)
+            now = time.monotonic()
+            if not force and now - self.last < self.every:
+                return
+            self.last = now
         pct = 100 * self.staged_bytes / self.total_bytes if self.total_bytes else 100.0
         rate = self.fetched / max(now - self.began, 1e-9) / 1e6
         self.say(
@@ -575,12 +612,13 @@ def stage_file(
     progress: Progress,
     say: Callable[[str], None],
     on_cache_error: Callable[[OSError], StageError],
+    cancel: threading.Event | None = None,
 ) -> None:
     """Fetch ``entry``'s file into ``into`` through ``<name>.part`` (continued where one is
-    left), check it, and rename it into place; StageError if it cannot be done."""
+    left), check it, and rename it into place; StageError if it cannot be done, Cancelled
+    when ``cancel`` is set meanwhile."""
     name, size = entry["file"], entry["bytes"]
     part = into / (name + PART)
-    base = progress.staged_bytes  # what the files before this one count
     attempts = 0
     restarted = False
     while True:
@@ -619,8 +657,10 @@ def stage_file(
                     f.seek(offset)
                 except OSError as err:
                     raise on_cache_error(err) from None
-                progress.staged_bytes = base + offset
+                progress.part(name, offset)
                 while opened is not None and offset <= size:
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(name)
                     try:
                         chunk = opened.body.read(min(CHUNK, size + 1 - offset))
                     except Exception as exc:
@@ -633,9 +673,7 @@ def stage_file(
                         raise on_cache_error(err) from None
                     sha.update(chunk)
                     offset += len(chunk)
-                    progress.fetched += len(chunk)
-                    progress.staged_bytes = base + min(offset, size)
-                    progress.update()
+                    progress.part(name, min(offset, size), len(chunk))
                 try:
                     f.flush()
                     os.fsync(f.fileno())
@@ -656,7 +694,7 @@ def stage_file(
                 part.unlink()
             except OSError as err:
                 raise on_cache_error(err) from None
-            progress.staged_bytes = base
+            progress.drop(name)
             if resumed and not restarted:
                 # The bytes before the resume point may be another version's: once more,
                 # all of it from the source.
@@ -668,7 +706,39 @@ def stage_file(
             os.replace(part, into / name)
         except OSError as err:
             raise on_cache_error(err) from None
+        progress.staged(name, size)
         return
+
+
+def _fetch_all(
+    source: Source,
+    into: Path,
+    todo: list[dict[str, Any]],
+    progress: Progress,
+    say: Callable[[str], None],
+    refused: Callable[[OSError], StageError],
+    parallel: int,
+) -> None:
+    """``stage_file`` for each of ``todo``, ``parallel`` at a time, in the manifest's order.
+    The first failure stops the others (their .part files stay) and is raised."""
+    if parallel <= 1:
+        for entry in todo:
+            stage_file(source, into, entry, progress, say, refused)
+        return
+    cancel = threading.Event()
+    with ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool:
+        futures = [
+            pool.submit(stage_file, source, into, e, progress, say, refused, cancel) for e in todo
+        ]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f in done and f.exception() is not None]
+        if failed:
+            cancel.set()
+            for f in futures:
+                f.cancel()
+    if failed:
+        # The first in the manifest's order among those that failed before the others stopped.
+        raise failed[0].exception()  # type: ignore[misc]
 
 
 def stage(
@@ -676,11 +746,13 @@ def stage(
     into: Path,
     *,
     trust_existing: bool = False,
+    parallel: int = 1,
     gauges: Gauges | None = None,
     say: Callable[[str], None] | None = None,
     every: float = PROGRESS_EVERY,
 ) -> Staged:
-    """Copy the dataset at ``source`` into ``into``; see the module's docstring."""
+    """Copy the dataset at ``source`` into ``into``, ``parallel`` files at a time; see the
+    module's docstring."""
     began = time.monotonic()
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     raw = _fetch_manifest(source)
@@ -717,9 +789,7 @@ def stage(
                     sha, _ = _hash_file(path)
                     good = sha.hexdigest() == entry["sha256"]
                 if good:
-                    progress.staged_files += 1
-                    progress.staged_bytes += entry["bytes"]
-                    progress.update()
+                    progress.staged(entry["file"], entry["bytes"])
                     continue
             if path.exists() or path.is_symlink():
                 say(f"joule-data: {path} differs from the manifest's; fetching it again")
@@ -754,10 +824,7 @@ def stage(
             f"({_mib(sum(e['bytes'] for e in todo))}) from {source.where} into {into}"
         )
         progress.began = time.monotonic()
-        for entry in todo:
-            stage_file(source, into, entry, progress, say, refused)
-            progress.staged_files += 1
-            progress.update()
+        _fetch_all(source, into, todo, progress, say, refused, parallel)
     try:
         if todo or not same:
             _fsync_dir(into)  # the renames of the files, before the manifest says they are there
@@ -813,6 +880,13 @@ def add_arguments(p: Any) -> None:
         help="where DIR holds this manifest already, check its files' sizes only, not sha256",
     )
     p.add_argument(
+        "--parallel",
+        type=int,
+        default=PARALLEL,
+        metavar="N",
+        help=f"files fetched at a time (default {PARALLEL})",
+    )
+    p.add_argument(
         "--termination-log",
         type=Path,
         metavar="PATH",
@@ -834,6 +908,8 @@ def check_arguments(args: Any, error: Callable[[str], Any]) -> None:
         error("--endpoint and --region go with --s3")
     if args.dir is not None and args.ca_bundle is not None:
         error("--ca-bundle goes with --s3 or --https")
+    if args.parallel < 1:
+        error("--parallel must be >= 1")
     if not 0 <= args.metrics_port < 65536:
         error("--metrics-port must be 0..65535")
 
@@ -847,6 +923,7 @@ def make_source(args: Any) -> Source:
             ca_bundle=args.ca_bundle,
             access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
             secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            parallel=args.parallel,
         )
     if args.https is not None:
         return HttpsSource(args.https, ca_bundle=args.ca_bundle)
@@ -881,7 +958,13 @@ def run(args: Any) -> int:
                 line = f"joule-data: no metrics on port {args.metrics_port}: {_why(err)}"
                 print(line, file=sys.stderr, flush=True)
         source = make_source(args)
-        done = stage(source, args.into, trust_existing=args.trust_existing, gauges=gauges)
+        done = stage(
+            source,
+            args.into,
+            trust_existing=args.trust_existing,
+            parallel=args.parallel,
+            gauges=gauges,
+        )
     except StageError as exc:
         line = f"joule-data: {exc}"
         print(line, file=sys.stderr, flush=True)
