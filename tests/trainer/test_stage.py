@@ -84,9 +84,14 @@ def check_result(message: str, source: Path, skipped: int) -> dict:
     return result
 
 
+def listing(cache: Path) -> set[str]:
+    """The cache folder's files, less the staging runs' lock file."""
+    return {p.name for p in cache.iterdir()} - {stage.LOCK}
+
+
 def assert_same(cache: Path, source: Path) -> None:
     names = sorted(p.name for p in source.iterdir())
-    assert sorted(p.name for p in cache.iterdir()) == names  # no .part left behind
+    assert sorted(listing(cache)) == names  # no .part left behind
     for name in names:
         assert (cache / name).read_bytes() == (source / name).read_bytes(), name
     dataset.verify(cache)
@@ -103,6 +108,7 @@ def test_a_folder_is_staged_and_the_result_is_one_json_object(source, tmp_path):
     assert_same(cache, source)
     assert run.stdout.startswith(f"joule-data: staged {source}/ into {cache}: 5 files (")
     # Over a complete copy: nothing fetched, nothing rewritten.
+    assert (cache / stage.LOCK).stat().st_size == 0
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     run, message = run_stage("--dir", str(source), "--into", str(cache), term=term)
     assert run.returncode == 0, run.stderr
@@ -175,7 +181,7 @@ def test_a_corrupt_or_short_source_file_is_refused_with_its_name(source, tmp_pat
     assert run.stderr.endswith(f"joule-data: {line}\n")
     # No manifest (not a complete copy), nothing of shard 3; the others fetched meanwhile,
     # 4 at a time, are in place or left as .part files to be continued.
-    left = {p.name for p in cache.iterdir()}
+    left = listing(cache)
     assert "manifest.json" not in left and not {"shard-00003.npy", "shard-00003.npy.part"} & left
     assert left <= {f"shard-{i:05d}.npy{tail}" for i in (0, 1, 2, 4) for tail in ("", ".part")}
 
@@ -234,7 +240,7 @@ def test_a_cache_without_room_for_what_is_missing_is_refused_before_fetching(
         f"cache directory {cache} is full: No space left on device (errno 28), 4.0 MiB free "
         "and the dataset needs 7.7 MiB more; 0 of 5 files are staged"
     )
-    assert list(cache.iterdir()) == []
+    assert listing(cache) == set()
 
 
 # --- from an HTTPS server --------------------------------------------------------------------
@@ -546,3 +552,46 @@ def test_files_are_fetched_in_parallel(source, server, tmp_path):
     assert proc.returncode == 0, err
     check_result(term.read_text(), source, skipped=0)
     assert_same(cache, source)
+
+
+def test_a_second_run_into_the_same_cache_waits_for_the_first(source, server, tmp_path):
+    """Two jobs sharing a cache and a dataset: the second staging run waits on the folder's
+    lock while the first holds it, then finds every file in place and fetches nothing."""
+    cache = tmp_path / "cache"
+    server.stall = ("shard-00001.npy", 1_500_000)
+
+    def start(term: Path) -> subprocess.Popen[str]:
+        argv = [*JOULE_DATA, "stage", "--https", server.url, "--ca-bundle", str(server.ca)]
+        argv += ["--into", str(cache), "--termination-log", str(term), "--metrics-port", "0"]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start(tmp_path / "first")
+    try:
+        deadline = time.monotonic() + 60
+        while not (cache / "shard-00001.npy.part").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first run never reached shard 1"
+            time.sleep(0.05)
+        second = start(tmp_path / "second")
+        try:
+            line = second.stderr.readline()  # type: ignore[union-attr]
+            assert (
+                line == f"joule-data: another run is staging into {cache}; waiting for it to end\n"
+            )
+            assert second.poll() is None
+            server.release.set()
+            _, err = first.communicate(timeout=60)
+            assert first.returncode == 0, err
+            _, err = second.communicate(timeout=60)
+            assert second.returncode == 0, err
+        finally:
+            if second.poll() is None:
+                second.kill()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    check_result((tmp_path / "first").read_text(), source, skipped=0)
+    check_result((tmp_path / "second").read_text(), source, skipped=5)
+    assert_same(cache, source)
+    assert [r for r in server.requests if r[0] == "manifest.json"] == [("manifest.json", None)] * 2
+    assert len(server.requests) == 2 + 5

@@ -19,6 +19,7 @@ The copy is resumable and never trusted half-made:
   match from the start is refused (exit 65).
 - Files are fetched ``parallel`` at a time (``--parallel``, default 4); the first that fails
   stops the others, whose ``.part`` files stay to be continued.
+- One run at a time in a cache folder (``_exclusive``): a second waits for the first.
 - ``manifest.json`` is written last, atomically: a cache with ``manifest.json`` is a complete,
   verified copy.
 
@@ -33,7 +34,9 @@ code (sysexits.h); success writes one JSON object there (``Staged.to_json``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import http.client
 import json
@@ -47,7 +50,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +71,7 @@ CHUNK = 1 << 20
 ATTEMPTS = 3  # per file: tries on a connection lost mid-transfer, each continuing the last
 MANIFEST_MAX = 64 << 20
 PART = ".part"
+LOCK = ".joule-stage.lock"  # see _exclusive; left in the cache folder, empty
 PROGRESS_EVERY = 5.0
 PARALLEL = 4  # files fetched at a time: one S3 stream rarely fills a node's network
 # What S3 servers answer for credentials or access they refuse (XAdminUserNotFound: VersityGW's
@@ -741,6 +745,35 @@ def _fetch_all(
         raise failed[0].exception()  # type: ignore[misc]
 
 
+@contextlib.contextmanager
+def _exclusive(
+    into: Path, say: Callable[[str], None], refused: Callable[[OSError], StageError]
+) -> Iterator[None]:
+    """One staging run at a time in a cache folder (jobs that share a cache and a dataset
+    would otherwise write the same .part files): an flock on ``LOCK`` there, which the kernel
+    releases when the process dies however it dies. Where the lock file cannot be made (a
+    read-only or foreign cache) or locked (a file system without locks), it goes on without:
+    it then writes nothing, or cannot write anyway."""
+    try:
+        fd = os.open(into / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise refused(err) from None
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"joule-data: another run is staging into {into}; waiting for it to end")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            say(f"joule-data: cannot lock {into / LOCK} ({_why(err)}); going on without")
+        yield
+    finally:
+        os.close(fd)
+
+
 def stage(
     source: Source,
     into: Path,
@@ -765,88 +798,92 @@ def stage(
     def refused(err: OSError) -> StageError:
         return cache_error(into, err, progress.staged_files, len(entries))
 
-    local_manifest = into / dataset.MANIFEST
     try:
         into.mkdir(parents=True, exist_ok=True)
-        same = local_manifest.is_file() and local_manifest.read_bytes() == raw
-        if local_manifest.exists() and not same:
-            # Another version (or a damaged copy): not a complete copy of this one from now on.
-            say(f"joule-data: {local_manifest} is another dataset's; replacing that dataset")
-            local_manifest.unlink()
-            _fsync_dir(into)
     except OSError as err:
         raise refused(err) from None
-
-    # What is in place already: kept if it checks out, removed (to be fetched) if not.
-    todo: list[dict[str, Any]] = []
-    for entry in entries:
-        path = into / entry["file"]
+    with _exclusive(into, say, refused):
+        local_manifest = into / dataset.MANIFEST
         try:
-            if path.is_file() and path.stat().st_size == entry["bytes"]:
-                if trust_existing and same:
-                    good = True
-                else:
-                    sha, _ = _hash_file(path)
-                    good = sha.hexdigest() == entry["sha256"]
-                if good:
-                    progress.staged(entry["file"], entry["bytes"])
-                    continue
-            if path.exists() or path.is_symlink():
-                say(f"joule-data: {path} differs from the manifest's; fetching it again")
-                path.unlink()
+            same = local_manifest.is_file() and local_manifest.read_bytes() == raw
+            if local_manifest.exists() and not same:
+                # Another version (or a damaged copy): from now on, not a complete copy.
+                say(f"joule-data: {local_manifest} is another dataset's; replacing that dataset")
+                local_manifest.unlink()
+                _fsync_dir(into)
         except OSError as err:
             raise refused(err) from None
-        todo.append(entry)
-    skipped = len(entries) - len(todo)
 
-    if todo:
-        try:
-            held = 0
-            for entry in todo:
-                part = into / (entry["file"] + PART)
-                if part.is_file():
-                    held += min(part.stat().st_size, entry["bytes"])
-            needed = sum(e["bytes"] for e in todo) - held
-            fs = os.statvfs(into)
-        except OSError as err:
-            raise refused(err) from None
-        free = fs.f_bavail * fs.f_frsize
-        if fs.f_blocks and free < needed:
-            full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            raise StageError(
-                f"cache directory {into} is full: {_why(full)}, {_mib(free)} free and the "
-                f"dataset needs {_mib(needed)} more; {progress.staged_files} of {len(entries)} "
-                "files are staged",
-                EXIT_CACHE,
+        # What is in place already: kept if it checks out, removed (to be fetched) if not.
+        todo: list[dict[str, Any]] = []
+        for entry in entries:
+            path = into / entry["file"]
+            try:
+                if path.is_file() and path.stat().st_size == entry["bytes"]:
+                    if trust_existing and same:
+                        good = True
+                    else:
+                        sha, _ = _hash_file(path)
+                        good = sha.hexdigest() == entry["sha256"]
+                    if good:
+                        progress.staged(entry["file"], entry["bytes"])
+                        continue
+                if path.exists() or path.is_symlink():
+                    say(f"joule-data: {path} differs from the manifest's; fetching it again")
+                    path.unlink()
+            except OSError as err:
+                raise refused(err) from None
+            todo.append(entry)
+        skipped = len(entries) - len(todo)
+
+        if todo:
+            try:
+                held = 0
+                for entry in todo:
+                    part = into / (entry["file"] + PART)
+                    if part.is_file():
+                        held += min(part.stat().st_size, entry["bytes"])
+                needed = sum(e["bytes"] for e in todo) - held
+                fs = os.statvfs(into)
+            except OSError as err:
+                raise refused(err) from None
+            free = fs.f_bavail * fs.f_frsize
+            if fs.f_blocks and free < needed:
+                full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise StageError(
+                    f"cache directory {into} is full: {_why(full)}, {_mib(free)} free and the "
+                    f"dataset needs {_mib(needed)} more; {progress.staged_files} of {len(entries)} "
+                    "files are staged",
+                    EXIT_CACHE,
+                )
+            say(
+                f"joule-data: staging {len(todo)} of {len(entries)} files "
+                f"({_mib(sum(e['bytes'] for e in todo))}) from {source.where} into {into}"
             )
-        say(
-            f"joule-data: staging {len(todo)} of {len(entries)} files "
-            f"({_mib(sum(e['bytes'] for e in todo))}) from {source.where} into {into}"
+            progress.began = time.monotonic()
+            _fetch_all(source, into, todo, progress, say, refused, parallel)
+        try:
+            if todo or not same:
+                _fsync_dir(into)  # the files' renames, before the manifest says they are there
+                tmp = into / (dataset.MANIFEST + PART)
+                with open(tmp, "wb") as f:
+                    f.write(raw)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, local_manifest)
+                _fsync_dir(into)
+        except OSError as err:
+            raise refused(err) from None
+        progress.update(force=True)
+        return Staged(
+            files=len(entries),
+            bytes=total,
+            manifest_digest="sha256:" + hashlib.sha256(raw).hexdigest(),
+            version=manifest["version"],
+            skipped=skipped,
+            seconds=time.monotonic() - began,
+            fetched_bytes=progress.fetched,
         )
-        progress.began = time.monotonic()
-        _fetch_all(source, into, todo, progress, say, refused, parallel)
-    try:
-        if todo or not same:
-            _fsync_dir(into)  # the renames of the files, before the manifest says they are there
-            tmp = into / (dataset.MANIFEST + PART)
-            with open(tmp, "wb") as f:
-                f.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, local_manifest)
-            _fsync_dir(into)
-    except OSError as err:
-        raise refused(err) from None
-    progress.update(force=True)
-    return Staged(
-        files=len(entries),
-        bytes=total,
-        manifest_digest="sha256:" + hashlib.sha256(raw).hexdigest(),
-        version=manifest["version"],
-        skipped=skipped,
-        seconds=time.monotonic() - began,
-        fetched_bytes=progress.fetched,
-    )
 
 
 # --- the command -----------------------------------------------------------------------------
