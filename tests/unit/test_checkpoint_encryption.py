@@ -190,3 +190,13 @@ def test_the_trainers_line_reaches_the_status_whole():
     seen = view(pod)
     assert seen is not None and seen.failure == Failure("Error", REFUSED, 78)
     assert restart_cannot_fix(seen.failure)
+
+
+def test_the_key_volumes_name_is_refused_where_a_user_could_give_it():
+    """A volume of the user's by that name would collide with the key's in the pod."""
+    from joule.api import template as owned
+    from joule.constants import CHECKPOINT_KEY_VOLUME
+
+    assert CHECKPOINT_KEY_VOLUME in owned.JOULE_VOLUMES
+    ours = {"spec": {"volumes": [{"name": CHECKPOINT_KEY_VOLUME, "emptyDir": {}}]}}
+    assert owned.template_problem(ours) == owned.VOLUMES

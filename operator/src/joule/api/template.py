@@ -18,7 +18,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 JOULE_PREFIX = "joule.dev/"
 # The trainer's mounts that are Joule's (sharedMemory and the power limit file).
 JOULE_MOUNTS = ("/dev/shm", "/dev/shm/", "/etc/joule", "/etc/joule/")
-JOULE_VOLUMES = ("joule-dshm", "joule-power")
+JOULE_VOLUMES = ("joule-dshm", "joule-power", "joule-checkpoint-key")
 
 _IDENTITY = (
     "is Joule's: workers are named <job>-worker-<index>, in the job's namespace, owned by the job"
@@ -57,8 +57,8 @@ TRAINER_MOUNTS = (
 )
 INIT_NAME = "trainer is the name of Joule's training container; an init container needs another"
 VOLUMES = (
-    "joule-dshm and joule-power are the names of Joule's own volumes (/dev/shm and the GPU "
-    "power limit file) in every worker pod"
+    "joule-dshm, joule-power and joule-checkpoint-key are the names of Joule's own volumes "
+    "(/dev/shm, the GPU power limit file and the checkpoint key) in the worker pods"
 )
 
 
