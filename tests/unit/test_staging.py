@@ -81,7 +81,8 @@ def test_once_staged_the_workers_are_created_and_the_staging_pod_goes():
 @pytest.mark.parametrize(
     ("code", "reason"),
     [(65, "DataCorrupt"), (66, "DataNotFound"), (69, "DataUnavailable"),
-     (74, "DataCacheFull"), (77, "DataAccessDenied"), (1, "DataStagingFailed")],
+     (74, "DataCacheFull"), (77, "DataAccessDenied"), (78, "DataConfigError"),
+     (1, "DataStagingFailed")],
 )  # fmt: skip
 def test_a_failed_staging_fails_the_job_with_its_reason_and_line(code, reason):
     line = "shard-00003.npy: sha256 1f does not match the manifest's 9a"

@@ -27,6 +27,7 @@ EXIT_REASONS = {
     69: "DataUnavailable",  # EX_UNAVAILABLE: the source cannot be reached
     74: "DataCacheFull",  # EX_IOERR: the cache volume is full or read-only
     77: "DataAccessDenied",  # EX_NOPERM: the credentials were refused
+    78: "DataConfigError",  # EX_CONFIG: its own configuration (no credentials, a bad CA file)
 }
 SUMMARY_KEYS = ("files", "bytes", "skipped", "seconds", "manifestDigest", "version")
 
