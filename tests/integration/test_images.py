@@ -109,6 +109,9 @@ def test_the_image_runs_its_trainer_as_uid_1000(trainer: Image):
         assert in_image("sh", "-c", "touch /checkpoints/probe && ls /checkpoints") == "probe\n"
         # The entrypoint on the PATH: torchrun starts the built-in trainer, which prints help.
         assert "--model" in in_image("joule-launch", "--help")
+        # What a job's staging pod runs, with its S3 client (the MinIO SDK).
+        assert "--s3 BUCKET/PREFIX" in in_image("joule-data", "stage", "--help")
+        assert in_image("python", "-c", "import minio; print('ok')") == "ok\n"
     finally:
         run(store, buildah(store, "rm", container))
 
