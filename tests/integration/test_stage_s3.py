@@ -155,7 +155,7 @@ def test_an_object_changed_in_the_bucket_is_refused_by_name(object_store, bucket
     run, message = stage(object_store, f"{bucket}/ds", cache, term)
     line = (
         f"{entry['file']}: sha256 {hashlib.sha256(data).hexdigest()} does not match the "
-        f"manifest's {entry['sha256']}"
+        f"manifest's {entry['sha256']} (from s3://{bucket}/ds/{entry['file']})"
     )
     assert (run.returncode, message) == (65, line)
     assert run.stderr.endswith(f"joule-data: {line}\n")

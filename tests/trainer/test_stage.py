@@ -176,7 +176,10 @@ def test_a_corrupt_or_short_source_file_is_refused_with_its_name(source, tmp_pat
     cache, term = tmp_path / "cache", tmp_path / "term"
     run, message = run_stage("--dir", str(src), "--into", str(cache), term=term)
     actual = hashlib.sha256(data).hexdigest()
-    line = f"shard-00003.npy: sha256 {actual} does not match the manifest's {entry['sha256']}"
+    line = (
+        f"shard-00003.npy: sha256 {actual} does not match the manifest's {entry['sha256']} "
+        f"(from {src}/shard-00003.npy)"
+    )
     assert (run.returncode, message) == (65, line)
     assert run.stderr.endswith(f"joule-data: {line}\n")
     # No manifest (not a complete copy), nothing of shard 3; the others fetched meanwhile,
@@ -189,7 +192,7 @@ def test_a_corrupt_or_short_source_file_is_refused_with_its_name(source, tmp_pat
     run, message = run_stage("--dir", str(src), "--into", str(cache), term=term)
     assert run.returncode == 65
     short = f"shard-00003.npy: size {len(data) - 10} does not match the manifest's {len(data)}"
-    assert message == short
+    assert message == f"{short} (from {src}/shard-00003.npy)"
 
 
 def test_a_missing_manifest_or_file_is_named(source, tmp_path):

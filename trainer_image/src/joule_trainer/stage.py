@@ -129,6 +129,10 @@ class Source(Protocol):
 
     def open(self, name: str, offset: int) -> Opened: ...
 
+    def location(self, name: str) -> str:
+        """Where ``name`` is fetched from, for messages."""
+        ...
+
     def error(self, exc: BaseException, name: str) -> StageError:
         """``exc`` (raised while opening or reading ``name``) as the line and exit code."""
         ...
@@ -252,6 +256,9 @@ class S3Source:
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
+    def location(self, name: str) -> str:
+        return f"s3://{self.bucket}/{self.key(name)}"
+
     def open(self, name: str, offset: int) -> Opened:
         response = self.s3.get_object(self.bucket, self.key(name), offset=offset)
         # 206: the range was honoured; 200: the whole object follows.
@@ -311,6 +318,9 @@ class HttpsSource:
     def url(self, name: str) -> str:
         return self.where + urllib.parse.quote(name)
 
+    def location(self, name: str) -> str:
+        return self.url(name)
+
     def open(self, name: str, offset: int) -> Opened:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         request = urllib.request.Request(self.url(name), headers=headers)
@@ -357,6 +367,9 @@ class DirSource:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.where = f"{str(path).rstrip('/')}/"
+
+    def location(self, name: str) -> str:
+        return str(self.path / name)
 
     def open(self, name: str, offset: int) -> Opened:
         f = open(self.path / name, "rb")  # noqa: SIM115 - the caller closes it
@@ -705,7 +718,7 @@ def stage_file(
                 say(f"joule-data: {wrong} after continuing a .part; fetching it from the start")
                 restarted, attempts = True, 0
                 continue
-            raise StageError(wrong, EXIT_DATA)
+            raise StageError(f"{wrong} (from {source.location(name)})", EXIT_DATA)
         try:
             os.replace(part, into / name)
         except OSError as err:
