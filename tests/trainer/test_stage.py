@@ -288,6 +288,7 @@ class Server:
     def __init__(self, root: Path, tmp_path: Path) -> None:
         self.root, self.requests = root, []
         self.stall: tuple[str, int] | None = None
+        self.drop: tuple[str, int] | None = None  # close the connection after so many bytes
         self.release = threading.Event()
         server = self
 
@@ -312,6 +313,13 @@ class Server:
                 self.end_headers()
                 body = data[start:]
                 try:
+                    if server.drop and server.drop[0] == name:
+                        cut, server.drop = server.drop[1], None  # once
+                        self.wfile.write(body[:cut])
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
                     if server.stall and server.stall[0] == name:
                         cut = server.stall[1]
                         self.wfile.write(body[:cut])
@@ -598,3 +606,34 @@ def test_a_second_run_into_the_same_cache_waits_for_the_first(source, server, tm
     assert_same(cache, source)
     assert [r for r in server.requests if r[0] == "manifest.json"] == [("manifest.json", None)] * 2
     assert len(server.requests) == 2 + 5
+
+
+def test_a_connection_lost_mid_file_is_continued_within_the_run(source, server, tmp_path):
+    cache, term = tmp_path / "cache", tmp_path / "term"
+    server.drop = ("shard-00001.npy", 1_200_000)
+    ca = ("--ca-bundle", str(server.ca), "--into", str(cache), "--parallel", "1")
+    run, message = run_stage("--https", server.url, *ca, term=term)
+    assert run.returncode == 0, run.stderr
+    check_result(message, source, skipped=0)
+    assert_same(cache, source)
+    assert "shard-00001.npy: " in run.stderr and "connection lost mid-transfer" in run.stderr
+    assert "continuing (try 2 of 3)" in run.stderr
+    # The second request asked for the rest only: every byte received was kept.
+    assert [r for r in server.requests if r[0] == "shard-00001.npy"] == [
+        ("shard-00001.npy", None),
+        ("shard-00001.npy", "bytes=1200000-"),
+    ]
+    assert "shard-00001.npy ended after 1200000 of the 2000128 bytes" in run.stderr
+
+
+def test_a_source_longer_than_the_manifest_says_is_refused(source, tmp_path):
+    src = copy_of(source, tmp_path)
+    with open(src / "shard-00002.npy", "ab") as f:
+        f.write(b"more")
+    run, message = run_stage("--dir", str(src), "--into", str(tmp_path / "c"), term=tmp_path / "t")
+    size = (source / "shard-00002.npy").stat().st_size
+    assert run.returncode == 65
+    assert message == (
+        f"shard-00002.npy: the source has more than the manifest's {size} bytes "
+        f"(from {src}/shard-00002.npy)"
+    )

@@ -118,10 +118,17 @@ class Body(Protocol):
 @dataclass
 class Opened:
     """A file's bytes from ``start`` on: the offset asked for, or 0 where the source ignored
-    the range (the whole file follows)."""
+    the range (the whole file follows). ``length``: how many bytes the source says follow
+    (Content-Length), where it says; a body that ends before them was cut short."""
 
     body: Body
     start: int
+    length: int | None = None
+
+
+def _content_length(headers: Any) -> int | None:
+    value = headers.get("Content-Length")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 class Source(Protocol):
@@ -262,7 +269,8 @@ class S3Source:
     def open(self, name: str, offset: int) -> Opened:
         response = self.s3.get_object(self.bucket, self.key(name), offset=offset)
         # 206: the range was honoured; 200: the whole object follows.
-        return Opened(response, offset if offset and response.status == 206 else 0)
+        start = offset if offset and response.status == 206 else 0
+        return Opened(response, start, _content_length(response.headers))
 
     def error(self, exc: BaseException, name: str) -> StageError:
         from minio.error import MinioException, S3Error, ServerError
@@ -342,7 +350,7 @@ class HttpsSource:
                     EXIT_UNAVAILABLE,
                 )
             start = offset
-        return Opened(response, start)
+        return Opened(response, start, _content_length(response.headers))
 
     def error(self, exc: BaseException, name: str) -> StageError:
         if isinstance(exc, urllib.error.HTTPError):
@@ -615,6 +623,8 @@ def _fetch_manifest(source: Source) -> bytes:
 
 
 def _mismatch(name: str, size: int, sha: str, entry: dict[str, Any]) -> str | None:
+    if size > entry["bytes"]:  # reading stops one byte past the manifest's size
+        return f"{name}: the source has more than the manifest's {entry['bytes']} bytes"
     if size != entry["bytes"]:
         return f"{name}: size {size} does not match the manifest's {entry['bytes']}"
     if sha != entry["sha256"]:
@@ -675,6 +685,7 @@ def stage_file(
                 except OSError as err:
                     raise on_cache_error(err) from None
                 progress.part(name, offset)
+                got = 0  # from this response
                 while opened is not None and offset <= size:
                     if cancel is not None and cancel.is_set():
                         raise Cancelled(name)
@@ -683,7 +694,15 @@ def stage_file(
                     except Exception as exc:
                         raise source.error(exc, name) from None
                     if not chunk:
+                        if opened.length is not None and got < opened.length:
+                            raise StageError(
+                                f"{source.where}: connection lost mid-transfer: {name} ended "
+                                f"after {got} of the {opened.length} bytes the source announced",
+                                EXIT_UNAVAILABLE,
+                                transient=True,
+                            )
                         break
+                    got += len(chunk)
                     try:
                         f.write(chunk)
                     except OSError as err:
