@@ -28,6 +28,9 @@ class TextWindows:
         if len(self.data) <= block + 1:
             raise ValueError(f"corpus of {len(self.data)} characters is shorter than a block")
         self.block, self.seed = block, seed
+        # What differential privacy counts as the dataset's samples (N): the windows of
+        # block + 1 tokens the text would be cut into as a prepared dataset (ShardWindows).
+        self.windows = (len(self.data) - 1) // block
 
     def batch(self, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
         starts = [

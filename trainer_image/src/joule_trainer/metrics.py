@@ -53,6 +53,8 @@ class TrainerMetrics:
     gpu_memory: Gauge | None = None
     # The meter's energy already counted: the counter grows by each reading's increase.
     energy_seen_joules: float = 0.0
+    # Differential privacy's epsilon: only where DP is on (see privacy()).
+    epsilon: Gauge | None = None
 
     @classmethod
     def create(
@@ -135,6 +137,35 @@ class TrainerMetrics:
             "The prepared dataset this rank reads: its version (sha256 of its manifest)",
             {**self.labels, "version": version},
         ).set(1)
+
+    def privacy(self, delta: float, target_epsilon: float | None) -> None:
+        """The differential privacy series: ``joule_trainer_dp_epsilon`` (set by
+        ``dp_epsilon``), ``joule_trainer_dp_delta`` and, with a target,
+        ``joule_trainer_dp_target_epsilon``. Only where DP is on."""
+        self.epsilon = _gauge(
+            self.registry,
+            "joule_trainer_dp_epsilon",
+            "Differential privacy: epsilon spent so far, at joule_trainer_dp_delta (RDP)",
+            self.labels,
+        )
+        _gauge(
+            self.registry,
+            "joule_trainer_dp_delta",
+            "Differential privacy: the delta that joule_trainer_dp_epsilon is for",
+            self.labels,
+        ).set(delta)
+        if target_epsilon is not None:
+            _gauge(
+                self.registry,
+                "joule_trainer_dp_target_epsilon",
+                "Differential privacy: training stops before epsilon would pass this",
+                self.labels,
+            ).set(target_epsilon)
+
+    def dp_epsilon(self, value: float) -> None:
+        if self.epsilon is None:
+            raise TypeError("call privacy() first: these metrics have no DP series")
+        self.epsilon.set(value)
 
     def record(self, reading: Reading) -> None:
         """One meter reading into the energy counter and the device gauges."""

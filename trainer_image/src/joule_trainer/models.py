@@ -41,13 +41,61 @@ class TinyGPT(nn.Module):
         self.head = nn.Linear(dim, vocab)
         mask = torch.triu(torch.full((block, block), float("-inf")), diagonal=1)
         self.register_buffer("mask", mask, persistent=False)
+        self.per_sample = False  # see for_per_sample_gradients
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
-        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        positions = torch.arange(t, device=idx.device)
+        if self.per_sample:  # one row of positions per sample: a batch dimension for Opacus
+            positions = positions.expand(idx.shape[0], t)
+        x = self.tok(idx) + self.pos(positions)
         for blk in self.blocks:
             x = blk(x, self.mask[:t, :t])
         return self.head(self.ln(x))
+
+
+class CausalSelfAttention(nn.Module):
+    """``nn.MultiheadAttention``'s self-attention (same weights, same arithmetic) out of two
+    ``nn.Linear`` layers, whose per-sample gradients Opacus computes. Opacus has no
+    per-sample gradient for ``nn.MultiheadAttention``, and its replacement,
+    ``DPMultiheadAttention``, refuses a 2-D mask with ``batch_first=True`` (1.6.0)."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        dim = mha.embed_dim
+        self.heads = mha.num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.qkv.weight.copy_(mha.in_proj_weight)
+            self.qkv.bias.copy_(mha.in_proj_bias)
+            self.out_proj.weight.copy_(mha.out_proj.weight)
+            self.out_proj.bias.copy_(mha.out_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        b, t, d = query.shape  # self-attention: key and value are the query
+        qkv = self.qkv(query).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, d)), None
+
+
+def for_per_sample_gradients(model: TinyGPT) -> TinyGPT:
+    """The model, in place, as differential privacy needs it: every parameter in a layer
+    Opacus computes per-sample gradients for (Linear, Embedding, LayerNorm), the positions'
+    embedding looked up per sample. The same function with the same initial weights; its
+    state dict names the attention's weights ``attn.qkv.*`` instead of ``attn.in_proj_*``."""
+    for blk in model.blocks:
+        if isinstance(blk.attn, nn.MultiheadAttention):
+            blk.attn = CausalSelfAttention(blk.attn)
+    model.per_sample = True
+    return model
 
 
 class SmallCNN(nn.Module):

@@ -15,6 +15,11 @@ trainer's last; it is found before the first step where it can be.
 With ``JOULE_CHECKPOINT_KEY_FILE`` (``--checkpoint-key-file``), checkpoints are encrypted
 (``crypt``). A key file that is not a key, or checkpoints of which none verifies with it,
 stop every rank before training with exit code ``checkpoint.EXIT_CONFIG`` (78) and one line.
+
+With ``--dp-noise-multiplier`` or ``--dp-target-epsilon`` (``JOULE_DP_*``), it trains with
+differential privacy (``dp``: DP-SGD with Opacus) and, at the target epsilon, stops with a
+checkpoint, exit code 0 and a JSON termination message (``{"stopReason":
+"PrivacyBudgetReached", ...}``).
 """
 
 from __future__ import annotations
@@ -38,13 +43,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from joule_trainer import batching, checkpoint, crypt
+from joule_trainer import batching, checkpoint, crypt, dp
 from joule_trainer.data import Shapes, TextWindows
 from joule_trainer.dataset import EXIT_DATA, DataError, ShardWindows
 from joule_trainer.energy import MeterError, Reading, probe
 from joule_trainer.energy.limit import LimitFile
 from joule_trainer.metrics import TrainerMetrics
-from joule_trainer.models import SmallCNN, TinyGPT
+from joule_trainer.models import SmallCNN, TinyGPT, for_per_sample_gradients
 
 log = logging.getLogger("joule_trainer")
 EXIT_SIGTERM = 143  # 128 + SIGTERM: interrupted, not finished, so never read as success
@@ -125,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write TensorBoard event files here (rank 0); default $JOULE_TENSORBOARD_DIR, "
         "which Joule sets where spec.tensorboard is enabled",
     )
+    dp.add_arguments(p)
     args = p.parse_args(argv)
     for name in ("steps", "global_batch", "micro_batch", "checkpoint_every_steps", "log_every"):
         if getattr(args, name) < 1:
@@ -168,6 +174,10 @@ class Trainer:
         self.args = args
         # Before any collective: a key file that is no key stops every rank alike.
         self.key = crypt.load_key(args.checkpoint_key_file) if args.checkpoint_key_file else None
+        self.dp_settings = dp.settings(args)  # likewise for differential privacy settings
+        self.privacy: dp.Privacy | None = None
+        self._privacy_state: dict[str, Any] | None = None
+        self.termination_message: str | None = None
         backend = os.environ.get("JOULE_DIST_BACKEND") or (
             "nccl" if torch.cuda.is_available() else "gloo"
         )
@@ -194,6 +204,8 @@ class Trainer:
             model: nn.Module = TinyGPT(
                 self.data.vocab, args.block, args.dim, args.layers, args.heads
             )
+            if self.dp_settings:
+                for_per_sample_gradients(model)
         else:
             self.data = Shapes(args.seed)
             model = SmallCNN(Shapes.classes)
@@ -219,9 +231,33 @@ class Trainer:
         dist.all_reduce(code, op=dist.ReduceOp.MAX)
         self._stop_on_storage(problem, int(code.item()), "before training")
         self._check_same_start()
-        self.ddp = DDP(
-            self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None
-        )
+        if self.dp_settings:
+            assert not isinstance(self.data, Shapes)
+            self.privacy = dp.Privacy(
+                self.dp_settings,
+                self.model,
+                self.optimizer,
+                samples=self.data.windows,
+                global_batch=args.global_batch,
+                steps=args.steps,
+            )
+            if self._privacy_state is not None:
+                self.privacy.load_state_dict(self._privacy_state)
+            self._log(
+                event="privacy",
+                noise_multiplier=self.privacy.noise_multiplier,
+                noise_multiplier_derived=self.privacy.derived,
+                max_grad_norm=self.privacy.max_grad_norm,
+                delta=self.privacy.delta,
+                target_epsilon=self.privacy.target,
+                sample_rate=self.privacy.sample_rate,
+                samples=self.privacy.samples,
+                epsilon=self.privacy.epsilon,
+            )
+        else:
+            self.ddp = DDP(
+                self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None
+            )
 
         gpu = str(self.local_rank) if self.device.type == "cuda" else "none"
         self.meter = probe(self.local_rank if self.device.type == "cuda" else None)
@@ -233,6 +269,9 @@ class Trainer:
             self.meter.source,
         )
         self.metrics.world_size.set(self.world)
+        if self.privacy:
+            self.metrics.privacy(self.privacy.delta, self.privacy.target)
+            self.metrics.dp_epsilon(self.privacy.epsilon)
         if isinstance(self.data, ShardWindows):
             self.metrics.dataset(self.data.version)
             self._log(
@@ -319,6 +358,8 @@ class Trainer:
             self._log(event="start", step=0, samples=0, world=self.world)
             return
         step, state = found
+        self._privacy_state = state.get("privacy")
+        self._check_privacy_continuity(step)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -334,6 +375,25 @@ class Trainer:
             previous_world=state.get("world"),
             checkpoint=str(checkpoint.path_for(self.args.checkpoint_dir, step)),
         )
+
+    def _check_privacy_continuity(self, step: int) -> None:
+        """A job trained with differential privacy goes on with it, and one trained without
+        does not turn it on: either way its guarantee (or the stop at the target) would be
+        lost. Every rank reads the same checkpoint, so every rank stops alike (78)."""
+        name = checkpoint.path_for(self.args.checkpoint_dir, step).name
+        if self._privacy_state is not None and not self.dp_settings:
+            eps = self._privacy_state.get("epsilon", 0.0)
+            raise dp.DPConfigError(
+                f"checkpoint {name} was trained with differential privacy (epsilon "
+                f"{eps:.4g} spent) and this run has it off: set --dp-noise-multiplier or "
+                "--dp-target-epsilon as before"
+            )
+        if self._privacy_state is None and self.dp_settings and step > 0:
+            raise dp.DPConfigError(
+                f"checkpoint {name} was trained without differential privacy: its steps "
+                "used the data without a privacy guarantee, so DP cannot be turned on now; "
+                "start from an empty checkpoint directory"
+            )
 
     def _check_same_start(self) -> None:
         """Every rank must resume from the same step: ranks that see different checkpoint
@@ -391,6 +451,8 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "rng": rng_state(),
         }
+        if self.privacy:
+            state["privacy"] = self.privacy.state_dict()
         directory = self.args.checkpoint_dir
         try:
             path = checkpoint.save(directory, self.step, state, key=self.key)
@@ -400,6 +462,8 @@ class Trainer:
         self._log(event="checkpoint", step=self.step, path=str(path))
 
     def train_step(self) -> float:
+        if self.privacy:
+            return self._train_step_private(self.privacy)
         args = self.args
         share = batching.share(args.global_batch, self.world, self.rank, args.micro_batch)
         self.share_size = share.size
@@ -430,6 +494,48 @@ class Trainer:
             self._log_samples(base, share)
         return float(total) / args.global_batch
 
+    def _train_step_private(self, privacy: dp.Privacy) -> float:
+        """One optimizer step of DP-SGD over the global batch. Each micro-batch's per-sample
+        gradients are clipped and summed into the optimizer's accumulator at once (Opacus'
+        skipped step), keeping one micro-batch of per-sample gradients in memory; after the
+        last, rank 0 adds the noise, once for the whole global batch, and the sums are
+        all-reduced (``dp._global_mean_optimizer``). In float32: no autocast."""
+        args = self.args
+        share = batching.share(args.global_batch, self.world, self.rank, args.micro_batch)
+        self.share_size = share.size
+        base = self.samples
+        total = torch.zeros((), device=self.device)
+        optimizer = privacy.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        last = len(share.micro_batches) - 1
+        for k, (offset, n) in enumerate(share.micro_batches):
+            x, y = self.data.batch(range(base + offset, base + offset + n))
+            x, y = x.to(self.device), y.to(self.device)
+            loss_sum = self._loss(privacy.module(x), y)
+            loss_sum.backward()  # per-sample gradients of each sample's loss
+            total += loss_sum.detach()
+            if k < last:
+                optimizer.signal_skip_step(do_skip=True)
+                optimizer.step()  # clip and accumulate only
+                optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum
+        optimizer.step()  # clip, noise (rank 0), all-reduce, the AdamW step
+        self.schedule.step()
+        dist.all_reduce(total)
+        self.metrics.samples.inc(share.size)
+        if self.sample_log:
+            self._log_samples(base, share)
+        return float(total) / args.global_batch
+
+    def _stop_at_privacy_budget(self, privacy: dp.Privacy) -> None:
+        """The next step would take epsilon past the target: save, and say so (the
+        termination message). Every rank decides alike, from the same accountant history;
+        a restart finds the same and stops again at once."""
+        if self.saved_step != self.step:
+            self.save()  # a full disk here raises StorageError, as any save
+        message = privacy.termination(self.step)
+        self.termination_message = json.dumps(message)
+        self._log(event="privacy_budget_reached", **message)
+
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.args.model == "gpt":
             per_seq = nn.functional.cross_entropy(
@@ -443,8 +549,17 @@ class Trainer:
         last_ckpt = time.monotonic()
         window_start, window_samples = time.monotonic(), 0
         while self.step < args.steps:
+            epsilon_after = 0.0
+            if self.privacy:
+                exceed, epsilon_after = self.privacy.would_exceed()
+                if exceed:
+                    self._stop_at_privacy_budget(self.privacy)
+                    return 0
             started = time.monotonic()
             loss = self.train_step()
+            if self.privacy:
+                self.privacy.stepped(epsilon_after)
+                self.metrics.dp_epsilon(epsilon_after)
             self._hold_power_limit()
             self.step += 1
             self.samples += args.global_batch
@@ -463,6 +578,7 @@ class Trainer:
                     watts=_round(reading.power_watts if reading else None),
                     joules=_round(self.metrics.energy_seen_joules),
                     energy_source=self.meter.source,
+                    **self._privacy_fields(),
                 )
                 if self.tb:
                     self.tb.add_scalar("loss", loss, self.step)
@@ -484,8 +600,13 @@ class Trainer:
                 self._log(event="sigterm", step=self.step)
                 return EXIT_SIGTERM
         self.save()
-        self._log(event="done", step=self.step, loss=round(loss, 4))
+        self._log(event="done", step=self.step, loss=round(loss, 4), **self._privacy_fields())
         return 0
+
+    def _privacy_fields(self) -> dict[str, float]:
+        if not self.privacy:
+            return {}
+        return {"epsilon": round(self.privacy.epsilon, 6), "delta": self.privacy.delta}
 
     def _stop_agreed(self, problem: checkpoint.StorageError | None = None) -> bool:
         """All ranks stop at the same step if any of them was asked to (SIGTERM); all raise
@@ -635,7 +756,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(args)
         try:
-            return trainer.run()
+            code = trainer.run()
+            if trainer.termination_message and termination is not None:
+                with contextlib.suppress(OSError):
+                    termination.write_text(trainer.termination_message + "\n")
+            return code
         finally:
             trainer.close()
     except (checkpoint.StorageError, crypt.ConfigError) as exc:
