@@ -189,3 +189,84 @@ def test_the_parser_refuses_bad_data_specs(data, said):
     with pytest.raises(SpecError, match=said.replace("(", r"\(").replace(")", r"\)")):
         TrainingJobSpec.parse({"image": "x", "volumes": [{"name": "cache", "emptyDir": {}}],
                                "data": data})  # fmt: skip
+
+
+def test_the_staging_pods_progress_is_read_every_few_seconds_while_it_runs():
+    from joule.scaling import next_evaluation
+    from joule.staging import parse_progress
+
+    text = (
+        "# HELP joule_data_staged_bytes Bytes of the dataset in the cache\n"
+        "# TYPE joule_data_staged_bytes gauge\n"
+        "joule_data_staged_bytes 1.048576e+06\njoule_data_total_bytes 4194304.0\n"
+        "joule_data_staged_files 1.0\njoule_data_total_files 4.0\nother_metric 7\n"
+    )
+    assert parse_progress(text) == {
+        "stagedBytes": 1048576, "totalBytes": 4194304, "stagedFiles": 1, "totalFiles": 4,
+    }  # fmt: skip
+    staging = run().status
+    assert next_evaluation(spec(), staging, T0) == 0.0  # read at once
+    read = {**staging, "data": {**staging["data"], "checkedAt": "2026-01-01T00:00:00Z"}}
+    assert next_evaluation(spec(), read, T0 + dt.timedelta(seconds=2)) == 3.0
+    # Progress stays while it runs; the summary replaces it once staged.
+    running = run(status={**read, "data": {**read["data"], "stagedBytes": 10}}, staging=stage())
+    assert running.status["data"]["stagedBytes"] == 10
+    done = run(status=running.status, staging=stage("Succeeded", summary=json.dumps(SUMMARY)))
+    assert "stagedBytes" not in done.status["data"]
+    assert next_evaluation(spec(), done.status, T0) is None
+
+
+def test_the_energy_loop_writes_the_running_staging_pods_progress(monkeypatch):
+    """Through the real scrape, from a /metrics served here, into the status it writes."""
+    import http.server
+    import threading
+
+    from joule import autoscaler
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"joule_data_staged_bytes 512\njoule_data_total_bytes 2048\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(autoscaler, "METRICS_PORT", server.server_address[1])
+    status = run().status
+    body = {"apiVersion": "joule.dev/v1alpha1", "kind": "TrainingJob",
+            "metadata": {"name": "j", "namespace": "ns", "uid": "uid", "generation": 1,
+                         "resourceVersion": "1"},
+            "spec": {"image": "trainer:1", "replicas": 2,
+                     "volumes": [{"name": "cache", "emptyDir": {}}],
+                     "data": {"volume": "cache", "source": S3}},
+            "status": status}  # fmt: skip
+    written = []
+
+    class Api:
+        def get_job(self, namespace, name):
+            return body
+
+        def clock(self):
+            return T0
+
+        def stage_pod(self, job):
+            return PodView("j-stage", "s", -1, "Running", True, True, False, None,
+                           ip="127.0.0.1", role="stage")  # fmt: skip
+
+        def write_status(self, old, new):
+            written.append(new)
+            return old
+
+    try:
+        after = autoscaler.Autoscaler(Api()).evaluate("ns", "j")
+    finally:
+        server.shutdown()
+    assert after == 5.0
+    data = written[-1]["data"]
+    assert (data["stagedBytes"], data["totalBytes"], data["phase"]) == (512, 2048, "Staging")
+    assert data["checkedAt"] == "2026-01-01T00:00:00Z"

@@ -16,13 +16,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 from joule import metrics
 from joule.agent_metrics import LimitReport, limit_report, parse_agent_metrics
 from joule.agent_metrics import counter_key as gpu_counter_key
-from joule.api.events import Event
+from joule.api.events import Event, fmt_time
 from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.builders.template import placement
 from joule.capacity import Capacity
@@ -41,12 +42,14 @@ from joule.scaling import (
     next_evaluation,
     split_energy,
 )
-from joule.scrape import Result, Target, scrape_all
+from joule.scrape import Result, Target, scrape, scrape_all
+from joule.staging import PROGRESS_SECONDS, parse_progress, staging
 from joule.trainer_metrics import parse_trainer_metrics, samples_parser
 
 log = logging.getLogger("joule.autoscaler")
 # One evaluation waits this long, in all, for the workers' /metrics.
 SCRAPE_DEADLINE_SECONDS = 5.0
+STAGE_SCRAPE_SECONDS = 2.0  # a staging pod's progress: shown a little later is no harm
 NO_PROGRESS = (
     "no worker reports samples (joule_trainer.report): the policy sees energy and GPU "
     "utilisation only"
@@ -108,6 +111,8 @@ class Autoscaler:
         due = next_evaluation(spec, status, now)
         if due is None or due > 0:
             return due
+        if staging(status):
+            return self._staging_progress(body, job, status, now)
         pods = api.pods(job)
         if not spec.managed:
             return self._watch_progress(body, job, spec, status, pods, now)
@@ -126,6 +131,21 @@ class Autoscaler:
             metrics.DECISIONS.labels(reason=event.reason).inc()
             JOB_SERIES.decided(namespace, name, event.reason)
         return next_evaluation(spec, new, now)
+
+    def _staging_progress(
+        self, body: dict[str, Any], job: JobRef, status: dict[str, Any], now: dt.datetime
+    ) -> float:
+        """spec.data: the running staging pod's gauges (bytes and files staged, of how many)
+        into status.data, every few seconds until the lifecycle sees it finish."""
+        pod = self.api.stage_pod(job)
+        data = {**status["data"], "checkedAt": fmt_time(now)}
+        if pod is not None and pod.phase == "Running" and pod.ip:
+            result = scrape(pod.ip, METRICS_PORT, time.monotonic() + STAGE_SCRAPE_SECONDS,
+                            parse=parse_progress)  # fmt: skip
+            if result.reading:
+                data.update(result.reading)
+        self.api.write_status(body, {**status, "data": data})
+        return PROGRESS_SECONDS
 
     def _watch_progress(
         self,

@@ -28,6 +28,7 @@ from joule.api.growth import mark_growth
 from joule.api.types import TrainingJobSpec
 from joule.hang import watched
 from joule.policy import ClusterView, Decision, Observations, SizeStats, decide
+from joule.staging import PROGRESS_SECONDS, staging
 from joule.trainer_metrics import TrainerReading
 
 MAX_WINDOW_POINTS = 64
@@ -440,13 +441,17 @@ def next_evaluation(
     """Seconds until the energy and scaling loop is due for this job: every
     evaluationIntervalSeconds while it runs, if it has a policy or an energy limit, or, for
     its progress only, while its hang timeout is watched (see ``joule.hang``)."""
+    interval = float(spec.scaling.evaluation_interval_seconds)
     if spec.managed and status.get("phase") in ("Running", "Resizing"):
         last = parse_time((status.get("energy") or {}).get("evaluatedAt"))
     elif watched(spec, status):
         last = parse_time((status.get("progress") or {}).get("checkedAt"))
+    elif staging(status):  # spec.data: the staging pod's progress, into status.data
+        last = parse_time((status.get("data") or {}).get("checkedAt"))
+        interval = PROGRESS_SECONDS
     else:
         return None
     if last is None:
         return 0.0
-    due = last + dt.timedelta(seconds=spec.scaling.evaluation_interval_seconds)
+    due = last + dt.timedelta(seconds=interval)
     return max((due - now).total_seconds(), 0.0)

@@ -30,6 +30,33 @@ EXIT_REASONS = {
     78: "DataConfigError",  # EX_CONFIG: its own configuration (no credentials, a bad CA file)
 }
 SUMMARY_KEYS = ("files", "bytes", "skipped", "seconds", "manifestDigest", "version")
+# How often the energy and scaling loop reads a running staging pod's progress into
+# status.data (joule-data stage's gauges on its metrics port).
+PROGRESS_SECONDS = 5.0
+PROGRESS_GAUGES = {
+    "joule_data_staged_bytes": "stagedBytes",
+    "joule_data_total_bytes": "totalBytes",
+    "joule_data_staged_files": "stagedFiles",
+    "joule_data_total_files": "totalFiles",
+}
+
+
+def staging(status: dict[str, Any]) -> bool:
+    """Whether the job's dataset is being staged (its progress is worth reading)."""
+    return (status.get("data") or {}).get("phase") == "Staging"
+
+
+def parse_progress(text: str) -> dict[str, int]:
+    """status.data's progress fields from joule-data stage's /metrics (those it serves)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if name in PROGRESS_GAUGES:
+            try:
+                out[PROGRESS_GAUGES[name]] = int(float(rest.split()[0]))
+            except (ValueError, IndexError):
+                continue
+    return out
 
 
 @dataclass
