@@ -225,3 +225,18 @@ def test_a_target_alone_derives_the_noise_and_a_run_without_dp_never_imports_opa
     assert [e["step"] for e in steps] == [1, 2, 3, 4]  # derived for --steps: all 4 run
     assert steps[-1]["epsilon"] <= 5
     assert steps[-1]["epsilon"] == pytest.approx(oracle(privacy["noise_multiplier"], 4), abs=1e-5)
+
+
+@pytest.mark.timeout(200)
+def test_a_dp_step_over_two_ranks_is_the_mean_of_the_clipped_per_sample_gradients(tmp_path):
+    """7 samples over 2 ranks (4 and 3) in micro-batches of 2: the gradient AdamW gets is the
+    definition's, on both ranks (noise ~0; every sample's gradient is clipped)."""
+    log = tmp_path / "log"
+    program = [str(Path(__file__).with_name("dp_grad_check.py"))]
+    proc = torchrun(log=log, program=program)
+    assert proc.wait(150) == 0, log.read_text()[-3000:]
+    lines = sorted((e for e in events(log) if "max_diff" in e), key=lambda e: e["rank"])
+    assert [e["rank"] for e in lines] == [0, 1]
+    for e in lines:
+        assert e["min_norm"] > 0.05  # clipping is what is tested
+        assert e["max_diff"] < 1e-5 * e["max_grad"], e

@@ -259,4 +259,15 @@ def _global_mean_optimizer() -> type:
             for p in self.params:
                 p.grad /= self.expected_batch_size
 
+        def reduce_gradients(self) -> None:
+            """One all-reduce (a sum) of every gradient, flattened, where Opacus does one
+            per parameter (38 for the default GPT: 3 ms each with gloo on CPU)."""
+            grads = [p.grad for p in self.params if p.requires_grad]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
     return GlobalMeanDPOptimizer
