@@ -573,3 +573,34 @@ def test_a_shorter_backoff_in_the_spec_takes_effect_at_once():
     st = run(s, [pod(0), pod(1, phase="Failed", failure=crash)], {"phase": "Running"}).status
     assert run(s, [pod(0)], st, after(10)).create == []
     assert run(spec(backoffLimit=3, restartBackoffSeconds=0), [pod(0)], st, after(10)).create == [1]
+
+
+def test_worker_0_deleted_releases_the_others_at_once_uncounted():
+    """Worker 0 hosts the rendezvous store: its replacement starts a new one that the
+    others cannot follow, so they go at once (no failure counted, no backoff waited)."""
+    s = spec(replicas=3)
+    running = {"phase": "Running", "restarts": 0}
+    plan = run(s, [pod(1), pod(2)], running)
+    assert plan.create == [0]
+    assert sorted(plan.delete) == ["j-worker-1", "j-worker-2"]
+    assert reasons(plan).count("RendezvousHostLost") == 1 and plan.status["restarts"] == 0
+    # Deleted with a grace period: still there, terminating; the others go all the same.
+    plan = run(s, [pod(0, terminating=True), pod(1), pod(2)], running)
+    assert plan.create == [] and sorted(plan.delete) == ["j-worker-1", "j-worker-2"]
+    # Next: the new worker 0 and the others on their way out; nothing more, said once.
+    gone = Failure("Error", "RendezvousConnectionError", 1)
+    later = [pod(0, phase="Pending", uid="new"), pod(1, terminating=True),
+             pod(2, phase="Failed", failure=gone, terminating=True)]  # fmt: skip
+    plan = run(s, later, {**running, "phase": "Resizing"})
+    assert plan.delete == [] and "RendezvousHostLost" not in reasons(plan)
+    assert plan.status["restarts"] == 0 and "WorkerFailed" not in reasons(plan)
+
+
+def test_worker_0_lost_with_its_node_or_refused_at_the_start_is_not_this():
+    s = spec(replicas=2)
+    lost = Failure("NodeLost", "node gone")
+    plan = run(s, [pod(0, failure=lost, terminating=True), pod(1)], {"phase": "Running"})
+    assert "RendezvousHostLost" not in reasons(plan)
+    # A worker 0 refused (quota) while worker 1 was created: the group never formed.
+    plan = run(s, [pod(1, phase="Pending")], {"phase": "Starting"})
+    assert plan.delete == [] and plan.create == [0]

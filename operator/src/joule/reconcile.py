@@ -166,6 +166,16 @@ def plan(
     if int(st.get("restarts", 0)) == counted and _restart_hung(spec, st, pods, now, out):
         return _close(out, st, job, spec, generation, pods, now)
 
+    released = _release_after_host_lost(pods, previous)
+    if released:
+        names = ", ".join(str(p.index) for p in released)
+        out.delete += [p.name for p in released]
+        out.events.append(Event(
+            "Warning", "RendezvousHostLost",
+            f"worker 0 (the rendezvous host) was deleted; releasing workers {names} to re-form "
+            "the group from the newest checkpoint (not counted as a restart)",
+        ))  # fmt: skip
+
     desired = desired_replicas(spec, st)
     present = {p.index for p in pods}
     # A failed worker's replacement waits out its backoff (no worker is created meanwhile),
@@ -236,6 +246,21 @@ def plan(
     if waiting is not None and not Phase(st["phase"]).finished:
         _backing_off(spec, st, waiting, now, out)
     return _close(out, st, job, spec, generation, pods, now)
+
+
+def _release_after_host_lost(pods: list[PodView], previous: Phase | None) -> list[PodView]:
+    """Worker 0 serves the group's c10d rendezvous store. Deleted while the group runs (not
+    lost with its node, which is counted), its replacement starts a new store the other
+    workers' torchrun cannot follow: they would fail in seconds (RendezvousConnectionError),
+    each counted as a restart, and be replaced only after their backoff. They are released
+    at once instead, uncounted, and the group re-forms from the newest checkpoint. Only once
+    the group had formed (Running, Resizing): a worker 0 refused at the start is not this."""
+    if previous not in (Phase.RUNNING, Phase.RESIZING):
+        return []
+    host = next((p for p in pods if p.index == 0), None)
+    if host is not None and not (host.terminating and host.failure is None):
+        return []
+    return [p for p in pods if p.index > 0 and p.active]
 
 
 def _staging(
