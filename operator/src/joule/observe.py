@@ -73,7 +73,8 @@ class PodView:
     deletion_deadline: dt.datetime | None = None
     # ROLE_STAGE for spec.data's staging pod (index -1), else a worker.
     role: str = "worker"
-    # The staging pod's termination message once it exited 0: its JSON summary.
+    # The termination message of a pod that exited 0: the staging pod's JSON summary, or a
+    # worker's word on why it stopped (Joule's trainer at its privacy budget).
     summary: str | None = None
 
     @property
@@ -124,7 +125,7 @@ def view(pod: dict[str, Any]) -> PodView | None:
         ),
         node=node,
         role=ROLE_STAGE if stage else "worker",
-        summary=_summary(status) if stage and phase == "Succeeded" else None,
+        summary=_summary(status) if phase == "Succeeded" else None,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from joule import hang
 from joule.api.events import Event, fmt_time, parse_time
 from joule.api.growth import mark_growth
+from joule.api.privacy import STOP_REASON, stopped_at_budget
 from joule.api.scaling import OnBudgetExhausted
 from joule.api.types import CleanPodPolicy, JobRef, Phase, TrainingJobSpec
 from joule.builders.labels import selector_string
@@ -131,9 +132,14 @@ def plan(
         lingering = [p for p in pods if p.active]
         if not lingering:
             st.pop("completingSince", None)
-            _finish(
-                st, Phase.SUCCEEDED, "Succeeded", f"{len(succeeded)} workers exited 0", now, out
-            )
+            budget = _privacy_stop(spec, succeeded)
+            if budget is not None:
+                st["privacy"] = budget
+                _finish(st, Phase.SUCCEEDED, STOP_REASON, _budget_message(budget), now, out)
+            else:
+                _finish(
+                    st, Phase.SUCCEEDED, "Succeeded", f"{len(succeeded)} workers exited 0", now, out
+                )
             _finished(spec, st, pods, now, out)
         else:
             since = parse_time(st.get("completingSince")) or now
@@ -246,6 +252,24 @@ def plan(
     if waiting is not None and not Phase(st["phase"]).finished:
         _backing_off(spec, st, waiting, now, out)
     return _close(out, st, job, spec, generation, pods, now)
+
+
+def _privacy_stop(spec: TrainingJobSpec, succeeded: list[PodView]) -> dict[str, Any] | None:
+    """spec.privacy: what the trainer said as it stopped at its target epsilon, if it did."""
+    if spec.privacy is None:
+        return None
+    return next((b for p in succeeded if (b := stopped_at_budget(p.summary)) is not None), None)
+
+
+def _budget_message(budget: dict[str, Any]) -> str:
+    def said(key: str) -> str:
+        value = budget.get(key)
+        return f"{value:g}" if isinstance(value, int | float) else "?"
+
+    return (
+        f"training stopped at its privacy budget: epsilon {said('epsilon')} of targetEpsilon "
+        f"{said('targetEpsilon')} (delta {said('delta')}) at step {said('step')}"
+    )
 
 
 def _release_after_host_lost(pods: list[PodView], previous: Phase | None) -> list[PodView]:

@@ -28,6 +28,7 @@ from joule.api.template import template_problem
 
 if TYPE_CHECKING:
     from joule.api.data import DataSpec
+    from joule.api.privacy import Privacy
 
 
 class Phase(enum.StrEnum):
@@ -164,6 +165,8 @@ class TrainingJobSpec:
     encryption: Encryption | None = None
     # spec.data: the dataset staged into a cache volume before the workers start.
     data: DataSpec | None = None
+    # spec.privacy: differential privacy in Joule's trainer.
+    privacy: Privacy | None = None
     # Parts copied into the pod as they are (the API server validated their shape).
     pod: dict[str, Any] = field(default_factory=dict)
 
@@ -200,7 +203,8 @@ class TrainingJobSpec:
     def parse(cls, spec: dict[str, Any], name: str | None = None) -> TrainingJobSpec:
         """``name``: the job's metadata.name, checked too where given (the CRD checks it at
         create time only, so a job created before that rule reaches the operator as it is)."""
-        from joule.api.data import parse_data  # it builds on this module's names
+        from joule.api.data import parse_data  # they build on this module's names
+        from joule.api.privacy import parse_privacy
 
         if name is not None:
             check_name(name)
@@ -276,6 +280,7 @@ class TrainingJobSpec:
             tensorboard=_tensorboard(spec.get("tensorboard"), spec.get("checkpoint")),
             encryption=_encryption(spec.get("checkpoint")),
             data=data,
+            privacy=parse_privacy(spec.get("privacy")),
             pod={k: spec[k] for k in pod_keys if k in spec},
         )
 

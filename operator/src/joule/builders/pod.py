@@ -187,6 +187,8 @@ def worker_pod(
         ours = [e for e in ours if e["name"] != "PET_MAX_RESTARTS"]
     if spec.data is not None:  # the staged copy: the staging pod filled it before any worker
         ours.append({"name": DATASET_ENV, "value": spec.data.staged_dir(job.name)})
+    if spec.privacy is not None:  # Joule's trainer trains with DP-SGD (Opacus)
+        ours += spec.privacy.env()
     env = merge_env(user_env, ours)
 
     # Quantities as strings: the schema allows 8 or "8", Kubernetes clients want "8".
