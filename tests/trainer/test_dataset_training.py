@@ -152,7 +152,7 @@ def test_a_checkpoint_without_a_cursor_resumes_at_step_times_its_global_batch(tm
         args=SimpleNamespace(checkpoint_dir=tmp_path), world=1, _log=lambda **f: logged.append(f),
         model=SimpleNamespace(load_state_dict=lambda s: None),
         optimizer=SimpleNamespace(load_state_dict=lambda s: None),
-        schedule=SimpleNamespace(load_state_dict=lambda s: None), key=None,
+        schedule=SimpleNamespace(load_state_dict=lambda s: None), key=None, dp_settings=None,
     )  # fmt: skip
     state = torch.load(checkpoint.path_for(tmp_path, 7), weights_only=True)
     state |= {"model": {}, "optimizer": {}, "schedule": {}}

@@ -75,7 +75,8 @@ def test_epsilon_grows_step_by_step_in_the_events_and_on_metrics(tmp_path):
     n = TextWindows(None, BLOCK, 0).windows
     assert steps[0]["delta"] == pytest.approx(1 / n)
     first, second = (gauge(t, "joule_trainer_dp_epsilon") for t in scraped)
-    assert 0 < eps[2] <= first < second, (eps, first, second)
+    # The gauge at or after step 3, then later (the events round to 6 places).
+    assert 0 < eps[2] - 1e-6 <= first < second, (eps, first, second)
     assert second in [pytest.approx(x, abs=1e-5) for x in eps]
     assert gauge(scraped[1], "joule_trainer_dp_delta") == pytest.approx(1 / n)
     privacy = next(e for e in events(log) if e["event"] == "privacy")

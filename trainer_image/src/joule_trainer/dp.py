@@ -114,6 +114,25 @@ def settings(args: argparse.Namespace) -> Settings | None:
     return Settings(sigma, norm or DEFAULT_MAX_GRAD_NORM, target, delta)
 
 
+def check_continuity(name: str, step: int, state: dict[str, Any] | None, *, dp_on: bool) -> None:
+    """A job trained with differential privacy goes on with it, and one trained without
+    does not turn it on: either way its guarantee (or the stop at the target) would be lost.
+    ``state``: the privacy state of checkpoint ``name`` (None: trained without). Every rank
+    reads the same checkpoint, so every rank stops alike (78)."""
+    if state is not None and not dp_on:
+        raise DPConfigError(
+            f"checkpoint {name} was trained with differential privacy (epsilon "
+            f"{state.get('epsilon', 0.0):.4g} spent) and this run has it off: set "
+            "--dp-noise-multiplier or --dp-target-epsilon as before"
+        )
+    if state is None and dp_on and step > 0:
+        raise DPConfigError(
+            f"checkpoint {name} was trained without differential privacy: its steps used the "
+            "data without a privacy guarantee, so DP cannot be turned on now; start from an "
+            "empty checkpoint directory"
+        )
+
+
 def _history(history: list[Any]) -> list[tuple[float, float, int]]:
     return [(float(s), float(q), int(n)) for s, q, n in history]
 

@@ -359,7 +359,12 @@ class Trainer:
             return
         step, state = found
         self._privacy_state = state.get("privacy")
-        self._check_privacy_continuity(step)
+        dp.check_continuity(
+            checkpoint.path_for(self.args.checkpoint_dir, step).name,
+            step,
+            self._privacy_state,
+            dp_on=self.dp_settings is not None,
+        )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -375,25 +380,6 @@ class Trainer:
             previous_world=state.get("world"),
             checkpoint=str(checkpoint.path_for(self.args.checkpoint_dir, step)),
         )
-
-    def _check_privacy_continuity(self, step: int) -> None:
-        """A job trained with differential privacy goes on with it, and one trained without
-        does not turn it on: either way its guarantee (or the stop at the target) would be
-        lost. Every rank reads the same checkpoint, so every rank stops alike (78)."""
-        name = checkpoint.path_for(self.args.checkpoint_dir, step).name
-        if self._privacy_state is not None and not self.dp_settings:
-            eps = self._privacy_state.get("epsilon", 0.0)
-            raise dp.DPConfigError(
-                f"checkpoint {name} was trained with differential privacy (epsilon "
-                f"{eps:.4g} spent) and this run has it off: set --dp-noise-multiplier or "
-                "--dp-target-epsilon as before"
-            )
-        if self._privacy_state is None and self.dp_settings and step > 0:
-            raise dp.DPConfigError(
-                f"checkpoint {name} was trained without differential privacy: its steps "
-                "used the data without a privacy guarantee, so DP cannot be turned on now; "
-                "start from an empty checkpoint directory"
-            )
 
     def _check_same_start(self) -> None:
         """Every rank must resume from the same step: ranks that see different checkpoint
