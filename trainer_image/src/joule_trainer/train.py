@@ -251,7 +251,7 @@ class Trainer:
                 delta=self.privacy.delta,
                 target_epsilon=self.privacy.target,
                 sample_rate=self.privacy.sample_rate,
-                samples=self.privacy.samples,
+                dataset_samples=self.privacy.samples,
                 epsilon=self.privacy.epsilon,
             )
         else:
