@@ -32,7 +32,12 @@ def test_the_figures_reach_the_trainer_as_its_environment():
     s = spec(noiseMultiplier=1.1, maxGradNorm=0.5, targetEpsilon=8, delta=1e-5)
     env = {e["name"]: e.get("value") for e in worker_pod(JOB, s, 0)["spec"]["containers"][0]["env"]}
     assert env["JOULE_DP_NOISE_MULTIPLIER"] == "1.1" and env["JOULE_DP_MAX_GRAD_NORM"] == "0.5"
-    assert env["JOULE_DP_TARGET_EPSILON"] == "8" and env["JOULE_DP_DELTA"] == "1e-05"
+    assert env["JOULE_DP_TARGET_EPSILON"] == "8.0" and env["JOULE_DP_DELTA"] == "1e-05"
+    exact = spec(noiseMultiplier=1.23456789)
+    env = {
+        e["name"]: e.get("value") for e in worker_pod(JOB, exact, 0)["spec"]["containers"][0]["env"]
+    }
+    assert env["JOULE_DP_NOISE_MULTIPLIER"] == "1.23456789"
     only = spec(targetEpsilon=3)
     names = {e["name"] for e in worker_pod(JOB, only, 1)["spec"]["containers"][0]["env"]}
     assert "JOULE_DP_TARGET_EPSILON" in names and "JOULE_DP_NOISE_MULTIPLIER" not in names

@@ -32,7 +32,7 @@ class Privacy:
 
     def env(self) -> list[dict[str, str]]:
         return [
-            {"name": name, "value": f"{getattr(self, key):g}"}
+            {"name": name, "value": repr(getattr(self, key))}  # exact: a float's repr
             for key, name in ENV.items()
             if getattr(self, key) is not None
         ]
