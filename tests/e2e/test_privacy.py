@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.test_local_loop import apply, events, wait_phase
+from tests.conftest import wait_for
+from tests.e2e.test_local_loop import apply, events, status, wait_phase
 
 TRAIN = ["--steps", "1000", "--checkpoint-every-steps", "10", "--log-every", "1"]
 # On the bundled corpus with the trainer's defaults, sigma 0.6 spends epsilon 3 by step 20.
@@ -19,8 +20,17 @@ PRIVACY = {"noiseMultiplier": 0.6, "targetEpsilon": 3}
 def test_training_stops_at_its_privacy_budget_and_the_job_says_what_it_spent(
     kubectl, api, namespace, operator, local_node, tmp_path
 ):
-    apply(kubectl, namespace, "dp", local_node, tmp_path, TRAIN, replicas=2, privacy=PRIVACY)
+    apply(kubectl, namespace, "dp", local_node, tmp_path, TRAIN, replicas=2, privacy=PRIVACY,
+          scaling={"evaluationIntervalSeconds": 5})  # fmt: skip
+    # While it trains, status.privacy follows the epsilon rank 0 says it has spent.
+    live = wait_for(
+        lambda: (status(api, namespace, "dp").get("privacy") or {}).get("epsilon")
+        and status(api, namespace, "dp"),
+        timeout=300, interval=1.0, what="the epsilon spent in status",
+    )  # fmt: skip
+    assert live["phase"] in ("Running", "Resizing", "Succeeded"), live
     st = wait_phase(api, namespace, "dp", "Succeeded", timeout=420)
+    assert live["privacy"]["epsilon"] <= st["privacy"]["epsilon"], (live, st)
     assert st["reason"] == "PrivacyBudgetReached", st
     spent = st["privacy"]
     assert spent["targetEpsilon"] == 3 and 0 < spent["epsilon"] <= 3, spent

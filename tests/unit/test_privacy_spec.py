@@ -81,3 +81,69 @@ def test_a_workers_termination_message_is_read_once_it_exited_0():
 def test_bad_privacy_specs_are_refused(privacy, said):
     with pytest.raises(SpecError, match=said):
         spec(**privacy)
+
+
+def test_the_epsilon_spent_is_read_into_status_while_the_job_trains(monkeypatch):
+    """Through the real scrape, from rank 0's /metrics served here, every evaluation."""
+    import http.server
+    import threading
+
+    from joule import autoscaler
+    from joule.scaling import next_evaluation
+    from joule.trainer_metrics import parse_privacy_metrics
+
+    text = ("joule_trainer_dp_epsilon{job=\"j\",rank=\"0\"} 1.25\n"
+            "joule_trainer_dp_delta{job=\"j\",rank=\"0\"} 1e-05\n"
+            "joule_trainer_dp_target_epsilon{job=\"j\",rank=\"0\"} 8\n")  # fmt: skip
+    assert parse_privacy_metrics(text) == {"epsilon": 1.25, "delta": 1e-05, "targetEpsilon": 8}
+    assert parse_privacy_metrics("joule_trainer_steps_total 3\n") is None
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(autoscaler, "METRICS_PORT", server.server_address[1])
+    s = spec(noiseMultiplier=1.0, targetEpsilon=8)
+    running = {"phase": "Running", "restarts": 0}
+    assert next_evaluation(s, running, T0) == 0.0  # due at once, then every interval
+    body = {"apiVersion": "joule.dev/v1alpha1", "kind": "TrainingJob",
+            "metadata": {"name": "j", "namespace": "ns", "uid": "uid", "generation": 1,
+                         "resourceVersion": "1"},
+            "spec": {"image": "t", "replicas": 2,
+                     "privacy": {"noiseMultiplier": 1.0, "targetEpsilon": 8}},
+            "status": running}  # fmt: skip
+    written = []
+
+    class Api:
+        def get_job(self, namespace, name):
+            return body
+
+        def clock(self):
+            return T0
+
+        def pods(self, job):
+            return [PodView(f"j-worker-{i}", f"u{i}", i, "Running", True, True, False, None,
+                            ip="127.0.0.1") for i in range(2)]  # fmt: skip
+
+        def write_status(self, old, new):
+            written.append(new)
+            return old
+
+    try:
+        after = autoscaler.Autoscaler(Api()).evaluate("ns", "j")
+    finally:
+        server.shutdown()
+    assert written[-1]["privacy"] == {"epsilon": 1.25, "delta": 1e-05, "targetEpsilon": 8,
+                                      "checkedAt": "2026-01-01T00:00:00Z"}  # fmt: skip
+    assert after == s.scaling.evaluation_interval_seconds
+    # Not while it does not train, nor for a job without spec.privacy.
+    assert next_evaluation(s, {"phase": "Pending"}, T0) is None
+    assert next_evaluation(TrainingJobSpec.parse({"image": "t"}), running, T0) is None

@@ -28,7 +28,7 @@ from joule.api.types import JobRef, SpecError, TrainingJobSpec
 from joule.builders.template import placement
 from joule.capacity import Capacity
 from joule.constants import METRICS_PORT
-from joule.hang import observe
+from joule.hang import observe, watched
 from joule.job_metrics import JOB_SERIES
 from joule.kube import Conflict, JobApi
 from joule.observe import PodView
@@ -44,7 +44,7 @@ from joule.scaling import (
 )
 from joule.scrape import Result, Target, scrape, scrape_all
 from joule.staging import PROGRESS_SECONDS, parse_progress, staging
-from joule.trainer_metrics import parse_trainer_metrics, samples_parser
+from joule.trainer_metrics import parse_privacy_metrics, parse_trainer_metrics, samples_parser
 
 log = logging.getLogger("joule.autoscaler")
 # One evaluation waits this long, in all, for the workers' /metrics.
@@ -114,6 +114,9 @@ class Autoscaler:
         if staging(status):
             return self._staging_progress(body, job, status, now)
         pods = api.pods(job)
+        privacy = self._privacy_spent(spec, status, pods, now)
+        if privacy is not None:
+            status = {**status, "privacy": privacy}  # written with whatever else is
         if not spec.managed:
             return self._watch_progress(body, job, spec, status, pods, now)
         kept, version = api.bookkeeping(job)
@@ -131,6 +134,22 @@ class Autoscaler:
             metrics.DECISIONS.labels(reason=event.reason).inc()
             JOB_SERIES.decided(namespace, name, event.reason)
         return next_evaluation(spec, new, now)
+
+    def _privacy_spent(
+        self, spec: TrainingJobSpec, status: dict[str, Any], pods: list[PodView], now: dt.datetime
+    ) -> dict[str, Any] | None:
+        """spec.privacy, while the job trains: the epsilon rank 0 says it has spent, for
+        status.privacy (checkedAt even where it could not be read: it is due again later)."""
+        if spec.privacy is None or status.get("phase") not in ("Running", "Resizing"):
+            return None
+        held = {**(status.get("privacy") or {}), "checkedAt": fmt_time(now)}
+        host = next((p for p in pods if p.index == 0 and p.phase == "Running" and p.ip), None)
+        if host is not None:
+            result = scrape(host.ip, METRICS_PORT, time.monotonic() + STAGE_SCRAPE_SECONDS,
+                            parse=parse_privacy_metrics)  # fmt: skip
+            if result.reading:
+                held.update(result.reading)
+        return held
 
     def _staging_progress(
         self, body: dict[str, Any], job: JobRef, status: dict[str, Any], now: dt.datetime
@@ -158,12 +177,13 @@ class Autoscaler:
     ) -> float | None:
         """A job watched for hangs alone (no policy, no energy limit): read its workers'
         samples and record them (status.progress); no energy, no policy, no bookkeeping."""
-        workers, _, expected = self._read_workers(spec, pods, progress_only=True)
-        record = observe(spec, status, progress_samples(workers, expected), now)
-        if record is None:
-            return next_evaluation(spec, status, now)
-        new = {**status, "progress": record}
-        self.api.write_status(body, new)
+        record = None
+        if watched(spec, status):
+            workers, _, expected = self._read_workers(spec, pods, progress_only=True)
+            record = observe(spec, status, progress_samples(workers, expected), now)
+        new = status if record is None else {**status, "progress": record}
+        if new != (body.get("status") or {}):  # a hang record, or the epsilon spent
+            self.api.write_status(body, new)
         return next_evaluation(spec, new, now)
 
     def _assess(

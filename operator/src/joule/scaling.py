@@ -440,12 +440,15 @@ def next_evaluation(
 ) -> float | None:
     """Seconds until the energy and scaling loop is due for this job: every
     evaluationIntervalSeconds while it runs, if it has a policy or an energy limit, or, for
-    its progress only, while its hang timeout is watched (see ``joule.hang``)."""
+    its progress only, while its hang timeout is watched (see ``joule.hang``), or for the
+    epsilon it has spent (spec.privacy); every few seconds while its dataset is staged."""
     interval = float(spec.scaling.evaluation_interval_seconds)
     if spec.managed and status.get("phase") in ("Running", "Resizing"):
         last = parse_time((status.get("energy") or {}).get("evaluatedAt"))
     elif watched(spec, status):
         last = parse_time((status.get("progress") or {}).get("checkedAt"))
+    elif spec.privacy is not None and status.get("phase") in ("Running", "Resizing"):
+        last = parse_time((status.get("privacy") or {}).get("checkedAt"))  # epsilon so far
     elif staging(status):  # spec.data: the staging pod's progress, into status.data
         last = parse_time((status.get("data") or {}).get("checkedAt"))
         interval = PROGRESS_SECONDS

@@ -82,3 +82,22 @@ def samples_parser(metric: str) -> Callable[[str], TrainerReading | None]:
         return TrainerReading(0, 0.0, total, 0.0, None, None, 0.0, "?", started=started)
 
     return parse
+
+
+PRIVACY_GAUGES = {
+    "joule_trainer_dp_epsilon": "epsilon",
+    "joule_trainer_dp_delta": "delta",
+    "joule_trainer_dp_target_epsilon": "targetEpsilon",
+}
+
+
+def parse_privacy_metrics(text: str) -> dict[str, float] | None:
+    """The epsilon a DP-SGD trainer has spent (and at which delta, of which target), as
+    status.privacy keeps it; None where it serves none (DP off, or no step yet)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = PRIVACY_GAUGES.get(sample.name)
+            if key is not None and math.isfinite(sample.value):
+                out[key] = max(out.get(key, 0.0), sample.value)
+    return out if "epsilon" in out else None
