@@ -1,14 +1,18 @@
 """A dataset from a bucket to trained steps, on the real node, as a user runs it: prepare it
 with joule-data, upload it to the S3 object store (VersityGW, beside the cluster), and apply
-a job with spec.data. The in-cluster operator (the chart's, which has no Secret rights)
-starts the staging pod alone, without GPU; it stages into a hostPath cache over TLS
-verified against the CA from a ConfigMap, with credentials from a Secret; the workers then
-train on the staged copy, resize 2 -> 1 and resume at the exact next sample. A corrupt
-object and refused credentials fail their jobs with the object's or the error's name."""
+a job with spec.data, encrypted checkpoints and differential privacy. The in-cluster
+operator (the chart's, which has no Secret rights) starts the staging pod alone, without
+GPU; it stages into a hostPath cache over TLS verified against the CA from a ConfigMap,
+with credentials from a Secret; the workers then train on the staged copy, resize 2 -> 1
+and resume at the exact next sample, the privacy accountant going on from the encrypted
+checkpoint. A corrupt object and refused credentials fail their jobs with the object's or
+the error's name."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,9 +118,15 @@ def test_a_job_stages_its_dataset_from_a_bucket_trains_resizes_and_resumes_on_it
     folder, manifest = dataset
     upload(object_store, folder, "tiny")
     credentials(kubectl, namespace, object_store)
+    # All of issue 17 in one job: the bucket, encrypted checkpoints and a privacy budget.
+    kubectl("create", "secret", "generic", "ckpt-key", "-n", namespace,
+            f"--from-literal=aes={base64.b64encode(os.urandom(32)).decode()}")  # fmt: skip
     apply_data_job(kubectl, namespace, "ds", local_node, object_store, "tiny", tmp_path,
                    replicas=2, elastic={"minReplicas": 1, "maxReplicas": 2},
-                   args=[*TRAIN, "--steps", "100000"])  # fmt: skip
+                   args=[*TRAIN, "--steps", "100000"],
+                   checkpoint={"path": "/checkpoints", "volume": "ckpt",
+                               "encryption": {"secretRef": {"name": "ckpt-key", "key": "aes"}}},
+                   privacy={"noiseMultiplier": 1.0})  # fmt: skip
 
     # The staging pod first, alone, and without a GPU.
     stage = wait_for(
@@ -155,6 +165,11 @@ def test_a_job_stages_its_dataset_from_a_bucket_trains_resizes_and_resumes_on_it
     first_at_one = min(e["samples"][0][0] for e in log if e["world"] == 1)
     assert first_at_one == resumed["samples"], (first_at_one, resumed)
     assert after["step"] > resumed["step"]
+    # The privacy accountant went on across the resize (it is in the checkpoint), and the
+    # checkpoints it came from are encrypted.
+    assert after["epsilon"] >= two["epsilon"] > 0, (two, after)
+    newest = sorted((tmp_path / "ckpt").glob("step-*.pt"))[-1]
+    assert newest.read_bytes()[:8] == b"JOULEENC", newest
     assert pod_names(core, namespace, "ds") == {"ds-worker-0"}  # the staging pod is gone
     assert status(api, namespace, "ds")["data"]["phase"] == "Staged"  # not staged again
 
