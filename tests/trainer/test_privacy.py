@@ -75,8 +75,10 @@ def test_epsilon_grows_step_by_step_in_the_events_and_on_metrics(tmp_path):
     n = TextWindows(None, BLOCK, 0).windows
     assert steps[0]["delta"] == pytest.approx(1 / n)
     first, second = (gauge(t, "joule_trainer_dp_epsilon") for t in scraped)
-    # The gauge at or after step 3, then later (the events round to 6 places).
-    assert 0 < eps[2] - 1e-6 <= first < second, (eps, first, second)
+    # The gauge at or after step 3, then at or after step 8 (the events round to 6 places).
+    # Not strictly greater: on a loaded machine the first read may come late enough to see
+    # the same step as the second (seen in CI); the events show the growth step by step.
+    assert 0 < eps[2] - 1e-6 <= first <= second, (eps, first, second)
     # The gauge holds the accountant's epsilon of a whole number of steps (at least 8).
     assert any(second == pytest.approx(oracle(0.7, k), abs=1e-9) for k in range(8, len(eps) + 3))
     assert gauge(scraped[1], "joule_trainer_dp_delta") == pytest.approx(1 / n)
