@@ -83,11 +83,8 @@ def test_bad_privacy_specs_are_refused(privacy, said):
         spec(**privacy)
 
 
-def test_the_epsilon_spent_is_read_into_status_while_the_job_trains(monkeypatch):
+def test_the_epsilon_spent_is_read_into_status_while_the_job_trains(pod_metrics):
     """Through the real scrape, from rank 0's /metrics served here, every evaluation."""
-    import http.server
-    import threading
-
     from joule import autoscaler
     from joule.scaling import next_evaluation
     from joule.trainer_metrics import parse_privacy_metrics
@@ -97,20 +94,7 @@ def test_the_epsilon_spent_is_read_into_status_while_the_job_trains(monkeypatch)
             "joule_trainer_dp_target_epsilon{job=\"j\",rank=\"0\"} 8\n")  # fmt: skip
     assert parse_privacy_metrics(text) == {"epsilon": 1.25, "delta": 1e-05, "targetEpsilon": 8}
     assert parse_privacy_metrics("joule_trainer_steps_total 3\n") is None
-
-    class Metrics(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(text)))
-            self.end_headers()
-            self.wfile.write(text.encode())
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(autoscaler, "METRICS_PORT", server.server_address[1])
+    pod_metrics(text)
     s = spec(noiseMultiplier=1.0, targetEpsilon=8)
     running = {"phase": "Running", "restarts": 0}
     assert next_evaluation(s, running, T0) == 0.0  # due at once, then every interval
@@ -137,10 +121,7 @@ def test_the_epsilon_spent_is_read_into_status_while_the_job_trains(monkeypatch)
             written.append(new)
             return old
 
-    try:
-        after = autoscaler.Autoscaler(Api()).evaluate("ns", "j")
-    finally:
-        server.shutdown()
+    after = autoscaler.Autoscaler(Api()).evaluate("ns", "j")
     assert written[-1]["privacy"] == {"epsilon": 1.25, "delta": 1e-05, "targetEpsilon": 8,
                                       "checkedAt": "2026-01-01T00:00:00Z"}  # fmt: skip
     assert after == s.scaling.evaluation_interval_seconds

@@ -216,27 +216,11 @@ def test_the_staging_pods_progress_is_read_every_few_seconds_while_it_runs():
     assert next_evaluation(spec(), done.status, T0) is None
 
 
-def test_the_energy_loop_writes_the_running_staging_pods_progress(monkeypatch):
+def test_the_energy_loop_writes_the_running_staging_pods_progress(pod_metrics):
     """Through the real scrape, from a /metrics served here, into the status it writes."""
-    import http.server
-    import threading
-
     from joule import autoscaler
 
-    class Metrics(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b"joule_data_staged_bytes 512\njoule_data_total_bytes 2048\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(autoscaler, "METRICS_PORT", server.server_address[1])
+    pod_metrics("joule_data_staged_bytes 512\njoule_data_total_bytes 2048\n")
     status = run().status
     body = {"apiVersion": "joule.dev/v1alpha1", "kind": "TrainingJob",
             "metadata": {"name": "j", "namespace": "ns", "uid": "uid", "generation": 1,
@@ -262,10 +246,7 @@ def test_the_energy_loop_writes_the_running_staging_pods_progress(monkeypatch):
             written.append(new)
             return old
 
-    try:
-        after = autoscaler.Autoscaler(Api()).evaluate("ns", "j")
-    finally:
-        server.shutdown()
+    after = autoscaler.Autoscaler(Api()).evaluate("ns", "j")
     assert after == 5.0
     data = written[-1]["data"]
     assert (data["stagedBytes"], data["totalBytes"], data["phase"]) == (512, 2048, "Staging")

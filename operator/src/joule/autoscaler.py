@@ -42,14 +42,14 @@ from joule.scaling import (
     next_evaluation,
     split_energy,
 )
-from joule.scrape import Result, Target, scrape, scrape_all
+from joule.scrape import Parse, Result, Target, scrape, scrape_all
 from joule.staging import PROGRESS_SECONDS, parse_progress, staging
 from joule.trainer_metrics import parse_privacy_metrics, parse_trainer_metrics, samples_parser
 
 log = logging.getLogger("joule.autoscaler")
 # One evaluation waits this long, in all, for the workers' /metrics.
 SCRAPE_DEADLINE_SECONDS = 5.0
-STAGE_SCRAPE_SECONDS = 2.0  # a staging pod's progress: shown a little later is no harm
+ONE_POD_SCRAPE_SECONDS = 2.0  # a figure for status (staged bytes, epsilon): late is no harm
 NO_PROGRESS = (
     "no worker reports samples (joule_trainer.report): the policy sees energy and GPU "
     "utilisation only"
@@ -142,27 +142,15 @@ class Autoscaler:
         status.privacy (checkedAt even where it could not be read: it is due again later)."""
         if spec.privacy is None or status.get("phase") not in ("Running", "Resizing"):
             return None
-        held = {**(status.get("privacy") or {}), "checkedAt": fmt_time(now)}
-        host = next((p for p in pods if p.index == 0 and p.phase == "Running" and p.ip), None)
-        if host is not None:
-            result = scrape(host.ip, METRICS_PORT, time.monotonic() + STAGE_SCRAPE_SECONDS,
-                            parse=parse_privacy_metrics)  # fmt: skip
-            if result.reading:
-                held.update(result.reading)
-        return held
+        host = next((p for p in pods if p.index == 0), None)
+        return _read_into(status.get("privacy") or {}, host, parse_privacy_metrics, now)
 
     def _staging_progress(
         self, body: dict[str, Any], job: JobRef, status: dict[str, Any], now: dt.datetime
     ) -> float:
         """spec.data: the running staging pod's gauges (bytes and files staged, of how many)
         into status.data, every few seconds until the lifecycle sees it finish."""
-        pod = self.api.stage_pod(job)
-        data = {**status["data"], "checkedAt": fmt_time(now)}
-        if pod is not None and pod.phase == "Running" and pod.ip:
-            result = scrape(pod.ip, METRICS_PORT, time.monotonic() + STAGE_SCRAPE_SECONDS,
-                            parse=parse_progress)  # fmt: skip
-            if result.reading:
-                data.update(result.reading)
+        data = _read_into(status["data"], self.api.stage_pod(job), parse_progress, now)
         self.api.write_status(body, {**status, "data": data})
         return PROGRESS_SECONDS
 
@@ -409,3 +397,17 @@ def progress_samples(workers: dict[str, Result], expected: set[str]) -> float | 
     if not expected or any(k not in workers or workers[k].error is not None for k in expected):
         return None
     return sum(workers[k].reading.samples for k in expected if workers[k].reading is not None)
+
+
+def _read_into(
+    held: dict[str, Any], pod: PodView | None, parse: Parse, now: dt.datetime
+) -> dict[str, Any]:
+    """``held`` (a part of status) with what ``parse`` reads from the running pod's /metrics,
+    and checkedAt: set even where nothing could be read, as the read is due again later."""
+    out = {**held, "checkedAt": fmt_time(now)}
+    if pod is not None and pod.phase == "Running" and pod.ip:
+        end = time.monotonic() + ONE_POD_SCRAPE_SECONDS
+        result = scrape(pod.ip, METRICS_PORT, end, parse=parse)
+        if result.reading:
+            out.update(result.reading)
+    return out

@@ -194,24 +194,7 @@ class JobApi:
 
     def create_stage_pod(self, job: JobRef, spec: TrainingJobSpec) -> Rejection | None:
         """spec.data's staging pod; refused as a worker would be (a Rejection)."""
-        try:
-            created = self.core.create_namespaced_pod(
-                job.namespace,
-                stage_pod(job, spec),
-                field_validation="Strict",
-                _preload_content=False,
-                _request_timeout=API_TIMEOUT,
-            )
-            self._observe(created)
-        except ValueError as exc:
-            return Rejection("staging pod", "PodRejected", _invalid_fields(exc, "staging pod"))
-        except ApiException as exc:
-            if exc.status == 409:
-                return None
-            if exc.status is not None and 400 <= exc.status < 500:
-                return Rejection("staging pod", "PodRejected", _api_message(exc))
-            raise
-        return None
+        return self._create_pod(job, stage_pod(job, spec), "staging pod")
 
     def bookkeeping(self, job: JobRef) -> tuple[dict[str, Any], str | None]:
         """The job's energy bookkeeping and its resourceVersion (None: not made yet)."""
@@ -326,35 +309,44 @@ class JobApi:
     def create_pod(
         self, job: JobRef, spec: TrainingJobSpec, index: int, limit: float | None
     ) -> Rejection | None:
+        body = worker_pod(job, spec, index, limit, self.trainer_limits)
+        return self._create_pod(job, body, f"worker {index}", worker=True)
+
+    def _create_pod(
+        self, job: JobRef, body: dict[str, Any], what: str, worker: bool = False
+    ) -> Rejection | None:
+        """Create one of the job's pods; a refusal is a Rejection said on the job."""
         try:
             created = self.core.create_namespaced_pod(
                 job.namespace,
-                worker_pod(job, spec, index, limit, self.trainer_limits),
+                body,
                 # A field the API server does not know (a typo inside spec.template, which
-                # the CRD keeps as written) refuses the worker and is named, rather than
-                # being dropped with a warning nobody reads.
+                # the CRD keeps as written) refuses the pod and is named, rather than being
+                # dropped with a warning nobody reads.
                 field_validation="Strict",
                 _preload_content=False,
                 _request_timeout=API_TIMEOUT,
             )
-            metrics.PODS_CREATED.inc()
+            if worker:
+                metrics.PODS_CREATED.inc()
             self._observe(created)
         except ValueError as exc:
             # The client checks a body against its models before sending it (pydantic's
             # ValidationError is a ValueError): a field no Pod has, from spec.template's
             # parts the CRD keeps as written, is refused here. Said on the job, never retried
             # in a loop that says nothing.
-            return Rejection(f"worker {index}", "PodRejected", _invalid_fields(exc))
+            kind = "worker pod" if worker else what
+            return Rejection(what, "PodRejected", _invalid_fields(exc, kind))
         except ApiException as exc:
             if exc.status == 409:
                 return None  # created by an earlier reconcile (or an earlier operator)
             if exc.status is not None and 400 <= exc.status < 500:
                 # Refused by admission (quota, PodSecurity, an invalid field): on the job.
                 log.warning(
-                    "creating worker %s of %s/%s was refused: %s %s",
-                    index, job.namespace, job.name, exc.status, exc.reason,
+                    "creating %s of %s/%s was refused: %s %s",
+                    what, job.namespace, job.name, exc.status, exc.reason,
                 )  # fmt: skip
-                return Rejection(f"worker {index}", "PodRejected", _api_message(exc))
+                return Rejection(what, "PodRejected", _api_message(exc))
             raise
         return None
 

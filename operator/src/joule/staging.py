@@ -18,6 +18,7 @@ from typing import Any
 from joule.api.events import Event
 from joule.api.types import TrainingJobSpec
 from joule.observe import PodView
+from joule.trainer_metrics import gauges
 
 STAGED = "Staged"
 # joule-data stage's exit codes (sysexits.h), and the reason each fails the job with.
@@ -48,15 +49,7 @@ def staging(status: dict[str, Any]) -> bool:
 
 def parse_progress(text: str) -> dict[str, int]:
     """status.data's progress fields from joule-data stage's /metrics (those it serves)."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(" ")
-        if name in PROGRESS_GAUGES:
-            try:
-                out[PROGRESS_GAUGES[name]] = int(float(rest.split()[0]))
-            except (ValueError, IndexError):
-                continue
-    return out
+    return {key: int(value) for key, value in gauges(text, PROGRESS_GAUGES).items()}
 
 
 @dataclass

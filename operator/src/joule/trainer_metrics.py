@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -91,13 +91,20 @@ PRIVACY_GAUGES = {
 }
 
 
-def parse_privacy_metrics(text: str) -> dict[str, float] | None:
-    """The epsilon a DP-SGD trainer has spent (and at which delta, of which target), as
-    status.privacy keeps it; None where it serves none (DP off, or no step yet)."""
+def gauges(text: str, names: Mapping[str, str]) -> dict[str, float]:
+    """The named gauges of an exposition, under the keys ``names`` maps them to (the largest
+    sample of each, where labels split it; non-finite values left out)."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            key = PRIVACY_GAUGES.get(sample.name)
+            key = names.get(sample.name)
             if key is not None and math.isfinite(sample.value):
-                out[key] = max(out.get(key, 0.0), sample.value)
+                out[key] = max(out.get(key, sample.value), sample.value)
+    return out
+
+
+def parse_privacy_metrics(text: str) -> dict[str, float] | None:
+    """The epsilon a DP-SGD trainer has spent (and at which delta, of which target), as
+    status.privacy keeps it; None where it serves none (DP off, or no step yet)."""
+    out = gauges(text, PRIVACY_GAUGES)
     return out if "epsilon" in out else None
