@@ -9,6 +9,8 @@ limit once the job is gone. Workers run unprivileged, as uid 1000."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -245,3 +247,69 @@ def test_a_node_agent_restart_loses_and_doubles_none_of_a_jobs_energy(
     # About 12 s at 30 W, give or take an evaluation (5 s): no doubled count, no jump.
     assert 0 < gained <= 30 * (12 + 2 * 5), gained
     assert st["phase"] == "Running"
+
+
+@pytest.mark.timeout(400)
+def test_an_operator_killed_while_it_accounts_loses_and_doubles_none_of_a_jobs_energy(
+    kubectl, api, core, namespace, operator, local_node
+):
+    """The operator SIGKILLed (no shutdown, mid-loop) while a job with an energy budget runs:
+    the restarted one goes on from the bookkeeping, neither losing the joules drawn while it
+    was away nor counting any twice; the job keeps its pods, start time and restarts."""
+    plain_script_job(
+        kubectl, namespace, "kept", local_node.placement(),
+        scaling={"evaluationIntervalSeconds": 5},
+        energy={"budget": "1MJ", "windowSeconds": 10},
+    )  # fmt: skip
+    (pod,) = wait_for(lambda: running_pods(core, namespace, "kept"), timeout=120,
+                      what="the worker to run")  # fmt: skip
+    uid = pod.metadata.uid
+
+    def gap() -> tuple[float, dict]:
+        """The agent's joules for the worker minus the job's consumedJoules, read just after
+        an evaluation (the agent updates its record every few seconds, so both read the same
+        record, or one an update apart). What the operator dropped or doubled moves it."""
+        seen = status(api, namespace, "kept").get("energy", {}).get("consumedJoules")
+
+        def evaluated() -> dict | None:
+            st = status(api, namespace, "kept")
+            consumed = st.get("energy", {}).get("consumedJoules")
+            return st if consumed is not None and consumed != seen else None
+
+        st = wait_for(evaluated, timeout=60, interval=0.1, what="an evaluation")
+        (gpu,) = parse_agent_metrics(operator.agent_metrics()).pods[uid]
+        return gpu.joules - st["energy"]["consumedJoules"], st
+
+    wait_for(lambda: uid in parse_agent_metrics(operator.agent_metrics()).pods, timeout=60,
+             what="the agent's record of the worker's GPU")  # fmt: skip
+    gap(), gap()  # the first accounting, then a steady one
+    before, st_before = gap()
+    op_pod = operator.pod()
+    (container,) = op_pod["status"]["containerStatuses"]
+    pid = local_node.container_pid(container["containerID"])
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+
+    def restarted() -> bool:
+        (c,) = operator.pod()["status"]["containerStatuses"]
+        return c["restartCount"] == container["restartCount"] + 1 and c.get("ready", False)
+
+    wait_for(restarted, timeout=120, interval=0.5, what="the operator's container to restart")
+    after, _ = gap()
+    recovered = time.monotonic() - killed
+    later, st = gap()  # and one more: a count doubled at the second read shows here
+    drawn = st["energy"]["consumedJoules"] - st_before["energy"]["consumedJoules"]
+    print(
+        f"\noperator SIGKILLed: accounting again {recovered:.1f} s after the kill; "
+        f"{drawn:.0f} J accounted across it; agent minus job: {before:.1f} J before, "
+        f"{after:.1f} J and {later:.1f} J after (lost: {later - before:+.1f} J)"
+    )
+    # The simulated GPU draws 30 W and the agent updates its record every 2 s: two reads may
+    # be an update apart (60 J), never the seconds the operator was away (>= 5 s, 150 J) nor
+    # an evaluation counted twice (5 s, 150 J).
+    assert abs(after - before) <= 75 and abs(later - before) <= 75, (before, after, later)
+    assert drawn >= 30 * recovered * 0.8
+    (now,) = running_pods(core, namespace, "kept")
+    assert now.metadata.uid == uid  # the same worker: nothing was restarted
+    assert st.get("restarts", 0) == st_before.get("restarts", 0) == 0
+    assert st["startTime"] == st_before["startTime"] and st["phase"] == "Running"
