@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from functools import cached_property
 from typing import Any
 
 from kubernetes import client
@@ -64,9 +65,8 @@ class JobApi:
     def __init__(
         self, api: client.ApiClient, clock: Callable[[], dt.datetime] | None = None
     ) -> None:
+        self._api = api
         self.core = client.CoreV1Api(api)
-        self.apps = client.AppsV1Api(api)
-        self.networking = client.NetworkingV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._guard = threading.Lock()
@@ -82,6 +82,16 @@ class JobApi:
         self.events = EventGate()  # which Events become calls (dedup, rate per job)
         # The newest body of each job, from its watch events and our own status writes.
         self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
+
+    # Made on first use: each group's generated client costs 1-1.5 MiB, and only a job with
+    # a TensorBoard or an operator with per-job NetworkPolicies needs these.
+    @cached_property
+    def apps(self) -> client.AppsV1Api:
+        return client.AppsV1Api(self._api)
+
+    @cached_property
+    def networking(self) -> client.NetworkingV1Api:
+        return client.NetworkingV1Api(self._api)
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The TrainingJob, or None when it does not exist."""
@@ -121,7 +131,9 @@ class JobApi:
             held_version = version_number((held or {}).get("metadata", {}).get("resourceVersion"))
             if held_version is not None and version is not None and held_version > version:
                 return
-            self._jobs[key] = copy.deepcopy(body)
+            # managedFields (often the larger half of a job's metadata) is never read here.
+            slim = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+            self._jobs[key] = copy.deepcopy(slim)
 
     def forget_job(self, namespace: str, name: str) -> None:
         with self._guard:
@@ -258,7 +270,7 @@ class JobApi:
         body = job_network_policy(job, spec, self.metrics_from)
         try:
             self.networking.create_namespaced_network_policy(
-                job.namespace, body, _request_timeout=API_TIMEOUT
+                job.namespace, body, _preload_content=False, _request_timeout=API_TIMEOUT
             )
         except ApiException as exc:
             if exc.status == 409:

@@ -9,6 +9,7 @@ the lease is handed back only after they have stopped, so two replicas never rec
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -181,6 +182,10 @@ def run_operator(config: OperatorConfig) -> None:
             name="joule-initial-sync",
             daemon=True,
         ).start()
+        # What is loaded by now (the Kubernetes client, kopf, aiohttp: ~65k objects) lives
+        # as long as the process: kept out of the collector's full passes, each of which
+        # would walk it again (17 ms each, a pause in whatever reconcile is running).
+        gc.freeze()
         if not terminating.is_set():
             asyncio.run(_operate(config, runtime, terminating))
     finally:
