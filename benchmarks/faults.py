@@ -22,8 +22,10 @@ must be 0), restarts counted (nothing fails in these cases, so each is a group r
 lost fact, e.g. a worker whose Running status kwok could not write while etcd was down,
 released at the startup timeout), pods made beyond the goal (churn), and the recovery time
 from the fault to every job at its goal. Energy is not measured here (kwok
-workers have no meters); its bookkeeping across operator restarts is tested in
-tests/unit/test_kube_order.py and on the real node in tests/e2e.
+workers have no meters): the same three faults (the operator, kube-apiserver and etcd
+SIGKILLed) are run on the real node, with the node agent's meter, by
+tests/e2e/test_energy.py::test_the_operator_api_server_or_etcd_killed_lose_and_double_none_of_a_jobs_energy,
+which prints the joules lost or doubled across each.
 
 It brings up its own cluster (``faults``) and takes it down at the end.
 """

@@ -174,6 +174,7 @@ def main() -> int:
         "KUBECONFIG": str(info.kubeconfig),
         "JOULE_METRICS_PORT": "0",
         "JOULE_LOG_FORMAT": "json",
+        "MALLOC_ARENA_MAX": "2",  # as the operator's image sets it
     }
     log = open(Path(info.kubeconfig).parent / "operator.log", "wb")  # noqa: SIM115
     operator = subprocess.Popen(

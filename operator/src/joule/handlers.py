@@ -236,8 +236,11 @@ def register(
         scheduler.pool.shutdown(wait=False, cancel_futures=True)
         scheduler.evaluations.shutdown(wait=False, cancel_futures=True)
 
+    # On the event loop, not in kopf's thread pool: it only records the body and queues a
+    # reconcile (in-memory, under locks held for microseconds), so a thread hop per event
+    # would cost more than it does, and idle pool threads hold memory.
     @kopf.on.event(GROUP, VERSION, PLURAL)
-    def job_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
+    async def job_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
         if event.get("type") == "DELETED":
             scheduler.forget(namespace, name)  # the garbage collector takes the children
             return
