@@ -6,6 +6,8 @@ reaches the API server at the `kubernetes` Service, as any in-cluster client doe
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -36,6 +38,25 @@ class InClusterOperator:
         self.kubectl = kubectl
         self.node = node
         self.pod_name = ""  # the first pod's, once it runs
+        # Container restarts the tests caused on purpose (a kill, or a lost Lease while they
+        # kept the API server down); any other would be a fault of the operator's own.
+        self.restarts_caused = 0
+
+    def restart_count(self) -> int:
+        (container,) = self.pod()["status"]["containerStatuses"]
+        return container["restartCount"]
+
+    def kill(self) -> None:
+        """SIGKILL the operator's process (no shutdown: a crash) and wait until the kubelet
+        has restarted its container and it is ready again."""
+        (container,) = self.pod()["status"]["containerStatuses"]
+        os.kill(self.node.container_pid(container["containerID"]), signal.SIGKILL)
+
+        def restarted() -> bool:
+            (c,) = self.pod()["status"]["containerStatuses"]
+            return c["restartCount"] == container["restartCount"] + 1 and c.get("ready", False)
+
+        wait_for(restarted, timeout=120, interval=0.5, what="the operator's container to restart")
 
     def pod(self, component: str = "operator") -> dict:
         """The release's one live pod of ``component`` (operator, node-agent)."""
