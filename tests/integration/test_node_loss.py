@@ -81,14 +81,26 @@ def pod_named(core: client.CoreV1Api, namespace: str, name: str) -> client.V1Pod
         raise
 
 
-def evicted(core: client.CoreV1Api, namespace: str, name: str, uid: str) -> client.V1Pod | None:
-    """The pod, once the taint manager has evicted it (still there, Terminating)."""
-    pod = pod_named(core, namespace, name)
-    if pod is None or pod.metadata.uid != uid or pod.metadata.deletion_timestamp is None:
-        return None
-    marks = {c.type: c for c in pod.status.conditions or []}
-    target = marks.get("DisruptionTarget")
-    return pod if target is not None and target.reason == "DeletionByTaintManager" else None
+def evicted(core: client.CoreV1Api, namespace: str, job_name: str, uid: str) -> str | None:
+    """How the taint manager's eviction of the job's worker 1 was seen: "terminating" (the
+    old pod still there, Terminating, marked DeletionByTaintManager), or "gone" (the old pod
+    already removed, and the operator's NodeLost Event quoting the taint manager). The
+    second happens in some runs: the old pod is removed within a second of its eviction,
+    before its grace period (we believe kwok's pod-delete stage, whose delay has a jitter up
+    to the deletion time, acting for a node whose Lease it no longer holds; not proven).
+    The operator's force-delete of a pod that stays Terminating is then not needed here; it
+    is tested on the real node too (tests/e2e/test_node_loss.py)."""
+    pod = pod_named(core, namespace, f"{job_name}-worker-1")
+    if pod is not None and pod.metadata.uid == uid:
+        if pod.metadata.deletion_timestamp is None:
+            return None
+        marks = {c.type: c for c in pod.status.conditions or []}
+        target = marks.get("DisruptionTarget")
+        ok = target is not None and target.reason == "DeletionByTaintManager"
+        return "terminating" if ok else None
+    said = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={job_name}")
+    lost = [e.message for e in said.items if e.reason == "NodeLost"]
+    return "gone" if any("Taint manager" in m for m in lost) else None
 
 
 def replaced(jobs: Any, core: client.CoreV1Api, namespace: str, job_name: str, old_uid: str,
@@ -137,9 +149,10 @@ def test_a_lost_nodes_worker_is_evicted_forced_and_replaced_and_the_job_runs_aga
 
         # node-monitor-grace-period (50 s) + its 5 s period, the eviction rate limiter (one
         # node per 10 s), the 2 s toleration, and room for a loaded machine.
+        seen: dict[str, str] = {}
         for name, (node, uid) in lost.items():
-            wait_for(
-                lambda n=name, u=uid: evicted(core, namespace, f"{n}-worker-1", u),
+            seen[name] = wait_for(
+                lambda n=name, u=uid: evicted(core, namespace, n, u),
                 timeout=150, interval=1, what=f"{name}-worker-1 evicted from {node}",
             )  # fmt: skip
             if name == "deleted":
@@ -163,7 +176,8 @@ def test_a_lost_nodes_worker_is_evicted_forced_and_replaced_and_the_job_runs_aga
             assert status["readyReplicas"] == 2
             assert "NodeLost" in events_of(core, namespace, name)
         back_at = time.monotonic()
-        assert "ForceDeleted" in events_of(core, namespace, "kept")
+        if seen["kept"] == "terminating":  # it stayed Terminating: the operator forced it
+            assert "ForceDeleted" in events_of(core, namespace, "kept")
         messages = [
             e.message
             for e in core.list_namespaced_event(
@@ -175,7 +189,8 @@ def test_a_lost_nodes_worker_is_evicted_forced_and_replaced_and_the_job_runs_aga
         assert messages and all(f"node {kept_node}" in m for m in messages), messages
         print(
             f"\nnode lost -> evicted {evicted_at - lost_at:.0f}s -> both replaced and Running "
-            f"{back_at - lost_at:.0f}s; whole test {time.monotonic() - started:.0f}s"
+            f"{back_at - lost_at:.0f}s; whole test {time.monotonic() - started:.0f}s; the old "
+            f"workers when evicted: {seen}"
         )
     finally:
         for node in made:
