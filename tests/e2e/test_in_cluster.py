@@ -40,6 +40,13 @@ def test_the_charts_operator_runs_restricted_on_the_node_and_passes_helm_test(
     events = json.loads(
         kubectl("get", "events", "-n", NAMESPACE, "-o", "json").stdout
     )["items"]  # fmt: skip
-    # (A readiness probe may fail while it starts; a liveness failure would restart it.)
-    failed = [e["message"] for e in events if e["reason"] in ("Unhealthy", "BackOff")]
-    assert not [m for m in failed if "Readiness" not in m], failed
+    # A readiness probe may fail while it starts; a liveness probe may fail once when a test
+    # kills the process mid-probe (then it is restarted as the kill's, counted above). Never
+    # a restart for failed liveness probes, or a crash loop's back-off.
+    failed = [e["message"] for e in events if e["reason"] in ("Unhealthy", "BackOff", "Killing")]
+    killed_mid_probe = operator.restarts_caused > 0
+    assert not [
+        m for m in failed
+        if "failed liveness probe" in m or "Back-off" in m
+        or ("Liveness" in m and not killed_mid_probe)
+    ], failed  # fmt: skip
