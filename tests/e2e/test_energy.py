@@ -38,6 +38,19 @@ def condition(st: dict, kind: str) -> str | None:
     return next((c["status"] for c in st.get("conditions", []) if c["type"] == kind), None)
 
 
+def budgeted_job(kubectl, core, namespace: str, local_node, name: str) -> str:
+    """An unmodified script with a budget it will not reach, evaluated every 5 s: its one
+    worker's UID, once it runs."""
+    plain_script_job(
+        kubectl, namespace, name, local_node.placement(),
+        scaling={"evaluationIntervalSeconds": 5},
+        energy={"budget": "1MJ", "windowSeconds": 10},
+    )  # fmt: skip
+    (pod,) = wait_for(lambda: running_pods(core, namespace, name), timeout=120,
+                      what="the worker to run")  # fmt: skip
+    return pod.metadata.uid
+
+
 @pytest.mark.timeout(400)
 def test_a_job_over_its_power_cap_is_scaled_down_and_says_why(
     kubectl, api, core, namespace, operator, local_node, tmp_path
@@ -207,14 +220,7 @@ def test_a_job_that_used_its_budget_is_suspended_and_its_energy_kept(
 def test_a_node_agent_restart_loses_and_doubles_none_of_a_jobs_energy(
     kubectl, api, core, namespace, operator, local_node
 ):
-    plain_script_job(
-        kubectl, namespace, "steady", local_node.placement(),
-        scaling={"evaluationIntervalSeconds": 5},
-        energy={"budget": "1MJ", "windowSeconds": 10},
-    )  # fmt: skip
-    (pod,) = wait_for(lambda: running_pods(core, namespace, "steady"), timeout=120,
-                      what="the worker to run")  # fmt: skip
-    uid = pod.metadata.uid
+    uid = budgeted_job(kubectl, core, namespace, local_node, "steady")
 
     def record():
         (gpu,) = parse_agent_metrics(operator.agent_metrics()).pods.get(uid, (None,))
@@ -257,14 +263,7 @@ def test_the_operator_api_server_or_etcd_killed_lose_and_double_none_of_a_jobs_e
     then kube-apiserver, then etcd (each down 2 s). The operator goes on from the job's
     bookkeeping, neither losing the joules drawn meanwhile nor counting any twice; the job
     keeps its worker, start time and restarts throughout."""
-    plain_script_job(
-        kubectl, namespace, "kept", local_node.placement(),
-        scaling={"evaluationIntervalSeconds": 5},
-        energy={"budget": "1MJ", "windowSeconds": 10},
-    )  # fmt: skip
-    (pod,) = wait_for(lambda: running_pods(core, namespace, "kept"), timeout=120,
-                      what="the worker to run")  # fmt: skip
-    uid = pod.metadata.uid
+    uid = budgeted_job(kubectl, core, namespace, local_node, "kept")
 
     def gap() -> tuple[float, dict]:
         """The agent's joules for the worker minus the job's consumedJoules, read just after
