@@ -31,6 +31,7 @@ from pathlib import Path
 
 from kubernetes import client, config, watch
 from prometheus_client.parser import text_string_to_metric_families
+from urllib3.exceptions import ProtocolError
 
 from joule.cluster import ClusterSettings, down, up
 from joule.cluster.process import rss_bytes
@@ -63,14 +64,18 @@ class PodClock:
     def _run(self, core: client.CoreV1Api, namespace: str) -> None:
         while not self._stop:
             w = watch.Watch()
-            for event in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=30):
-                name = event["object"].metadata.name
-                with self.cond:
-                    self.first_seen.setdefault(name, time.monotonic())
-                    self.cond.notify_all()
-                if self._stop:
-                    w.stop()
-                    break
+            try:
+                for event in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=30):
+                    name = event["object"].metadata.name
+                    with self.cond:
+                        self.first_seen.setdefault(name, time.monotonic())
+                        self.cond.notify_all()
+                    if self._stop:
+                        w.stop()
+                        break
+            except (ProtocolError, OSError):  # the cluster going down at the end
+                if not self._stop:
+                    time.sleep(0.2)
 
     def wait_for(self, names: list[str], timeout: float = 120) -> float:
         deadline = time.monotonic() + timeout
