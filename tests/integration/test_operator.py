@@ -448,7 +448,7 @@ def test_a_misspelt_field_inside_the_template_is_refused_and_named(kubectl, jobs
               ]}})  # fmt: skip
     st = stalled_with(jobs, namespace, "typo")
     assert st["reason"] == "PodRejected", st
-    assert "spec.containers[0].resources.limitz: unknown field" in st["message"], st
+    assert 'unknown field "spec.containers[0].resources.limitz"' in st["message"], st
     assert pods_of(core, namespace, "typo") == []
 
 

@@ -36,10 +36,6 @@ class FakeApi:
         self.conflicts = 0
         self.configmap: dict | None = None
         self.rv = itertools.count(1)
-        self.api_client = self  # sanitize_for_serialization: objects are plain dicts here
-
-    def sanitize_for_serialization(self, obj):
-        return obj
 
     def _call(self, what):
         self.calls.append(what)
@@ -66,10 +62,10 @@ class FakeApi:
         self.job["metadata"]["resourceVersion"] = str(next(self.rv))
         return copy.deepcopy(self.job)
 
-    # CoreV1Api
+    # CoreV1 (joule.corev1: answers are plain JSON)
     def list_namespaced_pod(self, ns, label_selector, **_):
         self._call("list")
-        return type("L", (), {"items": [copy.deepcopy(p) for p in self.pods.values()]})
+        return {"items": [copy.deepcopy(p) for p in self.pods.values()]}
 
     def create_namespaced_pod(self, ns, pod, **_):
         self._call("create")
@@ -107,7 +103,7 @@ class FakeApi:
 
     def create_namespaced_event(self, ns, event, **_):
         self._call("event")
-        self.events.append(event.reason)
+        self.events.append(event["reason"])
 
     def patch_namespaced_pod(self, name, ns, body, **_):
         self._call("patch")

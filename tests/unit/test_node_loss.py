@@ -270,7 +270,7 @@ def test_a_forced_delete_has_grace_period_0_for_that_uid_and_leaves_the_cache():
     api_with(cache, core).delete_pod("ns", "j-worker-1", force=True, uid="uid-1")
     (name, body), = core.calls  # fmt: skip
     assert name == "j-worker-1"
-    assert body.grace_period_seconds == 0 and body.preconditions.uid == "uid-1"
+    assert body == {"gracePeriodSeconds": 0, "preconditions": {"uid": "uid-1"}}
     # The answer is its last state: gone from the cache at once, so no later reconcile
     # forces it again (and the watch's DELETED, which follows, changes nothing).
     assert cache.pods(JOB) == []

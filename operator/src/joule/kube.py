@@ -44,6 +44,7 @@ from joule.builders.tensorboard import (
 )
 from joule.capacity import Capacity, capacity
 from joule.constants import API_VERSION, COMPONENT, GROUP, KIND, PLURAL, ROLE_STAGE, VERSION
+from joule.corev1 import CoreV1
 from joule.observe import PodView, view
 from joule.podcache import PodCache, version_number
 from joule.reconcile import Rejection
@@ -76,7 +77,7 @@ class JobApi:
         self, api: client.ApiClient, clock: Callable[[], dt.datetime] | None = None
     ) -> None:
         self._api = api
-        self.core = client.CoreV1Api(api)
+        self.core = CoreV1(api)  # not client.CoreV1Api: see corev1
         self.custom = client.CustomObjectsApi(api)
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._guard = threading.Lock()
@@ -156,13 +157,9 @@ class JobApi:
             cached = self._cluster
         if cached and time.monotonic() - cached[0] < CLUSTER_VIEW_SECONDS:
             return cached[1]
-        serialize = self.core.api_client.sanitize_for_serialization
         room = capacity(
-            [serialize(n) for n in self.core.list_node(_request_timeout=API_TIMEOUT).items],
-            [
-                serialize(p)
-                for p in self.core.list_pod_for_all_namespaces(_request_timeout=API_TIMEOUT).items
-            ],
+            self.core.list_node(_request_timeout=API_TIMEOUT)["items"],
+            self.core.list_pod_for_all_namespaces(_request_timeout=API_TIMEOUT)["items"],
         )
         now = time.monotonic()
         with self._guard:
@@ -182,12 +179,13 @@ class JobApi:
             return cached[1]
         items = self.core.list_namespaced_pod(
             namespace, label_selector=selector, _request_timeout=API_TIMEOUT
-        ).items
+        )["items"]
         agents = {
-            p.spec.node_name: p.status.pod_ip
+            p["spec"]["nodeName"]: p["status"]["podIP"]
             for p in items
-            if p.spec.node_name and p.status.pod_ip and p.status.phase == "Running"
-            and not p.metadata.deletion_timestamp
+            if p["spec"].get("nodeName") and p["status"].get("podIP")
+            and p["status"].get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp")
         }  # fmt: skip
         with self._guard:
             self._agents = (time.monotonic(), agents)
@@ -208,8 +206,8 @@ class JobApi:
                 return cached
         items = self.core.list_namespaced_pod(
             job.namespace, label_selector=selector_string(job), _request_timeout=API_TIMEOUT
-        ).items
-        views = [view(self.core.api_client.sanitize_for_serialization(p)) for p in items]
+        )["items"]
+        views = [view(p) for p in items]
         # Only pods this job owns: a pod that merely carries the label (a namesake job's
         # leftover, a hand-made pod) is neither counted, nor deleted, nor scraped.
         return [v for v in views if v is not None and v.owner == job.uid]
@@ -228,7 +226,6 @@ class JobApi:
             if exc.status == 404:
                 return {}, None
             raise
-        cm = self.core.api_client.sanitize_for_serialization(cm)
         version = cm["metadata"]["resourceVersion"]
         owners = {o.get("uid") for o in cm["metadata"].get("ownerReferences") or []}
         if job.uid not in owners:
@@ -352,18 +349,13 @@ class JobApi:
             if worker:
                 metrics.PODS_CREATED.inc()
             self._observe(created)
-        except ValueError as exc:
-            # The client checks a body against its models before sending it (pydantic's
-            # ValidationError is a ValueError): a field no Pod has, from spec.template's
-            # parts the CRD keeps as written, is refused here. Said on the job, never retried
-            # in a loop that says nothing.
-            kind = "worker pod" if worker else what
-            return Rejection(what, "PodRejected", _invalid_fields(exc, kind))
         except ApiException as exc:
             if exc.status == 409:
                 return None  # created by an earlier reconcile (or an earlier operator)
             if exc.status is not None and 400 <= exc.status < 500:
-                # Refused by admission (quota, PodSecurity, an invalid field): on the job.
+                # Refused by admission (quota, PodSecurity) or as invalid: a field no Pod
+                # has, from spec.template's parts the CRD keeps as written, is named by the
+                # strict decoding. Said on the job, never retried in a loop that says nothing.
                 log.warning(
                     "creating %s of %s/%s was refused: %s %s",
                     what, job.namespace, job.name, exc.status, exc.reason,
@@ -396,10 +388,10 @@ class JobApi:
         ``uid``: only that pod, not a namesake created since (409, ignored as 404 is)."""
         options = None
         if force or uid:
-            options = client.V1DeleteOptions(
-                grace_period_seconds=0 if force else None,
-                preconditions=client.V1Preconditions(uid=uid) if uid else None,
-            )
+            options = {
+                **({"gracePeriodSeconds": 0} if force else {}),
+                **({"preconditions": {"uid": uid}} if uid else {}),
+            }
         try:
             deleted = self.core.delete_namespaced_pod(
                 name, namespace, body=options, _preload_content=False, _request_timeout=API_TIMEOUT
@@ -437,7 +429,7 @@ class JobApi:
                 namespace,
                 PLURAL,
                 name,
-                body=client.V1DeleteOptions(propagation_policy="Background"),
+                body={"propagationPolicy": "Background"},
                 _request_timeout=API_TIMEOUT,
             )
         except ApiException as exc:
@@ -508,25 +500,25 @@ class JobApi:
             name = f"{job.name}.{uuid.uuid4().hex[:12]}"
             made = self.core.create_namespaced_event(
                 job.namespace,
-                client.CoreV1Event(
-                    metadata=client.V1ObjectMeta(name=name, namespace=job.namespace),
-                    involved_object=client.V1ObjectReference(
-                        api_version=API_VERSION,
-                        kind=KIND,
-                        name=job.name,
-                        namespace=job.namespace,
-                        uid=job.uid,
-                    ),
-                    type=event.type,
-                    reason=event.reason,
-                    message=event.message[:1024],
-                    first_timestamp=now,
-                    last_timestamp=now,
-                    count=1,
-                    source=client.V1EventSource(component=COMPONENT),
-                    reporting_component=COMPONENT,
-                    reporting_instance=COMPONENT,
-                ),
+                {
+                    "metadata": {"name": name, "namespace": job.namespace},
+                    "involvedObject": {
+                        "apiVersion": API_VERSION,
+                        "kind": KIND,
+                        "name": job.name,
+                        "namespace": job.namespace,
+                        "uid": job.uid,
+                    },
+                    "type": event.type,
+                    "reason": event.reason,
+                    "message": event.message[:1024],
+                    "firstTimestamp": fmt_time(now),
+                    "lastTimestamp": fmt_time(now),
+                    "count": 1,
+                    "source": {"component": COMPONENT},
+                    "reportingComponent": COMPONENT,
+                    "reportingInstance": COMPONENT,
+                },
                 _preload_content=False,
                 _request_timeout=API_TIMEOUT,
             )
