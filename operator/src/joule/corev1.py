@@ -17,8 +17,10 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 JSON = "application/json"
-# What the generated client sends for a dict body; the API server merges by each field's
-# patch strategy (an annotation set to None is removed).
+# What the generated client sends for a PATCH: a list is a JSON patch, a dict a strategic
+# merge, which the API server merges by each field's strategy (an annotation set to None
+# is removed).
+JSON_PATCH = "application/json-patch+json"
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
 Timeout = float | tuple[float, float] | None
 
@@ -69,17 +71,22 @@ class CoreV1:
         return self._call("GET", "/api/v1/pods", **_list(kwargs))
 
     def create_namespaced_pod(
-        self, namespace: str, body: dict[str, Any], field_validation: str | None = None, **kw: Any
+        self,
+        namespace: str,
+        body: dict[str, Any],
+        *,
+        field_validation: str | None = None,
+        **kw: Any,
     ) -> Any:
         query = {"fieldValidation": field_validation}
         return self._call("POST", f"/api/v1/namespaces/{namespace}/pods", query, body, **kw)
 
     def patch_namespaced_pod(self, name: str, namespace: str, body: Any, **kw: Any) -> Any:
         path = f"/api/v1/namespaces/{namespace}/pods/{name}"
-        return self._call("PATCH", path, body=body, content_type=STRATEGIC_MERGE, **kw)
+        return self._call("PATCH", path, body=body, content_type=_patch(body), **kw)
 
     def delete_namespaced_pod(
-        self, name: str, namespace: str, body: dict[str, Any] | None = None, **kw: Any
+        self, name: str, namespace: str, *, body: dict[str, Any] | None = None, **kw: Any
     ) -> Any:
         return self._call("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", body=body, **kw)
 
@@ -98,7 +105,7 @@ class CoreV1:
 
     def patch_namespaced_event(self, name: str, namespace: str, body: Any, **kw: Any) -> Any:
         path = f"/api/v1/namespaces/{namespace}/events/{name}"
-        return self._call("PATCH", path, body=body, content_type=STRATEGIC_MERGE, **kw)
+        return self._call("PATCH", path, body=body, content_type=_patch(body), **kw)
 
     # --- config maps (the energy bookkeeping) --------------------------------------------
 
@@ -140,3 +147,7 @@ def _list(kwargs: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unexpected arguments for a list call: {', '.join(unknown)}")
     return {"query": query, **kwargs}
+
+
+def _patch(body: Any) -> str:
+    return JSON_PATCH if isinstance(body, list) else STRATEGIC_MERGE
